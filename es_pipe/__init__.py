@@ -1,0 +1,40 @@
+"""es_pipe: Evolved Sampling (ES/ESWP) as a stage of streaming PyTorch data pipelines."""
+
+from es_pipe.batch import MetaBatch, SubBatch
+from es_pipe.errors import ConfigError, EsPipeError, FeedbackError, ManifestError, ShardError
+from es_pipe.sampler import EvolvedSampler, Sampler
+from es_pipe.sampling import (
+    Epochs,
+    Evolved,
+    LossProportional,
+    RandomSubset,
+    SelectiveBackprop,
+    Steps,
+    Uniform,
+)
+from es_pipe.scores import ScoreStore
+from es_pipe.stage import EvolvedSampling, evolve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Epochs",
+    "EsPipeError",
+    "Evolved",
+    "EvolvedSampler",
+    "EvolvedSampling",
+    "FeedbackError",
+    "LossProportional",
+    "ManifestError",
+    "MetaBatch",
+    "RandomSubset",
+    "Sampler",
+    "ScoreStore",
+    "SelectiveBackprop",
+    "ShardError",
+    "Steps",
+    "SubBatch",
+    "Uniform",
+    "evolve",
+]

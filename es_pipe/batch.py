@@ -1,0 +1,138 @@
+"""What the stage hands the trainer: a meta-batch to score, then the sub-batch to train.
+
+``MetaBatch.select(losses)`` is the feedback channel: it takes one loss per member, in
+meta-batch order, on any device, and returns the ``SubBatch``. Each meta-batch is answered
+exactly once, while it is the stage's current one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from es_pipe.errors import FeedbackError
+from es_pipe.sampler import Identity, Sampler, Selection
+
+
+def take(data: Any, indices: Tensor) -> Any:
+    """Rows ``indices`` of a collated batch: tensors, arrays, lists, tuples and dicts."""
+    if isinstance(data, Tensor):
+        return data.index_select(0, indices.to(data.device))
+    positions = indices.cpu().numpy()
+    if isinstance(data, np.ndarray):
+        return data[positions]
+    if isinstance(data, Mapping):
+        return {name: take(value, indices) for name, value in data.items()}
+    if isinstance(data, tuple):
+        return tuple(take(value, indices) for value in data)
+    if isinstance(data, list):
+        return [data[i] for i in positions]
+    raise TypeError(
+        f"cannot select rows of a {type(data).__name__}; collate to tensors, "
+        "arrays, lists, tuples or dicts of them"
+    )
+
+
+@dataclass
+class SubBatch:
+    """The selected members: train on ``data``; ``weights`` (when the sampler reweights)
+    multiply the per-sample losses. With history scoring, ``report`` the training
+    losses back."""
+
+    data: Any
+    indices: Tensor
+    weights: Tensor | None
+    phase: str
+    step: int
+    who: Identity
+    _sampler: Sampler = field(repr=False)
+    _reported: bool = field(default=False, repr=False)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.who.keys)
+
+    def __len__(self) -> int:
+        return len(self.who.keys)
+
+    def report(self, losses: Any) -> None:
+        """Feed back the per-sample training losses of this sub-batch (history scoring)."""
+        if self._sampler.scoring != "history":
+            raise FeedbackError(
+                "report() feeds training losses to a sampler with scoring='history'; this "
+                "one scores with a forward pass, which already updated the scores"
+            )
+        if self._reported:
+            raise FeedbackError(f"the sub-batch of step {self.step} was already reported")
+        self._sampler.observe(self.who, losses, self.step)
+        self._reported = True
+
+
+class MetaBatch:
+    """``B`` buffered samples, collated. Score them, then ``select(losses)``."""
+
+    def __init__(
+        self,
+        data: Any,
+        who: Identity,
+        sampler: Sampler,
+    ) -> None:
+        self.data = data
+        self.who = who
+        self._sampler = sampler
+        self._answered = False
+        self._current = True
+
+    def __len__(self) -> int:
+        return len(self.who.keys)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.who.keys)
+
+    @property
+    def needs_losses(self) -> bool:
+        """False where ``select()`` needs no losses (annealing, history scoring, policies
+        that ignore them): the scoring forward pass can be skipped."""
+        return self._sampler.needs_losses
+
+    @property
+    def batch_size(self) -> int:
+        """How many members ``select`` will return."""
+        return self._sampler.sub_batch_size(len(self))
+
+    def select(self, losses: Any | None = None) -> SubBatch:
+        """Choose the sub-batch from per-member losses (meta-batch order, any device)."""
+        if self._answered:
+            raise FeedbackError(
+                "this meta-batch was already answered: select() once per meta-batch"
+            )
+        if not self._current:
+            raise FeedbackError(
+                "this meta-batch is no longer current (the stage has moved on, or was reset "
+                "or restored); select on the meta-batch the stage emitted last"
+            )
+        chosen: Selection = self._sampler.select(self.who, losses, len(self))
+        self._answered = True
+        positions = chosen.indices.cpu().numpy()
+        return SubBatch(
+            data=take(self.data, chosen.indices),
+            indices=chosen.indices,
+            weights=chosen.weights,
+            phase=chosen.phase,
+            step=chosen.step,
+            who=self.who.take(positions),
+            _sampler=self._sampler,
+        )
+
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
+    def retire(self) -> None:
+        """Called by the stage when this meta-batch stops being current."""
+        self._current = False

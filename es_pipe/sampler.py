@@ -1,0 +1,286 @@
+"""The sampler: a selection policy, its schedule, its score store and its RNG position.
+
+It turns one meta-batch's identities and losses into a selection, and is the only place
+where scores change. Bad feedback raises before anything changes: scores, step counter and
+RNG position are updated together, at the end, or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from es_pipe import sampling
+from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.sampling import Phase, Policy, Schedule, Span
+from es_pipe.scores import ScoreStore
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the members of a meta-batch are: shard names plus ordinals (or keys)."""
+
+    shards: Sequence[str]
+    keys: Sequence[str]
+    ordinals: np.ndarray | None = None
+
+    def take(self, picked: np.ndarray) -> Identity:
+        return Identity(
+            [self.shards[i] for i in picked],
+            [self.keys[i] for i in picked],
+            None if self.ordinals is None else self.ordinals[picked],
+        )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Members of a meta-batch chosen for training, with optional importance weights."""
+
+    indices: Tensor  # positions in the meta-batch, sorted, on the losses' device
+    weights: Tensor | None  # Horvitz-Thompson weights, when the sampler reweights
+    phase: Phase
+    step: int
+
+
+class Sampler:
+    """Selects ``batch_size`` of every ``meta_batch_size`` samples under a policy.
+
+    Args:
+        policy: ``Evolved(beta1, beta2)`` (ES), ``Uniform()``, ``RandomSubset()``,
+            ``LossProportional()`` or ``SelectiveBackprop(beta)``.
+        meta_batch_size: ``B``, samples buffered and scored per step.
+        batch_size: ``b``, samples trained per step (``b <= B``).
+        burn_in: uniform selection at the start while scores form (int steps,
+            ``Steps(n)`` or ``Epochs(n)``).
+        anneal: uniform selection for the final part; needs ``total_steps`` or
+            ``total_epochs``.
+        replacement: draw with replacement (default: without, as the paper).
+        reweight: return importance weights that make the sub-batch loss an unbiased
+            estimate of the meta-batch loss (default off: ES means to emphasise).
+        init: first score of an unseen sample: ``"loss"`` (its first loss, default) or
+            ``"mean"`` (the meta-batch's mean loss). The paper's ``1/n`` needs ``n``.
+        scoring: ``"forward"`` (losses of a gradient-free pass over the meta-batch, the
+            paper) or ``"history"`` (select from stored scores, then update them from the
+            training losses reported with ``SubBatch.report``: no extra forward pass).
+        seed: with the step counter, the whole RNG state.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        meta_batch_size: int,
+        batch_size: int,
+        burn_in: Span = 0,
+        anneal: Span = 0,
+        total_steps: int | None = None,
+        total_epochs: float | None = None,
+        replacement: bool = False,
+        reweight: bool = False,
+        init: Literal["loss", "mean"] = "loss",
+        scoring: Literal["forward", "history"] = "forward",
+        seed: int = 0,
+    ) -> None:
+        for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{label}={value!r} must be a positive int")
+        if batch_size > meta_batch_size:
+            raise ConfigError(
+                f"batch_size={batch_size} > meta_batch_size={meta_batch_size}: the stage "
+                "selects b of B buffered samples; raise meta_batch_size or lower batch_size"
+            )
+        if init not in ("loss", "mean"):
+            raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
+        if scoring not in ("forward", "history"):
+            raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed={seed!r} must be a non-negative int")
+        self.policy = policy
+        self.meta_batch_size = meta_batch_size
+        self.batch_size = batch_size
+        self.schedule = Schedule(burn_in, anneal, total_steps, total_epochs)
+        self.replacement = bool(replacement)
+        self.reweight = bool(reweight)
+        self.init = init
+        self.scoring = scoring
+        self.seed = seed
+        self.store = ScoreStore()
+        self.step = 0
+        self.epoch = 0
+        self._steps_in_epoch = 0
+        self._steps_last_epoch = 0
+
+    # ------------------------------------------------------------------ planning
+
+    def sub_batch_size(self, n: int) -> int:
+        """``b`` for a meta-batch of ``n`` members: a short final meta-batch gets its pro
+        rata share, rounded, at least one."""
+        if n >= self.meta_batch_size:
+            return self.batch_size
+        return max(1, min(n, round(self.batch_size * n / self.meta_batch_size)))
+
+    @property
+    def phase(self) -> Phase:
+        """Phase of the next step: ``burn_in``, ``evolve`` or ``anneal``."""
+        fraction = self._steps_in_epoch / self._steps_last_epoch if self._steps_last_epoch else 0.0
+        return self.schedule.phase(self.step, self.epoch + min(fraction, 1.0))
+
+    @property
+    def needs_losses(self) -> bool:
+        """Whether ``select`` of the next meta-batch needs its losses."""
+        forward = self.scoring == "forward" and self.policy.needs_losses
+        return forward and self.phase != "anneal"
+
+    # ------------------------------------------------------------------ selection
+
+    def select(self, who: Identity, losses: Any | None, n: int) -> Selection:
+        """Choose members of a meta-batch of ``n`` from their losses, then record scores."""
+        phase, k = self.phase, self.sub_batch_size(n)
+        if losses is None and self.needs_losses:
+            raise FeedbackError(
+                f"this meta-batch needs its losses ({self.policy.name}, phase {phase}): "
+                "call select(losses) with one loss per member, e.g. "
+                "loss_fn(model(x), y, reduction='none') under torch.no_grad()"
+            )
+        loss = None if losses is None else check_losses(losses, n, self._nonnegative)
+        device = torch.device("cpu") if loss is None else loss.device
+        slots = self.store.locate(who.shards, who.keys, who.ordinals)
+        state = self.store.gather(slots)
+        prior = torch.from_numpy(state["score"]).to(device)
+        seen = torch.from_numpy(state["visits"] > 0).to(device)
+        if loss is not None:
+            prior = torch.where(seen, prior, sampling.initial_prior(loss, self.init))
+        elif bool(seen.any()):
+            prior = torch.where(seen, prior, prior[seen].mean())
+        else:
+            prior = torch.ones(n, device=device)
+
+        weights = self.policy.weigh(prior, loss) if phase == "evolve" else None
+        generator = torch.Generator(device).manual_seed(sampling.step_seed(self.seed, self.step))
+        picked = sampling.draw(weights, k, generator, replacement=self.replacement, n=n)
+        importance = None
+        if self.reweight:
+            pi = sampling.inclusion_probabilities(weights, k, n, self.replacement).to(device)
+            importance = sampling.importance_weights(pi, picked, k, n)
+
+        if loss is not None:
+            score = self.policy.score(prior, loss)
+            self.store.scatter(slots, _host(score), _host(loss), self.step)
+        selection = Selection(picked, importance, phase, self.step)
+        self.step += 1
+        self._steps_in_epoch += 1
+        return selection
+
+    def observe(self, who: Identity, losses: Any, step: int) -> None:
+        """Update scores from training losses of the samples selected at ``step``
+        (history scoring)."""
+        loss = check_losses(losses, len(who.keys), self._nonnegative)
+        slots = self.store.locate(who.shards, who.keys, who.ordinals)
+        state = self.store.gather(slots)
+        prior = torch.from_numpy(state["score"]).to(loss.device)
+        seen = torch.from_numpy(state["visits"] > 0).to(loss.device)
+        prior = torch.where(seen, prior, sampling.initial_prior(loss, self.init))
+        self.store.scatter(slots, _host(self.policy.score(prior, loss)), _host(loss), step)
+
+    @property
+    def _nonnegative(self) -> bool:
+        return isinstance(self.policy, (sampling.Evolved, sampling.LossProportional))
+
+    def end_epoch(self) -> None:
+        """Close the current epoch: the schedule's epoch clock advances."""
+        self.epoch += 1
+        self._steps_last_epoch, self._steps_in_epoch = self._steps_in_epoch, 0
+
+    # ------------------------------------------------------------------ state
+
+    def get_state(self) -> dict[str, int]:
+        """Position and RNG state: small and JSON-friendly. Scores: ``state_dict``."""
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "epoch": self.epoch,
+            "steps_in_epoch": self._steps_in_epoch,
+            "steps_last_epoch": self._steps_last_epoch,
+        }
+
+    def load_state(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ConfigError(
+                f"checkpoint was taken with seed={state['seed']}, this sampler has "
+                f"seed={self.seed}: construct the sampler with the checkpoint's seed"
+            )
+        self.step, self.epoch = state["step"], state["epoch"]
+        self._steps_in_epoch = state["steps_in_epoch"]
+        self._steps_last_epoch = state["steps_last_epoch"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The score table, as tensors (like an optimizer's moments): save it with the
+        model; ``torch.load(..., weights_only=True)`` reads it back."""
+        return {"scores": self.store.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.store.load_state_dict(state["scores"])
+
+
+class EvolvedSampler(Sampler):
+    """ES with the paper's decoupled EMA: ``Sampler(Evolved(beta1, beta2), ...)``."""
+
+    def __init__(
+        self,
+        meta_batch_size: int,
+        batch_size: int,
+        *,
+        beta1: float = 0.2,
+        beta2: float = 0.8,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            sampling.Evolved(beta1, beta2),
+            meta_batch_size=meta_batch_size,
+            batch_size=batch_size,
+            **options,
+        )
+
+
+def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
+    """Losses as a 1-D float tensor of length ``n``, or a ``FeedbackError`` that says why
+    not. One host sync, for the finiteness check."""
+    if isinstance(losses, (np.ndarray, list, tuple)):
+        losses = torch.as_tensor(np.asarray(losses))
+    if not isinstance(losses, Tensor):
+        raise FeedbackError(
+            f"losses must be a tensor, array or list of floats, got {type(losses).__name__}"
+        )
+    if not losses.is_floating_point():
+        raise FeedbackError(
+            f"losses have dtype {losses.dtype}; pass per-sample float losses, e.g. "
+            "loss_fn(logits, y, reduction='none')"
+        )
+    if losses.dim() != 1 or losses.numel() != n:
+        raise FeedbackError(
+            f"got losses of shape {tuple(losses.shape)} for a meta-batch of {n}: pass one "
+            "loss per member, in meta-batch order (reduction='none'; flatten per-token "
+            "losses to per-sample means first)"
+        )
+    losses = losses.detach()
+    bad = torch.stack([(~torch.isfinite(losses)).sum(), (losses < 0).sum()]).tolist()
+    if bad[0]:
+        raise FeedbackError(
+            f"{bad[0]} of {n} losses are NaN or infinite; scores were left unchanged. "
+            "Check the model for divergence or skip this step"
+        )
+    if nonnegative and bad[1]:
+        raise FeedbackError(
+            f"{bad[1]} of {n} losses are negative; sampling proportional to the loss needs "
+            "losses >= 0 (shift them, or use SelectiveBackprop, which uses ranks only)"
+        )
+    return losses
+
+
+def _host(values: Tensor) -> np.ndarray:
+    return values.detach().to("cpu", torch.float32).numpy()

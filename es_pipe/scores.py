@@ -1,0 +1,216 @@
+"""Per-sample score state, keyed by sample identity ``(shard, ordinal)`` and grouped by shard.
+
+Each shard owns one contiguous block of a flat arena of column arrays, so looking up a
+meta-batch of any mix of shards is a single vectorised gather. A sample costs 16 bytes:
+score and last loss (float32), visits (uint32) and the last step it was seen (int32).
+Shards are immutable, so a sample's ordinal inside its shard (row number, tar position) is
+a stable address; samples that arrive with a key but no ordinal get one on first sight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from es_pipe.errors import ConfigError
+
+COLUMNS: dict[str, np.dtype] = {
+    "score": np.dtype(np.float32),
+    "loss": np.dtype(np.float32),
+    "visits": np.dtype(np.uint32),
+    "step": np.dtype(np.int32),
+}
+BYTES_PER_SAMPLE = sum(dtype.itemsize for dtype in COLUMNS.values())
+
+
+class ScoreStore:
+    """Score, last loss, visit count and last step of every sample held, by shard."""
+
+    def __init__(self) -> None:
+        self._arena = {name: np.zeros(0, dtype) for name, dtype in COLUMNS.items()}
+        self._blocks: dict[str, tuple[int, int]] = {}  # shard -> (offset, capacity)
+        self._lengths: dict[str, int] = {}  # shard -> 1 + highest ordinal seen
+        self._keys: dict[str, dict[str, int]] = {}  # ordinal-less shards: key -> ordinal
+        self._end = 0  # arena high-water mark
+
+    # ------------------------------------------------------------------ addressing
+
+    def locate(
+        self,
+        shards: Sequence[str],
+        keys: Sequence[str] | None = None,
+        ordinals: Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Arena slots of the given samples, registering unseen ones (visits 0).
+
+        Give ``ordinals`` (fast path, what es_pipe's sources provide) or ``keys``.
+        """
+        encoded = pa.array(shards, pa.string()).dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        names: list[str] = encoded.dictionary.to_pylist()
+        if ordinals is None:
+            if keys is None:
+                raise ConfigError("locate() needs the samples' keys or their ordinals")
+            ordinals = self._ordinals_from_keys(shards, keys)
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        if ordinals.size and ordinals.min() < 0:
+            raise ConfigError("sample ordinals ('__index__') must be >= 0")
+        highest = np.full(len(names), -1, dtype=np.int64)
+        np.maximum.at(highest, codes, ordinals)
+        offsets = np.array(
+            [self._ensure(name, int(top) + 1) for name, top in zip(names, highest)],
+            dtype=np.int64,
+        )
+        for name, top in zip(names, highest):
+            self._lengths[name] = max(self._lengths[name], int(top) + 1)
+        return offsets[codes] + ordinals
+
+    def _ordinals_from_keys(self, shards: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+        out = np.empty(len(keys), dtype=np.int64)
+        for i, (shard, key) in enumerate(zip(shards, keys)):
+            table = self._keys.setdefault(shard, {})
+            out[i] = table.setdefault(key, len(table))
+        return out
+
+    def _ensure(self, shard: str, rows: int) -> int:
+        """Offset of ``shard``'s block, grown to hold ``rows`` samples."""
+        offset, capacity = self._blocks.get(shard, (self._end, 0))
+        if rows > capacity:
+            new_capacity = max(rows, 2 * capacity, 16)
+            if offset + capacity == self._end:  # last block: grow in place
+                self._grow_arena(offset + new_capacity)
+            else:  # move the block to the end of the arena
+                new_offset = self._end
+                self._grow_arena(new_offset + new_capacity)
+                for column in self._arena.values():
+                    column[new_offset : new_offset + capacity] = column[offset : offset + capacity]
+                    column[offset : offset + capacity] = 0
+                offset = new_offset
+            self._end = offset + new_capacity
+            self._blocks[shard] = (offset, new_capacity)
+        self._lengths.setdefault(shard, 0)
+        return offset
+
+    def _grow_arena(self, size: int) -> None:
+        current = len(self._arena["score"])
+        if size <= current:
+            return
+        size = max(size, 2 * current)
+        for name, column in self._arena.items():
+            grown = np.zeros(size, column.dtype)
+            grown[:current] = column
+            self._arena[name] = grown
+
+    def reserve(self, shard: str, rows: int) -> None:
+        """Pre-size ``shard``'s block when its row count is known (no regrowth later)."""
+        self._ensure(shard, rows)
+
+    # ------------------------------------------------------------------ values
+
+    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Copies of every column at ``slots``."""
+        return {name: column[slots] for name, column in self._arena.items()}
+
+    def scatter(self, slots: np.ndarray, score: np.ndarray, loss: np.ndarray, step: int) -> None:
+        """Record new scores and losses of the samples at ``slots`` seen at ``step``."""
+        self._arena["score"][slots] = score
+        self._arena["loss"][slots] = loss
+        self._arena["step"][slots] = step
+        np.add.at(self._arena["visits"], slots, 1)
+
+    def shard(self, name: str) -> dict[str, np.ndarray]:
+        """Read-only views of one shard's columns, indexed by ordinal."""
+        offset, _ = self._blocks[name]
+        end = offset + self._lengths[name]
+        views = {column: values[offset:end] for column, values in self._arena.items()}
+        for view in views.values():
+            view.flags.writeable = False
+        return views
+
+    def keys_of(self, name: str) -> list[str] | None:
+        """Keys in ordinal order of a shard whose samples came without ordinals."""
+        table = self._keys.get(name)
+        return None if table is None else list(table)
+
+    def load_shard(self, name: str, columns: dict[str, np.ndarray]) -> None:
+        """Replace one shard's state (e.g. from a committed manifest)."""
+        rows = len(columns["score"])
+        self._ensure(name, rows)
+        offset, _ = self._blocks[name]
+        for column, dtype in COLUMNS.items():
+            self._arena[column][offset : offset + rows] = np.asarray(columns[column], dtype)
+        self._lengths[name] = max(self._lengths[name], rows)
+
+    def drop(self, name: str) -> None:
+        """Forget a shard this rank no longer reads (its block is reused after compaction)."""
+        self._blocks.pop(name, None)
+        self._lengths.pop(name, None)
+        self._keys.pop(name, None)
+        if self.held * 2 < self._end:
+            self._compact()
+
+    def _compact(self) -> None:
+        arena = {name: np.zeros(self.held, dtype) for name, dtype in COLUMNS.items()}
+        cursor = 0
+        for shard, (offset, _) in list(self._blocks.items()):
+            rows = self._lengths[shard]
+            for name, column in arena.items():
+                column[cursor : cursor + rows] = self._arena[name][offset : offset + rows]
+            self._blocks[shard] = (cursor, rows)
+            cursor += rows
+        self._arena, self._end = arena, cursor
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def shards(self) -> list[str]:
+        return list(self._blocks)
+
+    @property
+    def held(self) -> int:
+        """Samples held (sum of the shards' lengths)."""
+        return sum(self._lengths.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arena's column arrays."""
+        return sum(column.nbytes for column in self._arena.values())
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every held shard's columns as tensors: safe for ``torch.load(weights_only=True)``."""
+        shards = self.shards
+        parts = [self.shard(name) for name in shards]
+
+        def cat(column: str) -> torch.Tensor:
+            values = [part[column] for part in parts] or [np.zeros(0, COLUMNS[column])]
+            joined = np.concatenate(values)
+            return torch.from_numpy(
+                joined.astype(np.int64) if joined.dtype.kind in "iu" else joined
+            )
+
+        return {
+            "shards": shards,
+            "lengths": [self._lengths[name] for name in shards],
+            "keys": {name: list(table) for name, table in self._keys.items()},
+            **{column: cat(column) for column in COLUMNS},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore exactly what ``state_dict`` returned, replacing everything held."""
+        self.__init__()
+        cursor = 0
+        for name, rows in zip(state["shards"], state["lengths"]):
+            self.load_shard(
+                name,
+                {c: state[c][cursor : cursor + rows].numpy() for c in COLUMNS},
+            )
+            cursor += rows
+        self._keys = {
+            name: {k: i for i, k in enumerate(keys)} for name, keys in state["keys"].items()
+        }
