@@ -1,0 +1,165 @@
+"""The ES math and the baseline policies, against hand computation and exact distributions."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import es_pipe
+from es_pipe import sampling
+from es_pipe.errors import ConfigError
+
+
+def test_update_rule_matches_hand_computed_sequence():
+    es = sampling.Evolved(beta1=0.2, beta2=0.8)
+    prior = torch.tensor([1.0])  # init="loss": s(0) is the first loss
+    expected = [  # (loss, weight, score) worked out by hand
+        (1.0, 0.2 * 1.0 + 0.8 * 1.0, 0.8 * 1.0 + 0.2 * 1.0),
+        (2.0, 0.2 * 1.0 + 0.8 * 2.0, 0.8 * 1.0 + 0.2 * 2.0),
+        (0.5, 0.2 * 1.2 + 0.8 * 0.5, 0.8 * 1.2 + 0.2 * 0.5),
+    ]
+    for loss, weight, score in expected:
+        losses = torch.tensor([loss])
+        assert es.weigh(prior, losses).item() == pytest.approx(weight)
+        prior = es.score(prior, losses)
+        assert prior.item() == pytest.approx(score)
+    assert prior.item() == pytest.approx(1.06)
+
+
+def test_equal_betas_are_a_plain_ema():
+    es = sampling.Evolved(beta1=0.7, beta2=0.7)
+    losses = torch.rand(20, 5, generator=torch.Generator().manual_seed(1))
+    score, ema = losses[0].clone(), losses[0].clone()
+    for t in range(1, 20):
+        weight = es.weigh(score, losses[t])
+        score = es.score(score, losses[t])
+        ema = 0.7 * ema + 0.3 * losses[t]
+        torch.testing.assert_close(weight, ema)
+        torch.testing.assert_close(score, ema)
+
+
+def test_beta1_zero_is_loss_proportional():
+    es = sampling.Evolved(beta1=0.0, beta2=0.9)
+    prior, losses = torch.rand(8), torch.rand(8)
+    torch.testing.assert_close(es.weigh(prior, losses), losses)
+    torch.testing.assert_close(
+        es.weigh(prior, losses), sampling.LossProportional().weigh(prior, losses)
+    )
+
+
+def test_rewritten_form_is_score_plus_loss_difference():
+    b1, b2 = 0.2, 0.8
+    es = sampling.Evolved(b1, b2)
+    prior, losses = torch.rand(16), torch.rand(16)
+    score = es.score(prior, losses)
+    torch.testing.assert_close(es.weigh(prior, losses), score + (b2 - b1) * (losses - prior))
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan"), "0.5"])
+def test_betas_outside_unit_interval_are_refused(beta):
+    with pytest.raises(ConfigError, match="outside"):
+        sampling.Evolved(beta1=beta)
+    with pytest.raises(ConfigError, match="outside"):
+        es_pipe.EvolvedSampler(8, 4, beta2=beta)
+
+
+def _frequencies(weights, k, replacement, trials=15_000):
+    counts = torch.zeros(len(weights), dtype=torch.float64)
+    for t in range(trials):
+        g = torch.Generator().manual_seed(sampling.step_seed(3, t))
+        picked = sampling.draw(torch.tensor(weights), k, g, replacement=replacement)
+        counts += torch.bincount(picked, minlength=len(weights)).double()
+    return counts / trials
+
+
+def _tolerance(p, trials=15_000):
+    return 4.5 * math.sqrt(max(p * (1 - p), 1e-9) / trials)  # 4.5 sigma: false alarm < 1e-5
+
+
+def test_single_draw_frequencies_are_proportional_to_weights():
+    weights = [1.0, 2.0, 3.0, 4.0, 0.0]
+    freq = _frequencies(weights, 1, replacement=False)
+    for w, f in zip(weights, freq.tolist()):
+        p = w / sum(weights)
+        assert abs(f - p) < _tolerance(p), (w, f, p)
+
+
+def test_without_replacement_matches_successive_sampling_exactly():
+    weights = [1.0, 2.0, 3.0, 4.0]
+    p = [w / sum(weights) for w in weights]
+    # P(i in S) for k=2 successive sampling: p_i + sum_j p_j * p_i / (1 - p_j)
+    exact = [p[i] + sum(p[j] * p[i] / (1 - p[j]) for j in range(4) if j != i) for i in range(4)]
+    freq = _frequencies(weights, 2, replacement=False)
+    for f, e in zip(freq.tolist(), exact):
+        assert abs(f - e) < _tolerance(e), (f, e)
+
+
+def test_with_replacement_expected_counts_are_k_times_p():
+    weights = [1.0, 2.0, 3.0, 4.0]
+    freq = _frequencies(weights, 3, replacement=True, trials=20_000)
+    for f, w in zip(freq.tolist(), weights):
+        assert abs(f - 3 * w / 10) < 3 * _tolerance(w / 10, 20_000)
+
+
+def test_draw_never_repeats_without_replacement_even_with_zero_weights():
+    g = torch.Generator().manual_seed(0)
+    picked = sampling.draw(torch.tensor([0.0, 0.0, 5.0, 0.0]), 3, g)
+    assert sorted(set(picked.tolist())) == sorted(picked.tolist())
+    assert 2 in picked.tolist()
+    picked = sampling.draw(torch.zeros(6), 6, g)
+    assert sorted(picked.tolist()) == list(range(6))
+
+
+def test_inclusion_probabilities_sum_to_k_and_are_capped():
+    w = torch.tensor([100.0, 1.0, 1.0, 1.0, 1.0])
+    pi = sampling.inclusion_probabilities(w, 2, 5, replacement=False)
+    assert pi.sum().item() == pytest.approx(2.0)
+    assert pi[0].item() == pytest.approx(1.0)
+    assert pi[1:].tolist() == pytest.approx([0.25] * 4)
+
+
+def test_importance_weights_make_the_sub_batch_mean_unbiased():
+    losses = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    w = losses.clone()
+    k, n, trials = 2, 5, 30_000
+    pi = sampling.inclusion_probabilities(w, k, n, replacement=True)
+    total = 0.0
+    for t in range(trials):
+        g = torch.Generator().manual_seed(sampling.step_seed(11, t))
+        picked = sampling.draw(w, k, g, replacement=True)
+        iw = sampling.importance_weights(pi, picked, k, n).double()
+        total += (iw * losses[picked]).mean().item()
+    assert total / trials == pytest.approx(losses.mean().item(), rel=0.02)
+
+
+def test_selective_backprop_weights_are_percentiles_to_the_beta():
+    sb = sampling.SelectiveBackprop(beta=2.0)
+    w = sb.weigh(torch.zeros(4), torch.tensor([0.3, 0.1, 0.4, 0.2]))
+    torch.testing.assert_close(w, torch.tensor([0.75, 0.25, 1.0, 0.5]) ** 2)
+
+
+def test_schedule_phases_in_steps_and_epochs():
+    s = sampling.Schedule(burn_in=3, anneal=2, total_steps=10)
+    assert [s.phase(t, 0) for t in range(10)] == ["burn_in"] * 3 + ["evolve"] * 5 + ["anneal"] * 2
+    e = sampling.Schedule(burn_in=es_pipe.Epochs(1), anneal=es_pipe.Epochs(0.5), total_epochs=4)
+    assert [e.phase(0, x) for x in (0.0, 0.99, 1.0, 3.4, 3.5, 3.9)] == [
+        "burn_in",
+        "burn_in",
+        "evolve",
+        "evolve",
+        "anneal",
+        "anneal",
+    ]
+    with pytest.raises(ConfigError, match="total_steps"):
+        sampling.Schedule(anneal=5)
+    with pytest.raises(ConfigError, match="Epochs"):
+        sampling.Schedule(burn_in=1.5)
+
+
+def test_step_seed_is_stable_and_spreads():
+    assert sampling.step_seed(0, 0) == sampling.step_seed(0, 0)
+    seeds = {sampling.step_seed(s, t) for s, t in itertools.product(range(20), range(50))}
+    assert len(seeds) == 1000
+    assert all(0 <= x < 2**63 for x in seeds)
+    assert sampling.step_seed(7, 123) == 7631971775492880123  # pinned: old checkpoints depend on it

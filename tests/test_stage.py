@@ -1,0 +1,294 @@
+"""The stage, its feedback channel and its checkpoint contract."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torchdata.nodes as tn
+from conftest import ROOT, keyed_samples
+
+import es_pipe
+from es_pipe.errors import ConfigError, FeedbackError
+
+
+def fake_losses(meta, step: int) -> torch.Tensor:
+    """Deterministic per-sample losses that drift with the step, like a training model's."""
+    return (meta.data["x"].abs().sum(1) * (1.0 + 0.1 * step)) % 3.0
+
+
+def make(samples, **options):
+    options = {"meta_batch_size": 8, "batch_size": 3, "seed": 5, **options}
+    sampler = es_pipe.EvolvedSampler(**options)
+    return sampler, tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+
+
+def snapshot(sampler):
+    return {name: values.copy() for name, values in sampler.store.shard("shard-0").items()}
+
+
+def test_meta_batch_and_selection_shapes(samples):
+    sampler, loader = make(samples)
+    metas = []
+    for meta in loader:
+        sub = meta.select(fake_losses(meta, sampler.step))
+        metas.append((len(meta), len(sub), sub.data["x"].shape[0]))
+    # 50 = 6 * 8 + 2: the short last meta-batch gets round(3 * 2 / 8) = 1, not dropped
+    assert metas == [(8, 3, 3)] * 6 + [(2, 1, 1)]
+    assert sampler.epoch == 1
+    assert sampler.store.held == 50
+    assert (sampler.store.shard("shard-0")["visits"] == 1).all()
+
+
+def test_selected_rows_are_the_rows_of_the_chosen_members(samples):
+    sampler, loader = make(samples)
+    meta = next(iter(loader))
+    sub = meta.select(fake_losses(meta, 0))
+    torch.testing.assert_close(sub.data["x"], meta.data["x"][sub.indices])
+    assert sub.keys == [meta.keys[i] for i in sub.indices.tolist()]
+
+
+@pytest.mark.parametrize(
+    ("losses", "message"),
+    [
+        (torch.ones(7), "shape"),
+        (torch.ones(8, 2), "shape"),
+        (torch.ones(8, dtype=torch.int64), "dtype"),
+        (torch.tensor([1.0] * 7 + [float("nan")]), "NaN"),
+        (torch.tensor([1.0] * 7 + [float("inf")]), "NaN or infinite"),
+        (torch.tensor([1.0] * 7 + [-0.5]), "negative"),
+        ("0.5", "tensor"),
+        (None, "needs its losses"),
+    ],
+)
+def test_bad_losses_raise_and_change_nothing(samples, losses, message):
+    sampler, loader = make(samples)
+    it = iter(loader)
+    meta = next(it)
+    meta.select(fake_losses(meta, 0))
+    meta = next(it)
+    before_scores, before_state = snapshot(sampler), sampler.get_state()
+    with pytest.raises(FeedbackError, match=message):
+        meta.select(losses)
+    assert sampler.get_state() == before_state
+    for column, values in snapshot(sampler).items():
+        np.testing.assert_array_equal(values, before_scores[column])
+    sub = meta.select(fake_losses(meta, 1))  # the meta-batch is still answerable
+    assert len(sub) == 3
+
+
+def test_answered_twice_stale_and_unanswered_are_errors(samples):
+    sampler, loader = make(samples)
+    it = iter(loader)
+    first = next(it)
+    with pytest.raises(FeedbackError, match="never answered"):
+        next(it)
+    first.select(fake_losses(first, 0))
+    with pytest.raises(FeedbackError, match="already answered"):
+        first.select(fake_losses(first, 0))
+    second = next(it)
+    with pytest.raises(FeedbackError, match="already answered"):
+        first.select(fake_losses(first, 0))
+    second.select(fake_losses(second, 1))
+    third = next(it)
+    it2 = iter(loader)  # a reset retires the current meta-batch
+    with pytest.raises(FeedbackError, match="no longer current"):
+        third.select(fake_losses(third, 2))
+    assert next(it2) is not None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 9}, "batch_size=9 > meta_batch_size=8"),
+        ({"beta1": 1.2}, "outside"),
+        ({"meta_batch_size": 0}, "positive"),
+        ({"seed": -1}, "seed"),
+        ({"scoring": "online"}, "scoring"),
+        ({"anneal": 3}, "total_steps"),
+    ],
+)
+def test_invalid_hyper_parameters(samples, options, message):
+    with pytest.raises(ConfigError, match=message):
+        make(samples, **options)
+
+
+def test_samples_without_keys_get_a_clear_error():
+    sampler = es_pipe.EvolvedSampler(4, 2)
+    with pytest.raises(ConfigError, match="__key__"):
+        next(iter(tn.Loader(es_pipe.EvolvedSampling([{"x": 1}] * 4, sampler))))
+
+
+def test_burn_in_is_uniform_and_anneal_needs_no_losses(samples):
+    sampler, loader = make(samples, burn_in=2, anneal=2, total_steps=7)
+    phases, needs = [], []
+    for meta in loader:
+        needs.append(meta.needs_losses)
+        sub = meta.select(fake_losses(meta, sampler.step) if meta.needs_losses else None)
+        phases.append(sub.phase)
+    assert phases == ["burn_in"] * 2 + ["evolve"] * 3 + ["anneal"] * 2
+    assert needs == [True] * 5 + [False] * 2
+
+
+def test_selection_prefers_high_weights(samples):
+    """With a fixed loss landscape, high-loss samples are chosen far more often."""
+    hot = {f"k{i:05d}" for i in range(0, 50, 5)}
+    counts = dict.fromkeys(hot, 0)
+    sampler, loader = make(samples, beta1=0.0, beta2=0.0)
+    for _ in range(30):
+        for meta in loader:
+            losses = torch.tensor([5.0 if k in hot else 0.1 for k in meta.keys])
+            for key in meta.select(losses).keys:
+                counts[key] = counts.get(key, 0) + 1
+    hot_rate = sum(counts[k] for k in hot) / (30 * len(hot))
+    cold_rate = sum(v for k, v in counts.items() if k not in hot) / (30 * 40)
+    assert hot_rate > 0.9 and cold_rate < 0.3  # uniform would pick each 3/8 of the time
+
+
+def test_callback_form_and_plain_iterable_wrapper(samples):
+    sampler = es_pipe.EvolvedSampler(8, 4, seed=1)
+    node = es_pipe.EvolvedSampling(samples, sampler, loss_fn=lambda data: data["x"].abs().sum(1))
+    subs = list(tn.Loader(node))
+    assert all(isinstance(s, es_pipe.SubBatch) for s in subs)
+    assert sum(len(s) for s in subs) == 6 * 4 + 1
+    sampler2 = es_pipe.EvolvedSampler(8, 4, seed=1)
+    wrapped = es_pipe.evolve(samples, sampler2, loss_fn=lambda data: data["x"].abs().sum(1))
+    assert [s.keys for s in wrapped] == [s.keys for s in subs]
+
+
+def test_history_scoring_updates_from_reported_training_losses(samples):
+    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
+    for meta in tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+        assert not meta.needs_losses
+        sub = meta.select()
+        sub.report(sub.data["x"].abs().sum(1))
+        with pytest.raises(FeedbackError, match="already reported"):
+            sub.report(sub.data["x"].abs().sum(1))
+    visits = sampler.store.shard("shard-0")["visits"]
+    assert visits.sum() == 6 * 4 + 1
+    forward = es_pipe.EvolvedSampler(8, 4)
+    meta = next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, forward))))
+    with pytest.raises(FeedbackError, match="history"):
+        meta.select(fake_losses(meta, 0)).report(torch.ones(4))
+
+
+def test_reweighting_gives_importance_weights(samples):
+    sampler, loader = make(samples, reweight=True)
+    meta = next(iter(loader))
+    sub = meta.select(fake_losses(meta, 0))
+    assert sub.weights is not None and sub.weights.shape == (3,)
+    assert torch.isfinite(sub.weights).all() and (sub.weights > 0).all()
+    plain_sampler, plain = make(samples)
+    meta = next(iter(plain))
+    assert meta.select(fake_losses(meta, 0)).weights is None
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def run(loader, sampler, steps, trace):
+    """Drive ``steps`` meta-batches over epochs; record selections and scores."""
+    it = iter(loader)
+    while steps:
+        try:
+            meta = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        sub = meta.select(fake_losses(meta, sampler.step))
+        trace.append((sampler.epoch, sub.keys, sub.indices.tolist()))
+        steps -= 1
+    return it
+
+
+@pytest.mark.parametrize("split", [1, 4, 6, 7, 9, 15])  # 7 steps/epoch: 6, 7 are the boundary
+def test_resume_is_bit_identical(samples, tmp_path, split):
+    total = 20
+    sampler, loader = make(samples)
+    full = []
+    run(loader, sampler, total, full)
+    reference = snapshot(sampler)
+
+    sampler, loader = make(samples)
+    head = []
+    run(loader, sampler, split, head)
+    torch.save({"loader": loader.state_dict(), "scores": sampler.state_dict()}, tmp_path / "ck.pt")
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)
+    json.dumps(saved["loader"])  # the node state is JSON-friendly
+
+    sampler, loader = make(samples)
+    loader.load_state_dict(saved["loader"])
+    sampler.load_state_dict(saved["scores"])
+    tail = []
+    run(loader, sampler, total - split, tail)
+    assert head + tail == full
+    for column, values in snapshot(sampler).items():
+        np.testing.assert_array_equal(values, reference[column], err_msg=column)
+
+
+def test_checkpoint_between_emit_and_select_re_emits_the_meta_batch(samples):
+    sampler, loader = make(samples)
+    it = iter(loader)
+    for step in range(2):
+        meta = next(it)
+        meta.select(fake_losses(meta, step))
+    pending = next(it)  # emitted, not answered
+    state, scores = loader.state_dict(), sampler.state_dict()
+    expected = pending.select(fake_losses(pending, 2))
+
+    sampler2, loader2 = make(samples)
+    loader2.load_state_dict(state)
+    sampler2.load_state_dict(scores)
+    again = next(iter(loader2))
+    assert again.keys == pending.keys
+    assert again.select(fake_losses(again, 2)).keys == expected.keys
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        from conftest import keyed_samples
+        from test_stage import make, run
+        sampler, loader = make(keyed_samples(50))
+        mode = sys.argv[1]
+        trace = []
+        if mode == "resume":
+            saved = torch.load(sys.argv[2], weights_only=True)
+            loader.load_state_dict(saved["loader"]); sampler.load_state_dict(saved["scores"])
+            run(loader, sampler, 8, trace)
+        elif mode == "save":
+            run(loader, sampler, 5, trace)
+            torch.save({{"loader": loader.state_dict(), "scores": sampler.state_dict()}},
+                       sys.argv[2])
+        else:
+            run(loader, sampler, 13, trace)
+        print(json.dumps({{"trace": trace, "scores": sampler.store.shard("shard-0")["score"].tolist()}}))
+        """
+    )
+    ck = str(tmp_path / "ck.pt")
+
+    def call(*args):
+        out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    full = call("full")
+    head = call("save", ck)
+    tail = call("resume", ck)
+    assert head["trace"] + tail["trace"] == full["trace"]
+    assert tail["scores"] == full["scores"]
+
+
+def test_restoring_with_another_seed_is_refused(samples):
+    sampler, loader = make(samples)
+    run(loader, sampler, 2, [])
+    state = loader.state_dict()
+    other_sampler, other = make(samples, seed=6)
+    other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="seed"):
+        next(iter(other))
