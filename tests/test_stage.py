@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchdata.nodes as tn
-from conftest import ROOT, keyed_samples
+from conftest import ROOT
 
 import es_pipe
 from es_pipe.errors import ConfigError, FeedbackError
@@ -44,7 +44,7 @@ def test_meta_batch_and_selection_shapes(samples):
 
 
 def test_selected_rows_are_the_rows_of_the_chosen_members(samples):
-    sampler, loader = make(samples)
+    _sampler, loader = make(samples)
     meta = next(iter(loader))
     sub = meta.select(fake_losses(meta, 0))
     torch.testing.assert_close(sub.data["x"], meta.data["x"][sub.indices])
@@ -81,7 +81,7 @@ def test_bad_losses_raise_and_change_nothing(samples, losses, message):
 
 
 def test_answered_twice_stale_and_unanswered_are_errors(samples):
-    sampler, loader = make(samples)
+    _sampler, loader = make(samples)
     it = iter(loader)
     first = next(it)
     with pytest.raises(FeedbackError, match="never answered"):
@@ -137,7 +137,7 @@ def test_selection_prefers_high_weights(samples):
     """With a fixed loss landscape, high-loss samples are chosen far more often."""
     hot = {f"k{i:05d}" for i in range(0, 50, 5)}
     counts = dict.fromkeys(hot, 0)
-    sampler, loader = make(samples, beta1=0.0, beta2=0.0)
+    _sampler, loader = make(samples, beta1=0.0, beta2=0.0)
     for _ in range(30):
         for meta in loader:
             losses = torch.tensor([5.0 if k in hot else 0.1 for k in meta.keys])
@@ -176,12 +176,12 @@ def test_history_scoring_updates_from_reported_training_losses(samples):
 
 
 def test_reweighting_gives_importance_weights(samples):
-    sampler, loader = make(samples, reweight=True)
+    _sampler, loader = make(samples, reweight=True)
     meta = next(iter(loader))
     sub = meta.select(fake_losses(meta, 0))
     assert sub.weights is not None and sub.weights.shape == (3,)
     assert torch.isfinite(sub.weights).all() and (sub.weights > 0).all()
-    plain_sampler, plain = make(samples)
+    _plain_sampler, plain = make(samples)
     meta = next(iter(plain))
     assert meta.select(fake_losses(meta, 0)).weights is None
 
@@ -288,7 +288,7 @@ def test_restoring_with_another_seed_is_refused(samples):
     sampler, loader = make(samples)
     run(loader, sampler, 2, [])
     state = loader.state_dict()
-    other_sampler, other = make(samples, seed=6)
+    _other_sampler, other = make(samples, seed=6)
     other.load_state_dict(state)
     with pytest.raises(ConfigError, match="seed"):
         next(iter(other))
