@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/es-pipe demo
 
 test: $(STAMP)
-	$(BIN)/ruff check es_pipe tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP)
@@ -30,8 +30,8 @@ test-faults: $(STAMP)
 	$(BIN)/pytest -q -m faults
 
 lint: $(STAMP)
-	$(BIN)/ruff check es_pipe tests examples benchmarks
-	$(BIN)/ruff format --check es_pipe tests examples benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
