@@ -18,21 +18,28 @@ from torch import Tensor
 from es_pipe import sampling
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampling import Phase, Policy, Schedule, Span
-from es_pipe.scores import ScoreStore
+from es_pipe.scores import ScoreStore, ShardCodes
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who the members of a meta-batch are: shard names plus ordinals (or keys)."""
+    """Who the members of a meta-batch are: shards plus ordinals (or keys)."""
 
-    shards: Sequence[str]
+    shards: ShardCodes
     keys: Sequence[str]
     ordinals: np.ndarray | None = None
 
+    @classmethod
+    def of(
+        cls, shards: Sequence[str], keys: Sequence[str], ordinals: Sequence[int] | None = None
+    ) -> Identity:
+        as_array = None if ordinals is None else np.asarray(ordinals, dtype=np.int64)
+        return cls(ShardCodes.encode(shards), keys, as_array)
+
     def take(self, picked: np.ndarray) -> Identity:
         return Identity(
-            [self.shards[i] for i in picked],
-            [self.keys[i] for i in picked],
+            self.shards.take(picked),
+            [self.keys[i] for i in picked.tolist()],
             None if self.ordinals is None else self.ordinals[picked],
         )
 

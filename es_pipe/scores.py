@@ -10,10 +10,10 @@ a stable address; samples that arrive with a key but no ordinal get one on first
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from es_pipe.errors import ConfigError
@@ -25,6 +25,29 @@ COLUMNS: dict[str, np.dtype] = {
     "step": np.dtype(np.int32),
 }
 BYTES_PER_SAMPLE = sum(dtype.itemsize for dtype in COLUMNS.values())
+
+
+@dataclass(frozen=True)
+class ShardCodes:
+    """Shard names of a batch of samples, encoded once: ``names[codes[i]]`` is sample i's."""
+
+    names: list[str]
+    codes: np.ndarray
+
+    @classmethod
+    def encode(cls, shards: Sequence[str]) -> ShardCodes:
+        names: dict[str, int] = {}
+        codes = [names.setdefault(shard, len(names)) for shard in shards]
+        return cls(list(names), np.asarray(codes, dtype=np.int64))
+
+    def take(self, picked: np.ndarray) -> ShardCodes:
+        return ShardCodes(self.names, self.codes[picked])
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> str:
+        return self.names[self.codes[i]]
 
 
 class ScoreStore:
@@ -41,7 +64,7 @@ class ScoreStore:
 
     def locate(
         self,
-        shards: Sequence[str],
+        shards: Sequence[str] | ShardCodes,
         keys: Sequence[str] | None = None,
         ordinals: Sequence[int] | np.ndarray | None = None,
     ) -> np.ndarray:
@@ -49,30 +72,32 @@ class ScoreStore:
 
         Give ``ordinals`` (fast path, what es_pipe's sources provide) or ``keys``.
         """
-        encoded = pa.array(shards, pa.string()).dictionary_encode()
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        names: list[str] = encoded.dictionary.to_pylist()
+        encoded = shards if isinstance(shards, ShardCodes) else ShardCodes.encode(shards)
+        names, codes = encoded.names, encoded.codes
         if ordinals is None:
             if keys is None:
                 raise ConfigError("locate() needs the samples' keys or their ordinals")
-            ordinals = self._ordinals_from_keys(shards, keys)
+            ordinals = self._ordinals_from_keys(encoded, keys)
         ordinals = np.asarray(ordinals, dtype=np.int64)
         if ordinals.size and ordinals.min() < 0:
             raise ConfigError("sample ordinals ('__index__') must be >= 0")
-        highest = np.full(len(names), -1, dtype=np.int64)
-        np.maximum.at(highest, codes, ordinals)
-        offsets = np.array(
-            [self._ensure(name, int(top) + 1) for name, top in zip(names, highest)],
-            dtype=np.int64,
-        )
-        for name, top in zip(names, highest):
-            self._lengths[name] = max(self._lengths[name], int(top) + 1)
+        blocks = [self._blocks.get(name, (0, 0)) for name in names]
+        offsets = np.array([offset for offset, _ in blocks], dtype=np.int64)
+        lengths = np.array([self._lengths.get(name, 0) for name in names], dtype=np.int64)
+        if (ordinals >= lengths[codes]).any():  # new samples: grow blocks, extend lengths
+            highest = np.full(len(names), -1, dtype=np.int64)
+            np.maximum.at(highest, codes, ordinals)
+            for name, top in zip(names, highest.tolist()):
+                self._ensure(name, top + 1)
+                self._lengths[name] = max(self._lengths[name], top + 1)
+            offsets = np.array([self._blocks[name][0] for name in names], dtype=np.int64)
         return offsets[codes] + ordinals
 
-    def _ordinals_from_keys(self, shards: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+    def _ordinals_from_keys(self, shards: ShardCodes, keys: Sequence[str]) -> np.ndarray:
+        tables = [self._keys.setdefault(name, {}) for name in shards.names]
         out = np.empty(len(keys), dtype=np.int64)
-        for i, (shard, key) in enumerate(zip(shards, keys)):
-            table = self._keys.setdefault(shard, {})
+        for i, (code, key) in enumerate(zip(shards.codes.tolist(), keys)):
+            table = tables[code]
             out[i] = table.setdefault(key, len(table))
         return out
 
@@ -120,7 +145,11 @@ class ScoreStore:
         self._arena["score"][slots] = score
         self._arena["loss"][slots] = loss
         self._arena["step"][slots] = step
-        np.add.at(self._arena["visits"], slots, 1)
+        ordered = np.sort(slots)
+        if (ordered[1:] == ordered[:-1]).any():  # a sample twice in one meta-batch
+            np.add.at(self._arena["visits"], slots, 1)
+        else:
+            self._arena["visits"][slots] += 1
 
     def shard(self, name: str) -> dict[str, np.ndarray]:
         """Read-only views of one shard's columns, indexed by ordinal."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torchdata.nodes as tn
 from torch.utils.data import default_collate
 
@@ -139,9 +138,7 @@ def identify(samples: list[Any]) -> Identity:
         ) from None
     shards = [sample.get("__shard__", "") for sample in samples]
     ordinals = [sample.get("__index__") for sample in samples]
-    if any(ordinal is None for ordinal in ordinals):
-        return Identity(shards, keys, None)
-    return Identity(shards, keys, np.asarray(ordinals, dtype=np.int64))
+    return Identity.of(shards, keys, None if None in ordinals else ordinals)
 
 
 def evolve(
