@@ -292,3 +292,12 @@ def test_restoring_with_another_seed_is_refused(samples):
     other.load_state_dict(state)
     with pytest.raises(ConfigError, match="seed"):
         next(iter(other))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_selection_runs_on_the_losses_device(samples):
+    _sampler, loader = make(samples, reweight=True)
+    meta = next(iter(loader))
+    sub = meta.select(fake_losses(meta, 0).cuda())
+    assert sub.indices.device.type == "cuda" and sub.weights.device.type == "cuda"
+    assert sub.data["x"].device.type == "cpu"  # rows stay where the data lives
