@@ -42,6 +42,7 @@ the Arrow schema from it and refuses files of another schema version. No pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -365,10 +366,9 @@ class Manifests:
         }
         self._put(self._marker_path(epoch), json.dumps(marker, indent=1).encode(), atomic=True)
         self._markers[epoch] = marker
-        try:  # best effort: a leftover staging folder is ignored by every reader
+        # best effort: a leftover staging folder is ignored by every reader
+        with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.rm(self._path(STAGING, f"epoch={epoch}"), recursive=True)
-        except (FileNotFoundError, OSError):
-            pass
         return marker
 
     def _wait_for_ranks(
