@@ -236,6 +236,7 @@ class EpochBoundary:
         nxt = ended + 1
         keys = self._merge_keys() if self.manifests is not None else {}
         decisions: dict[str, Decision] = {}
+        items: list[dict[str, Any]] = []
         for name in sorted(self._touched):
             view = self.store.shard(name)
             rows = len(view["score"])
@@ -251,18 +252,18 @@ class EpochBoundary:
             else:
                 decisions[name] = pruning.keep_all(rows)
             if self.manifests is not None:
-                self.manifests.write_shard(
-                    ended,
-                    name,
-                    {**view, "state": decisions[name].state},
-                    keys=keys.get(name),
-                    factor=decisions[name].factor,
-                    fingerprint=self.fingerprint_fn(name),
-                    hyper={**self.hyper, "step": step},
-                )
+                items.append({
+                    "shard": name,
+                    "columns": {**view, "state": decisions[name].state},
+                    "keys": keys.get(name),
+                    "factor": decisions[name].factor,
+                    "fingerprint": self.fingerprint_fn(name),
+                    "hyper": {**self.hyper, "step": step},
+                })
                 self._written[name] = ended
                 self.stats["written"] += 1
         if self.manifests is not None:
+            self.manifests.write_shards(ended, items)
             self.manifests.finish(ended)
             if rank == 0:
                 self.manifests.commit(

@@ -120,7 +120,7 @@ class _Reader:
         parts: dict[int, list[pa.Table]] = {e: [] for e in epochs}
         for epoch, entry in files:
             table, _, _ = manifests._read_entry(epoch, entry, SUMMARY_COLUMNS)
-            parts[epoch].append(table)
+            parts[epoch].append(table.set_column(0, "shard", table["shard"].cast(pa.string())))
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -51,6 +51,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -73,6 +74,7 @@ _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _TYPES = {
     "string": pa.string(),
+    "dictionary<int32,string>": pa.dictionary(pa.int32(), pa.string()),
     "int64": pa.int64(),
     "int32": pa.int32(),
     "uint32": pa.uint32(),
@@ -197,8 +199,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _crc(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+def _crc(data: bytes | memoryview | pa.Buffer) -> int:
+    return zlib.crc32(memoryview(data)) & 0xFFFFFFFF
 
 
 class Manifests:
@@ -280,15 +282,29 @@ class Manifests:
             "staged": staged,
             "path": f"epoch={int(epoch)}/{name}.parquet",
             "rows": table.num_rows,
-            "size": len(data),
+            "size": data.size,
             "crc32": _crc(data),
         }
         self._written.setdefault(int(epoch), []).append(entry)
         return entry
 
+    def write_shards(
+        self, epoch: int, items: Iterable[Mapping[str, Any]], *, threads: int | None = None
+    ) -> list[dict[str, Any]]:
+        """``write_shard`` for many shards, encoded and written by a thread pool (Arrow and
+        the file systems release the GIL). Each item holds ``write_shard``'s arguments:
+        ``shard``, ``columns`` and optionally ``keys``, ``factor``, ``fingerprint``,
+        ``hyper``."""
+        items = list(items)
+        threads = threads or min(8, os.cpu_count() or 1)
+        if threads <= 1 or len(items) <= 1:
+            return [self.write_shard(epoch, **item) for item in items]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda item: self.write_shard(epoch, **item), items))
+
     def finish(self, epoch: int) -> str:
         """Write this rank's done-file for ``epoch`` (after all its ``write_shard``)."""
-        entries = self._written.pop(int(epoch), [])
+        entries = sorted(self._written.pop(int(epoch), []), key=lambda e: e["path"])
         done = {
             "format": DONE_FORMAT,
             "schema_version": schema_version(),
@@ -435,7 +451,7 @@ class Manifests:
             return False
         return len(data) == entry["size"] and _crc(data) == entry["crc32"]
 
-    def _put(self, path: str, data: bytes, *, atomic: bool) -> None:
+    def _put(self, path: str, data: bytes | pa.Buffer, *, atomic: bool) -> None:
         """Write ``data`` whole, in one PUT (object stores); on a local disk through a
         hidden temporary name and ``os.replace`` when ``atomic``."""
         if isinstance(self.fs, LocalFileSystem):
@@ -450,7 +466,8 @@ class Manifests:
             if atomic:
                 os.replace(target, path)
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, memoryview(data).tobytes() if isinstance(data, pa.Buffer)
+                              else data)
 
     # ------------------------------------------------------------------ reading
 
@@ -567,6 +584,17 @@ class Manifests:
         keys = table.column("key").combine_chunks()
         return ShardManifest(shard, int(epoch), path, columns, keys, meta)
 
+    def read_shards(
+        self, shards: Iterable[str], epoch: int | None = None, *, threads: int | None = None
+    ) -> list[ShardManifest]:
+        """``read_shard`` for many shards, by a thread pool."""
+        shards = list(shards)
+        threads = threads or min(8, os.cpu_count() or 1)
+        if threads <= 1 or len(shards) <= 1:
+            return [self.read_shard(s, epoch) for s in shards]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda s: self.read_shard(s, epoch), shards))
+
     def _read_entry(
         self, epoch: int, entry: Mapping[str, Any], columns: list[str] | None = None
     ) -> tuple[pa.Table, dict[str, Any], str]:
@@ -616,7 +644,7 @@ class Manifests:
             if columns is not None:
                 table = table.select(columns)
         else:
-            table = pa.concat_tables(tables)
+            table = pa.concat_tables(tables).unify_dictionaries()
         return table.append_column(
             "epoch", pa.array(np.full(table.num_rows, epoch, np.int32), pa.int32())
         )
@@ -648,7 +676,7 @@ def build_table(
         raise ConfigError(f"shard {shard!r}: {len(keys)} keys for {rows} rows")
     shard_col = pa.DictionaryArray.from_arrays(
         pa.array(np.zeros(rows, np.int32)), pa.array([shard], pa.string())
-    ).cast(pa.string())
+    )
     arrays = [
         shard_col,
         keys.cast(pa.string()),
@@ -664,7 +692,7 @@ def build_table(
     return pa.Table.from_arrays(arrays, schema=arrow_schema())
 
 
-def encode_table(table: pa.Table, meta: Mapping[str, Any]) -> bytes:
+def encode_table(table: pa.Table, meta: Mapping[str, Any]) -> pa.Buffer:
     """Parquet bytes of ``table`` with es_pipe's file metadata."""
     key = schema_spec()["metadata_key"]
     table = table.replace_schema_metadata({key: json.dumps(meta, sort_keys=True)})
@@ -674,9 +702,9 @@ def encode_table(table: pa.Table, meta: Mapping[str, Any]) -> bytes:
         sink,
         compression="lz4",
         use_dictionary=["shard"],
-        write_statistics=["row", "score", "loss", "visits", "pruned", "streak"],
+        write_statistics=["row", "pruned"],
     )
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def file_meta(schema: pa.Schema, path: str) -> dict[str, Any]:
