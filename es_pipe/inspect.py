@@ -62,7 +62,7 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", help="manifest root: a folder or fsspec URL (manifests= of the run)")
+    parser.add_argument("root", help="manifest root: folder or fsspec URL (manifests= of the run)")
     parser.add_argument("--epoch", type=int, help="epoch to detail (default: newest committed)")
     parser.add_argument("--shard", help="detail one shard: its full URL or a unique part of it")
     parser.add_argument("--key", help="one sample's history across epochs (its __key__)")

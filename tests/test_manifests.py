@@ -285,7 +285,7 @@ def test_fingerprint_mismatch(tmp_path):
     with open(urls[0], "ab") as handle:
         handle.write(b"more")
     fresh = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1)
-    with pytest.raises(ManifestError, match="shard-0.bin.*fingerprint.*on_mismatch='fresh'"):
+    with pytest.raises(ManifestError, match=r"shard-0\.bin.*fingerprint.*on_mismatch='fresh'"):
         fresh.pruned(urls[0])
     lenient = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1,
                                      on_mismatch="fresh")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,7 @@ def test_prunes_intended_fraction_below_mean_uniformly():
     edges = np.quantile(scores[cand], [0, 0.25, 0.5, 0.75, 1.0])
     mask = np.zeros(len(scores), bool)
     mask[d.pruned] = True
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         inside = cand[(scores[cand] >= lo) & (scores[cand] <= hi)]
         assert abs(mask[inside].mean() - 0.3) < 0.03
     # 1/keep rescale: kept candidates stand for all candidates
@@ -58,7 +60,8 @@ def test_unseen_samples_are_never_pruned():
     visits = np.r_[np.ones(50), np.zeros(50)].astype(np.uint32)
     d = decide(Pruning(ratio=0.9, anneal=0), scores, visits, None, _rng())
     assert len(d.pruned) and d.pruned.max() < 50
-    assert len(decide(Pruning(anneal=0), scores, np.zeros(100, np.uint32), None, _rng()).pruned) == 0
+    unseen = np.zeros(100, np.uint32)
+    assert len(decide(Pruning(anneal=0), scores, unseen, None, _rng()).pruned) == 0
 
 
 @pytest.mark.parametrize("max_streak", [1, 3])
