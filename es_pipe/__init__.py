@@ -2,6 +2,8 @@
 
 from es_pipe.batch import MetaBatch, SubBatch
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError, ManifestError, ShardError
+from es_pipe.manifest import Manifests
+from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.sampler import EvolvedSampler, Sampler
 from es_pipe.sampling import (
     Epochs,
@@ -25,9 +27,12 @@ __all__ = [
     "EvolvedSampler",
     "EvolvedSampling",
     "FeedbackError",
+    "InfoBatch",
     "LossProportional",
     "ManifestError",
+    "Manifests",
     "MetaBatch",
+    "Pruning",
     "RandomSubset",
     "Sampler",
     "ScoreStore",

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from es_pipe import sampling
 from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.pruning import Pruning
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
 
@@ -75,6 +76,20 @@ class Sampler:
             paper) or ``"history"`` (select from stored scores, then update them from the
             training losses reported with ``SubBatch.report``: no extra forward pass).
         seed: with the step counter, the whole RNG state.
+        prune: set-level pruning at epoch boundaries, ``es_pipe.Pruning(ratio=0.3,
+            anneal=0.125)`` (ESWP) or ``es_pipe.InfoBatch()``; pruned samples are skipped
+            by the sources (their ``pruned=sampler.pruned`` hook) or by the stage.
+        manifests: a folder or fsspec URL (or an ``es_pipe.Manifests``) where every epoch's
+            per-shard scores and pruning decisions are written as Parquet and committed;
+            shards are restored from it the first time they show up.
+        resume: with ``manifests`` that already hold committed epochs, continue after the
+            newest (epoch and step from its commit) unless a checkpoint is loaded; ``False``
+            starts over at epoch 0 (and replaces the old epochs as it commits).
+        rank, world_size: who writes which manifests; rank 0 commits each epoch once every
+            rank's files are there (default: torch.distributed, else RANK/WORLD_SIZE).
+        on_mismatch: a manifest whose shard fingerprint differs from the shard:
+            ``"raise"`` (``ManifestError``) or ``"fresh"`` (warn, start that shard over).
+        commit_timeout: seconds rank 0 waits for the other ranks' manifests.
     """
 
     def __init__(
@@ -92,6 +107,13 @@ class Sampler:
         init: Literal["loss", "mean"] = "loss",
         scoring: Literal["forward", "history"] = "forward",
         seed: int = 0,
+        prune: Pruning | None = None,
+        manifests: Any = None,
+        resume: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        on_mismatch: Literal["raise", "fresh"] = "raise",
+        commit_timeout: float = 300.0,
     ) -> None:
         for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -121,6 +143,61 @@ class Sampler:
         self.epoch = 0
         self._steps_in_epoch = 0
         self._steps_last_epoch = 0
+        self.boundary = None
+        if prune is not None or manifests is not None:
+            self.boundary = self._make_boundary(
+                prune, manifests, rank, world_size, on_mismatch, commit_timeout, total_epochs
+            )
+            if resume:
+                self._resume_from_manifests()
+
+    def _make_boundary(self, prune, manifests, rank, world_size, on_mismatch, timeout, total):
+        from es_pipe.boundary import EpochBoundary, resolve_rank
+        from es_pipe.manifest import Manifests
+
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        if manifests is not None and not isinstance(manifests, Manifests):
+            manifests = Manifests(manifests, rank=self.rank)
+        return EpochBoundary(
+            self.store,
+            prune=prune,
+            manifests=manifests,
+            seed=self.seed,
+            hyper=self.hyper(),
+            total_epochs=total,
+            world_size=self.world_size,
+            on_mismatch=on_mismatch,
+            commit_timeout=timeout,
+        )
+
+    def _resume_from_manifests(self) -> None:
+        manifests = self.boundary.manifests
+        latest = None if manifests is None else manifests.latest()
+        if latest is None:
+            return
+        step = manifests.marker(latest).get("hyper", {}).get("step")
+        self.epoch = self.boundary.epoch = latest + 1
+        self.step = int(step) if step is not None else self.step
+
+    def hyper(self) -> dict[str, Any]:
+        """The hyper-parameters, JSON-friendly (recorded in manifests)."""
+        from dataclasses import asdict, is_dataclass
+
+        policy = asdict(self.policy) if is_dataclass(self.policy) else {}
+        prune = self.boundary.prune if getattr(self, "boundary", None) else None
+        return {
+            "policy": {"name": self.policy.name, **policy},
+            "meta_batch_size": self.meta_batch_size,
+            "batch_size": self.batch_size,
+            "replacement": self.replacement,
+            "reweight": self.reweight,
+            "init": self.init,
+            "scoring": self.scoring,
+            "seed": self.seed,
+            "total_epochs": self.schedule.total_epochs,
+            "total_steps": self.schedule.total_steps,
+            "prune": None if prune is None else prune.describe(),
+        }
 
     # ------------------------------------------------------------------ planning
 
@@ -156,6 +233,8 @@ class Sampler:
             )
         loss = None if losses is None else check_losses(losses, n, self._nonnegative)
         device = torch.device("cpu") if loss is None else loss.device
+        if self.boundary is not None:
+            self.boundary.admit(list(who.shards), list(who.keys), who.ordinals)
         slots = self.store.locate(who.shards, who.keys, who.ordinals)
         state = self.store.gather(slots)
         prior = torch.from_numpy(state["score"]).to(device)
@@ -174,6 +253,13 @@ class Sampler:
         if self.reweight:
             pi = sampling.inclusion_probabilities(weights, k, n, self.replacement).to(device)
             importance = sampling.importance_weights(pi, picked, k, n)
+        if self.boundary is not None:  # ESWP: 1/keep weights of kept low-score samples
+            positions = picked.cpu().numpy()
+            ordinals = None if who.ordinals is None else who.ordinals[positions]
+            rescale = self.boundary.weights([who.shards[i] for i in positions], ordinals)
+            if rescale is not None:
+                rescale = torch.from_numpy(rescale).to(device)
+                importance = rescale if importance is None else importance * rescale
 
         if loss is not None:
             score = self.policy.score(prior, loss)
@@ -199,9 +285,27 @@ class Sampler:
         return isinstance(self.policy, (sampling.Evolved, sampling.LossProportional))
 
     def end_epoch(self) -> None:
-        """Close the current epoch: the schedule's epoch clock advances."""
+        """Close the current epoch: the schedule's epoch clock advances; with ``prune`` /
+        ``manifests``, the next epoch's pruning is decided and the epoch's manifests are
+        written and committed."""
+        ended = self.epoch
         self.epoch += 1
         self._steps_last_epoch, self._steps_in_epoch = self._steps_in_epoch, 0
+        if self.boundary is not None:
+            prune = self.boundary.prune
+            active = (
+                prune is not None
+                and prune.active(self.epoch, self.schedule.total_epochs)
+                and self.schedule.phase(self.step, self.epoch) == "evolve"
+            )
+            self.boundary.close_epoch(ended, active=active, rank=self.rank, step=self.step)
+
+    def pruned(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
+        """Sorted int64 ordinals of ``shard`` to skip in ``epoch`` (default: the current
+        one), or ``None``: the hook for the sources, ``Source(..., pruned=sampler.pruned)``."""
+        if self.boundary is None:
+            return None
+        return self.boundary.pruned(shard, epoch)
 
     # ------------------------------------------------------------------ state
 
@@ -224,6 +328,8 @@ class Sampler:
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
+        if self.boundary is not None and self.boundary.epoch != self.epoch:
+            self.boundary.rewind(self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the

@@ -61,6 +61,7 @@ class EvolvedSampling(tn.BaseNode):
         self._position: dict[str, Any] = {}  # stage state just before the current meta-batch
         self._exhausted = False  # the source ran out; the epoch ends at the next call
         self._done = False  # the epoch has ended
+        self.pruned_by_stage = 0  # pruned samples the source handed over anyway (this run)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -91,8 +92,11 @@ class EvolvedSampling(tn.BaseNode):
         try:
             while len(samples) < self.sampler.meta_batch_size:
                 samples.append(next(self.source))
+                if len(samples) == self.sampler.meta_batch_size:
+                    samples = self._drop_pruned(samples)
         except StopIteration:
             self._exhausted = True
+            samples = self._drop_pruned(samples)
         if not samples:
             self._end_epoch()
         meta = MetaBatch(self.collate_fn(samples), identify(samples), self.sampler)
@@ -113,6 +117,24 @@ class EvolvedSampling(tn.BaseNode):
             "exhausted": self._exhausted,
             "done": self._done,
         }
+
+    def _drop_pruned(self, samples: list[Any]) -> list[Any]:
+        """Leave out samples the sampler prunes this epoch that the source did not skip
+        (a source without the ``pruned=sampler.pruned`` hook); counted in
+        ``pruned_by_stage``."""
+        boundary = self.sampler.boundary
+        if boundary is None or boundary.prune is None or not samples:
+            return samples
+        try:
+            shards = [sample.get("__shard__", "") for sample in samples]
+            ordinals = [sample["__index__"] for sample in samples]
+        except (KeyError, TypeError, AttributeError):
+            return samples
+        keep = boundary.drop_pruned(shards, ordinals)
+        if keep.all():
+            return samples
+        self.pruned_by_stage += int((~keep).sum())
+        return [sample for sample, kept in zip(samples, keep) if kept]
 
     def _end_epoch(self) -> None:
         self.sampler.end_epoch()

@@ -1,0 +1,340 @@
+"""What happens at epoch boundaries: pruning decisions (ESWP) and shard manifests.
+
+The sampler owns one :class:`EpochBoundary` when it is given ``prune=`` or
+``manifests=``. It
+
+* restores a shard's scores and pruning decision from the newest committed manifest the
+  first time the shard shows up (a ``pruned`` hook call by a source, or a meta-batch),
+  checking the shard's fingerprint and its samples' keys;
+* answers the sources' hook: which ordinals of a shard to skip in an epoch;
+* at the end of an epoch, decides the next epoch's pruning for every shard read, writes
+  their manifests and commits the epoch (rank 0);
+* gives the 1/keep loss weights of the kept low-score samples.
+
+The math is in :mod:`es_pipe.pruning`, the files in :mod:`es_pipe.manifest`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from es_pipe import pruning
+from es_pipe.errors import ConfigError, ManifestError
+from es_pipe.manifest import Manifests, fingerprint, fingerprints_match
+from es_pipe.pruning import Decision, Pruning
+from es_pipe.scores import ScoreStore
+
+OnMismatch = Literal["raise", "fresh"]
+
+
+class EpochBoundary:
+    """Per-shard pruning state, key book and manifest I/O of one sampler (one rank)."""
+
+    def __init__(
+        self,
+        store: ScoreStore,
+        *,
+        prune: Pruning | None,
+        manifests: Manifests | None,
+        seed: int,
+        hyper: Mapping[str, Any],
+        total_epochs: float | None,
+        world_size: int,
+        on_mismatch: OnMismatch = "raise",
+        commit_timeout: float = 300.0,
+        fingerprint_fn: Callable[[str], dict[str, Any] | None] = fingerprint,
+    ) -> None:
+        if on_mismatch not in ("raise", "fresh"):
+            raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
+        if prune is not None and not isinstance(prune, Pruning):
+            raise ConfigError(
+                f"prune={prune!r}: give es_pipe.Pruning(ratio=0.3, anneal=0.125) or "
+                "es_pipe.InfoBatch()"
+            )
+        if prune is not None and prune.needs_total_epochs() and total_epochs is None:
+            raise ConfigError(
+                "prune=Pruning(anneal=...) counts back from the end of training: also pass "
+                "total_epochs=... to the sampler, or use Pruning(anneal=0)"
+            )
+        self.store = store
+        self.prune = prune
+        self.manifests = manifests
+        self.seed = seed
+        self.hyper = dict(hyper)
+        self.total_epochs = total_epochs
+        self.world_size = world_size
+        self.on_mismatch = on_mismatch
+        self.commit_timeout = commit_timeout
+        self.fingerprint_fn = fingerprint_fn
+        self.epoch = 0  # the epoch the decisions apply to (the one being read)
+        self.decisions: dict[str, Decision] = {}
+        self.keys: dict[str, pa.Array] = {}  # key by ordinal, from the last write/restore
+        self._chunks: list[tuple[list[str], np.ndarray, pa.Array]] = []
+        self._touched: set[str] = set()
+        self._checked: set[str] = set()  # shards compared with the manifests this epoch
+        self._verify: set[str] = set()  # restored shards whose keys are checked
+        self._origin: dict[str, str] = {}  # shard -> manifest file it was restored from
+        self._written: dict[str, int] = {}  # shard -> last epoch this rank wrote it
+        self.stats = {"restored": 0, "written": 0, "fresh": 0}
+
+    # ------------------------------------------------------------------ restore
+
+    def _restore(self, shard: str) -> None:
+        """Load ``shard`` from the newest committed manifest that has it, if newer than what
+        this rank holds."""
+        self._checked.add(shard)
+        if self.manifests is None:
+            return
+        epoch = self.manifests.find(shard, before=self.epoch)
+        if epoch is None or self._written.get(shard, -1) >= epoch:
+            return
+        if shard in self.store.shards and shard not in self._written:
+            return  # restored from a checkpoint (state_dict): it is authoritative
+        manifest = self.manifests.read_shard(shard, epoch)
+        stored = manifest.meta.get("fingerprint")
+        current = self.fingerprint_fn(shard)
+        if not fingerprints_match(stored, current):
+            message = (
+                f"manifest {manifest.path} was written for shard {shard!r} with fingerprint "
+                f"{stored}, but the shard now has {current}: the shard changed since, and "
+                "its scores would belong to other samples"
+            )
+            if self.on_mismatch == "raise":
+                raise ManifestError(
+                    message + ". Restore the original shard, start with a fresh manifests= "
+                    "folder, or pass on_mismatch='fresh' to start this shard from scratch"
+                )
+            warnings.warn(message + "; starting this shard fresh (on_mismatch='fresh')",
+                          stacklevel=3)
+            self.stats["fresh"] += 1
+            if shard in self.store.shards:
+                self.store.drop(shard)
+            self.decisions.pop(shard, None)
+            self.keys.pop(shard, None)
+            return
+        columns = manifest.columns
+        self.store.load_shard(shard, columns)
+        self.keys[shard] = manifest.keys
+        self._verify.add(shard)
+        self._origin[shard] = manifest.path
+        self.stats["restored"] += 1
+        if epoch + 1 == self.epoch:
+            state = columns["streak"].astype(np.uint8)
+            state[columns["weight"] != 1.0] |= pruning.UPWEIGHT
+            self.decisions[shard] = pruning.from_state(state, manifest.meta.get("factor", 1.0))
+        else:
+            self.decisions.pop(shard, None)
+
+    def _see(self, shard: str) -> None:
+        if shard not in self._checked:
+            self._restore(shard)
+
+    # ------------------------------------------------------------------ hooks
+
+    def pruned(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
+        """Sorted int64 ordinals of ``shard`` to skip in ``epoch`` (default: the current)."""
+        if epoch is None or epoch == self.epoch:
+            self._see(shard)
+            decision = self.decisions.get(shard)
+            return None if decision is None or not len(decision.pruned) else decision.pruned
+        if self.manifests is None or epoch < 1 or epoch - 1 not in self.manifests.committed():
+            return None
+        entry = self.manifests.shards(epoch - 1).get(shard)
+        if entry is None:
+            return None
+        manifest = self.manifests.read_shard(shard, epoch - 1)
+        ordinals = np.flatnonzero(manifest.columns["pruned"]).astype(np.int64)
+        return ordinals if len(ordinals) else None
+
+    def admit(self, shards: list[str], keys: list[str], ordinals: np.ndarray | None) -> None:
+        """A meta-batch arrives: restore its new shards, check and record its keys."""
+        names = set(shards)
+        for name in names - self._checked:
+            self._restore(name)
+        self._touched.update(names)
+        if self.manifests is None:
+            return
+        if ordinals is None:
+            raise ConfigError(
+                "manifests= needs each sample's ordinal in its shard ('__index__'); es_pipe's "
+                "sources add it, or add it in your map step"
+            )
+        key_array = pa.array(keys, pa.string())
+        if self._verify & names:
+            self._check_keys(shards, key_array, ordinals)
+        self._chunks.append((list(shards), np.asarray(ordinals, np.int64), key_array))
+
+    def _check_keys(self, shards: list[str], keys: pa.Array, ordinals: np.ndarray) -> None:
+        shard_arr = np.asarray(shards, dtype=object)
+        for name in self._verify.intersection(shards):
+            mask = shard_arr == name
+            base = self.keys.get(name)
+            if base is None:
+                continue
+            ords = ordinals[mask]
+            inside = ords < len(base)
+            expected = base.take(pa.array(ords[inside]))
+            got = keys.filter(pa.array(mask)).filter(pa.array(inside))
+            known = expected.is_valid()
+            same = pc.equal(expected, got).fill_null(True)
+            bad = np.flatnonzero(~same.to_numpy(zero_copy_only=False) & known.to_numpy(
+                zero_copy_only=False))
+            if len(bad):
+                i = int(bad[0])
+                raise ManifestError(
+                    f"manifest {self._origin.get(name, '?')} says sample {int(ords[inside][i])} "
+                    f"of shard {name!r} has key {expected[i].as_py()!r}, but the shard yields "
+                    f"{got[i].as_py()!r} there: the manifest does not belong to this shard. "
+                    "Start with a fresh manifests= folder, or restore the original shard"
+                )
+
+    def drop_pruned(self, shards: list[str], ordinals: list[int | None]) -> np.ndarray:
+        """Mask of the samples to keep (those this epoch does not prune)."""
+        keep = np.ones(len(shards), dtype=bool)
+        if self.prune is None:
+            return keep
+        for name in set(shards):
+            self._see(name)
+        if not self.decisions:
+            return keep
+        shard_arr = np.asarray(shards, dtype=object)
+        for name in set(shards):
+            decision = self.decisions.get(name)
+            if decision is None or not len(decision.pruned):
+                continue
+            mask = shard_arr == name
+            ords = np.asarray([ordinals[i] for i in np.flatnonzero(mask)], dtype=np.int64)
+            keep[mask] = ~decision.is_pruned(ords)
+        return keep
+
+    def weights(self, shards: list[str], ordinals: np.ndarray | None) -> np.ndarray | None:
+        """1/keep loss weights of the given samples (``None``: all 1)."""
+        if self.prune is None or not self.prune.rescale or ordinals is None:
+            return None
+        names = [n for n in set(shards) if n in self.decisions]
+        if not any(self.decisions[n].factor != 1.0 for n in names):
+            return None
+        out = np.ones(len(shards), dtype=np.float32)
+        shard_arr = np.asarray(shards, dtype=object)
+        for name in names:
+            mask = shard_arr == name
+            out[mask] = self.decisions[name].weights(np.asarray(ordinals)[mask])
+        return out
+
+    # ------------------------------------------------------------------ epoch end
+
+    def close_epoch(self, ended: int, *, active: bool, rank: int, step: int) -> None:
+        """Decide the next epoch's pruning for every shard read in ``ended``, write their
+        manifests, commit (rank 0)."""
+        nxt = ended + 1
+        keys = self._merge_keys() if self.manifests is not None else {}
+        decisions: dict[str, Decision] = {}
+        items: list[dict[str, Any]] = []
+        for name in sorted(self._touched):
+            view = self.store.shard(name)
+            rows = len(view["score"])
+            previous = self.decisions.get(name)
+            if self.prune is not None and active:
+                decisions[name] = pruning.decide(
+                    self.prune,
+                    view[self.prune.score],
+                    view["visits"],
+                    None if previous is None else previous.state,
+                    pruning.shard_seed(self.seed, nxt, name),
+                )
+            else:
+                decisions[name] = pruning.keep_all(rows)
+            if self.manifests is not None:
+                items.append({
+                    "shard": name,
+                    "columns": {**view, "state": decisions[name].state},
+                    "keys": keys.get(name),
+                    "factor": decisions[name].factor,
+                    "fingerprint": self.fingerprint_fn(name),
+                    "hyper": {**self.hyper, "step": step},
+                })
+                self._written[name] = ended
+                self.stats["written"] += 1
+        if self.manifests is not None:
+            self.manifests.write_shards(ended, items)
+            self.manifests.finish(ended)
+            if rank == 0:
+                self.manifests.commit(
+                    ended,
+                    expected_ranks=self.world_size,
+                    timeout=self.commit_timeout,
+                    hyper={**self.hyper, "step": step},
+                )
+            # shards not read this epoch live in the manifests, not in this rank's memory
+            for name in set(self.store.shards) - self._touched:
+                self.store.drop(name)
+                self.keys.pop(name, None)
+            self._checked = set()  # next epoch: compare with the newest commit again
+        self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}
+        self._touched = set()
+        self._chunks = []
+        self._verify = set()
+        self.epoch = nxt
+
+    def rewind(self, epoch: int) -> None:
+        """The sampler was restored to ``epoch`` (a checkpoint): forget the decisions held
+        and restore every shard again from the manifests committed before ``epoch``; the
+        shards the checkpoint holds count as read this epoch."""
+        self.epoch = int(epoch)
+        self.decisions = {}
+        self._checked = set()
+        self._verify = set()
+        self._chunks = []
+        self._touched = set(self.store.shards)
+        self._written = {}
+
+    def _merge_keys(self) -> dict[str, pa.Array]:
+        """Each touched shard's keys by ordinal: this epoch's, else the last known."""
+        if not self._chunks:
+            return dict(self.keys)
+        shards = [s for chunk in self._chunks for s in chunk[0]]
+        ordinals = np.concatenate([chunk[1] for chunk in self._chunks])
+        keys = pa.concat_arrays([chunk[2] for chunk in self._chunks])
+        encoded = pa.array(shards, pa.string()).dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
+        for code, name in enumerate(encoded.dictionary.to_pylist()):
+            rows = len(self.store.shard(name)["score"])
+            picked = order[bounds[code] : bounds[code + 1]]
+            base = self.keys.get(name)
+            if base is None:
+                base = pa.nulls(0, pa.string())
+            base = base.slice(0, min(len(base), rows))
+            combined = pa.concat_arrays([base, keys.take(pa.array(picked)),
+                                         pa.nulls(1, pa.string())])
+            index = np.full(rows, len(combined) - 1, dtype=np.int64)
+            index[: len(base)] = np.arange(len(base))
+            index[ordinals[picked]] = len(base) + np.arange(len(picked))
+            self.keys[name] = combined.take(pa.array(index))
+        return dict(self.keys)
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: explicit, else torch.distributed, else RANK/WORLD_SIZE."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ConfigError("give both rank= and world_size=, or neither")
+    else:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            rank = int(os.environ.get("RANK", 0))
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)

@@ -1,0 +1,773 @@
+"""Parquet shard manifests: one file per shard per epoch, committed by a marker written last.
+
+Layout under a manifest root (any fsspec URL)::
+
+    ROOT/
+      epoch=3/                          committed data: hive-style, complete files only
+        train-000123.tar-5f1c2a9e01b4.parquet
+      _commits/epoch=00000003.json      the commit marker: names every file of the epoch
+                                        with its row count, size and crc32
+      _staging/epoch=4/                 an epoch being written (ignored by readers)
+        train-000123.tar-5f1c2a9e01b4.r0-a1b2c3d4.parquet.part
+        _done/rank=0.json               rank 0 finished: its files, sizes, checksums
+
+Commit protocol (no atomic rename needed; object stores have none):
+
+1. every rank writes each of its shards' manifests under a *unique* staging name (rank +
+   attempt token), whole, in one PUT, then its done-file listing them
+   (:meth:`Manifests.write_shard`, :meth:`Manifests.finish`);
+2. one caller (:meth:`Manifests.commit`) waits until the done-file of every expected rank
+   of the same attempt is there (or raises, naming the missing ranks), checks every named
+   file's size, removes the markers of this and any later epoch (re-running an epoch makes
+   the later ones stale), publishes the files to ``ROOT/epoch=N/`` (local: rename; object
+   stores: server-side copy), deletes files in ``epoch=N/`` that the epoch does not name,
+   and writes the marker ``_commits/epoch=N.json`` **last**, in one PUT;
+3. readers use the newest marker and read exactly the files it names, checking size and
+   crc32, so a half-published epoch, an orphan or a truncated file is never read as data.
+
+A crash anywhere before step 2's marker leaves the previous epoch's marker and files
+untouched. Single objects are written whole: object stores guarantee it for one PUT; on a
+local disk es_pipe writes to a hidden temporary name and ``os.replace``-s it.
+
+Plain readers: ``pyarrow.dataset``/``pandas`` on ROOT skip ``_commits`` and ``_staging``
+(names starting with ``_``), DuckDB's ``ROOT/**/*.parquet`` never matches staged
+``.part`` files, so they see ``epoch=N`` directories of complete files. The only thing a
+plain reader can see that es_pipe does not is the epoch being published right now (or
+one whose publication crashed): filter ``epoch <= newest committed``
+(``es-pipe inspect ROOT`` prints the query).
+
+Schema: ``es_pipe/schemas/manifest.json`` is the single source of truth; the code builds
+the Arrow schema from it and refuses files of another schema version. No pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+import warnings
+import zlib
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from es_pipe.errors import ConfigError, ManifestError
+
+MARKER_FORMAT = "es_pipe.commit"
+DONE_FORMAT = "es_pipe.done"
+COMMITS = "_commits"
+STAGING = "_staging"
+_MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
+_SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_TYPES = {
+    "string": pa.string(),
+    "dictionary<int32,string>": pa.dictionary(pa.int32(), pa.string()),
+    "int64": pa.int64(),
+    "int32": pa.int32(),
+    "uint32": pa.uint32(),
+    "uint8": pa.uint8(),
+    "float32": pa.float32(),
+    "bool": pa.bool_(),
+}
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@lru_cache(maxsize=1)
+def schema_spec() -> dict[str, Any]:
+    """The manifest schema, as stored in ``es_pipe/schemas/manifest.json``."""
+    text = resources.files("es_pipe").joinpath("schemas/manifest.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def schema_version() -> int:
+    return int(schema_spec()["version"])
+
+
+def arrow_schema() -> pa.Schema:
+    """The Arrow schema every manifest file has (without file metadata)."""
+    return pa.schema(
+        [
+            pa.field(field["name"], _TYPES[field["type"]], nullable=field["nullable"])
+            for field in schema_spec()["fields"]
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def safe_name(shard: str) -> str:
+    """A file name for ``shard``'s manifest that cannot leave its directory: the shard's
+    last path component, sanitised to ``[A-Za-z0-9._-]`` and shortened, plus 12 hex digits
+    of the SHA-1 of the whole shard URL (two shards never share a name)."""
+    import hashlib
+
+    tail = shard.rstrip("/").rsplit("/", 1)[-1]
+    tail = _SAFE_RE.sub("_", tail).lstrip(".-")[:80] or "shard"
+    digest = hashlib.sha1(shard.encode("utf-8")).hexdigest()[:12]
+    return f"{tail}-{digest}"
+
+
+def _check_relative(path: str, where: str) -> str:
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+        raise ManifestError(
+            f"{where} names the file {path!r}, which is not a plain path inside the "
+            "manifest root; the marker was not written by es_pipe or was edited: "
+            "delete it to fall back to the previous epoch"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint(url: str) -> dict[str, Any] | None:
+    """The identity of a shard's bytes, ``{"url", "size", "etag", "mtime"}`` from
+    ``fs.info``; ``None`` when ``url`` is not a file (an in-memory source's name)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except (FileNotFoundError, ValueError, ImportError, OSError):
+        return None
+    if info.get("type") == "directory":
+        return None
+    etag = info.get("ETag", info.get("etag"))
+    mtime: Any = None
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            mtime = info[key]
+            break
+    if isinstance(mtime, datetime):
+        mtime = mtime.isoformat()
+    return {
+        "url": url,
+        "size": int(info.get("size") or 0),
+        "etag": str(etag).strip('"') if etag is not None else None,
+        "mtime": mtime,
+    }
+
+
+def fingerprints_match(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    """Same size, and the same etag (object stores) or else the same mtime."""
+    if stored is None or current is None:
+        return stored is None and current is None
+    if stored.get("size") != current.get("size"):
+        return False
+    if stored.get("etag") is not None and current.get("etag") is not None:
+        return stored["etag"] == current["etag"]
+    if stored.get("mtime") is not None and current.get("mtime") is not None:
+        return stored["mtime"] == current["mtime"]
+    return True
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """One shard's manifest as read back: columns by ordinal (``row``)."""
+
+    shard: str
+    epoch: int
+    path: str
+    columns: dict[str, np.ndarray]  # score, loss, visits, step, pruned, streak, weight
+    keys: pa.Array  # string, by ordinal (null where unknown)
+    meta: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns["score"])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _crc(data: bytes | memoryview | pa.Buffer) -> int:
+    return zlib.crc32(memoryview(data)) & 0xFFFFFFFF
+
+
+class Manifests:
+    """A manifest root: write shard manifests, commit epochs, read them back.
+
+    Args:
+        root: directory or fsspec URL (``s3://bucket/run-17/manifests``).
+        rank: this process's rank (names its staged files and done-file).
+        attempt: identifies one launch of the job, the same on every rank; the committer
+            only accepts done-files of its own attempt. Default: ``ES_PIPE_ATTEMPT``, else
+            torchelastic's ``TORCHELASTIC_RUN_ID`` + ``TORCHELASTIC_RESTART_COUNT``, else
+            ``"local"``.
+        storage_options: passed to fsspec.
+        progress: show a tqdm bar when reading many files (``None``: when > 16 files).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        rank: int = 0,
+        attempt: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        progress: bool | None = False,
+    ) -> None:
+        if not isinstance(root, str) or not root:
+            raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
+        self.url = root
+        self.fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        self.root = path.rstrip("/") or "/"
+        self.rank = int(rank)
+        self.attempt = attempt or _default_attempt()
+        self.progress = progress
+        self._token = secrets.token_hex(4)
+        self._written: dict[int, list[dict[str, Any]]] = {}
+        self._markers: dict[int, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"Manifests({self.url!r}, rank={self.rank}, attempt={self.attempt!r})"
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ------------------------------------------------------------------ writing
+
+    def write_shard(
+        self,
+        epoch: int,
+        shard: str,
+        columns: Mapping[str, np.ndarray],
+        *,
+        keys: pa.Array | None = None,
+        factor: float = 1.0,
+        fingerprint: dict[str, Any] | None = None,
+        hyper: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Stage one shard's manifest for ``epoch``. ``columns`` holds per-ordinal
+        ``score, loss, visits, step`` and the uint8 pruning ``state`` (see
+        :mod:`es_pipe.pruning`); ``keys`` the samples' keys by ordinal (or None)."""
+        table = build_table(shard, columns, keys=keys, factor=factor)
+        meta = {
+            "schema_version": schema_version(),
+            "es_pipe_version": _version(),
+            "epoch": int(epoch),
+            "shard": shard,
+            "rows": table.num_rows,
+            "fingerprint": fingerprint,
+            "factor": float(factor),
+            "hyper": dict(hyper or {}),
+            "rank": self.rank,
+            "attempt": self.attempt,
+        }
+        data = encode_table(table, meta)
+        name = safe_name(shard)
+        staged = f"{STAGING}/epoch={int(epoch)}/{name}.r{self.rank}-{self._token}.parquet.part"
+        self._put(self._path(staged), data, atomic=False)
+        entry = {
+            "shard": shard,
+            "staged": staged,
+            "path": f"epoch={int(epoch)}/{name}.parquet",
+            "rows": table.num_rows,
+            "size": data.size,
+            "crc32": _crc(data),
+        }
+        self._written.setdefault(int(epoch), []).append(entry)
+        return entry
+
+    def write_shards(
+        self, epoch: int, items: Iterable[Mapping[str, Any]], *, threads: int | None = None
+    ) -> list[dict[str, Any]]:
+        """``write_shard`` for many shards, encoded and written by a thread pool (Arrow and
+        the file systems release the GIL). Each item holds ``write_shard``'s arguments:
+        ``shard``, ``columns`` and optionally ``keys``, ``factor``, ``fingerprint``,
+        ``hyper``."""
+        items = list(items)
+        threads = threads or min(8, os.cpu_count() or 1)
+        if threads <= 1 or len(items) <= 1:
+            return [self.write_shard(epoch, **item) for item in items]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda item: self.write_shard(epoch, **item), items))
+
+    def finish(self, epoch: int) -> str:
+        """Write this rank's done-file for ``epoch`` (after all its ``write_shard``)."""
+        entries = sorted(self._written.pop(int(epoch), []), key=lambda e: e["path"])
+        done = {
+            "format": DONE_FORMAT,
+            "schema_version": schema_version(),
+            "epoch": int(epoch),
+            "rank": self.rank,
+            "attempt": self.attempt,
+            "written": _now(),
+            "files": entries,
+        }
+        path = self._path(STAGING, f"epoch={int(epoch)}", "_done", f"rank={self.rank}.json")
+        self._put(path, json.dumps(done, indent=1).encode(), atomic=True)
+        return path
+
+    def commit(
+        self,
+        epoch: int,
+        *,
+        expected_ranks: int | Iterable[int] = 1,
+        timeout: float = 300.0,
+        poll: float = 0.2,
+        hyper: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Make ``epoch`` visible: wait for every expected rank's done-file, publish the
+        files, write the marker last. Returns the marker."""
+        epoch = int(epoch)
+        ranks = sorted(range(expected_ranks) if isinstance(expected_ranks, int) else expected_ranks)
+        dones = self._wait_for_ranks(epoch, ranks, timeout, poll)
+        files: list[dict[str, Any]] = []
+        owner: dict[str, int] = {}
+        for rank in ranks:
+            for entry in dones[rank]["files"]:
+                if entry["shard"] in owner:
+                    raise ManifestError(
+                        f"epoch {epoch}: ranks {owner[entry['shard']]} and {rank} both wrote "
+                        f"a manifest for shard {entry['shard']!r}; each shard must be read by "
+                        "one rank per epoch (check the sources' rank split)"
+                    )
+                owner[entry["shard"]] = rank
+                _check_relative(entry["staged"], f"the done-file of rank {rank}")
+                _check_relative(entry["path"], f"the done-file of rank {rank}")
+                files.append(entry)
+        # 1. later and equal markers become stale: the epoch is re-run from here.
+        for stale in sorted((e for e in self.committed(refresh=True) if e >= epoch), reverse=True):
+            warnings.warn(
+                f"re-committing epoch {epoch} of {self.url}: removing the commit of epoch "
+                f"{stale} (the run went back to an earlier checkpoint)",
+                stacklevel=2,
+            )
+            self.fs.rm(self._marker_path(stale))
+            self._markers.pop(stale, None)
+        # 2. publish: every named file to its committed place.
+        for entry in files:
+            self._publish(entry)
+        keep = {entry["path"].rsplit("/", 1)[-1] for entry in files}
+        epoch_dir = self._path(f"epoch={epoch}")
+        if self.fs.exists(epoch_dir):
+            for other in self.fs.ls(epoch_dir, detail=False):
+                if other.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                    self.fs.rm(other, recursive=True)
+        # 3. the marker, last.
+        marker = {
+            "format": MARKER_FORMAT,
+            "schema_version": schema_version(),
+            "es_pipe_version": _version(),
+            "epoch": epoch,
+            "attempt": self.attempt,
+            "ranks": ranks,
+            "committed": _now(),
+            "hyper": dict(hyper or {}),
+            "rows": int(sum(entry["rows"] for entry in files)),
+            "files": [
+                {k: entry[k] for k in ("shard", "path", "rows", "size", "crc32")}
+                for entry in sorted(files, key=lambda e: e["path"])
+            ],
+        }
+        self._put(self._marker_path(epoch), json.dumps(marker, indent=1).encode(), atomic=True)
+        self._markers[epoch] = marker
+        # best effort: a leftover staging folder is ignored by every reader
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.rm(self._path(STAGING, f"epoch={epoch}"), recursive=True)
+        return marker
+
+    def _wait_for_ranks(
+        self, epoch: int, ranks: list[int], timeout: float, poll: float
+    ) -> dict[int, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        found: dict[int, dict[str, Any]] = {}
+        while True:
+            for rank in ranks:
+                if rank in found:
+                    continue
+                path = self._path(STAGING, f"epoch={epoch}", "_done", f"rank={rank}.json")
+                try:
+                    done = json.loads(self.fs.cat_file(path))
+                except FileNotFoundError:
+                    continue
+                except ValueError as exc:
+                    raise ManifestError(f"done-file {path} is not valid JSON: {exc}") from exc
+                if done.get("format") != DONE_FORMAT or done.get("epoch") != epoch:
+                    raise ManifestError(f"{path} is not an es_pipe done-file of epoch {epoch}")
+                if done.get("attempt") == self.attempt:
+                    found[rank] = done
+            missing = [rank for rank in ranks if rank not in found]
+            if not missing:
+                return found
+            if time.monotonic() >= deadline:
+                raise ManifestError(
+                    f"cannot commit epoch {epoch} of {self.url}: ranks {missing} of {ranks} "
+                    f"have not finished their manifests (attempt {self.attempt!r}) after "
+                    f"{timeout:.0f} s; the previous epoch stays the committed one. Check that "
+                    "those ranks are alive and call finish(epoch), that every rank uses the "
+                    "same attempt id (ES_PIPE_ATTEMPT), or raise timeout="
+                )
+            time.sleep(poll)
+
+    def _publish(self, entry: dict[str, Any]) -> None:
+        src, dst = self._path(entry["staged"]), self._path(entry["path"])
+        try:
+            size = self.fs.size(src)
+        except FileNotFoundError:
+            size = None
+        if size is None:  # published by an earlier, interrupted commit of this attempt?
+            if self._file_ok(dst, entry):
+                return
+            raise ManifestError(
+                f"cannot commit: {src} (shard {entry['shard']!r}) is missing; the rank that "
+                "wrote it lost its files. Re-run the epoch"
+            )
+        if size != entry["size"]:
+            raise ManifestError(
+                f"cannot commit: {src} has {size} bytes, its done-file says {entry['size']}; "
+                "the file is truncated. Re-run the epoch"
+            )
+        if isinstance(self.fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        else:
+            self.fs.copy(src, dst)
+
+    def _file_ok(self, path: str, entry: dict[str, Any]) -> bool:
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return False
+        return len(data) == entry["size"] and _crc(data) == entry["crc32"]
+
+    def _put(self, path: str, data: bytes | pa.Buffer, *, atomic: bool) -> None:
+        """Write ``data`` whole, in one PUT (object stores); on a local disk through a
+        hidden temporary name and ``os.replace`` when ``atomic``."""
+        if isinstance(self.fs, LocalFileSystem):
+            directory, name = os.path.split(path)
+            os.makedirs(directory, exist_ok=True)
+            target = os.path.join(directory, f".{name}.{self._token}.tmp") if atomic else path
+            with open(target, "wb") as handle:
+                handle.write(data)
+                if atomic:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if atomic:
+                os.replace(target, path)
+        else:
+            self.fs.pipe_file(path, memoryview(data).tobytes() if isinstance(data, pa.Buffer)
+                              else data)
+
+    # ------------------------------------------------------------------ reading
+
+    def _marker_path(self, epoch: int) -> str:
+        return self._path(COMMITS, f"epoch={epoch:08d}.json")
+
+    def committed(self, *, refresh: bool = True) -> list[int]:
+        """Committed epochs, oldest first."""
+        try:
+            names = self.fs.ls(self._path(COMMITS), detail=False)
+        except FileNotFoundError:
+            return []
+        epochs = []
+        for name in names:
+            match = _MARKER_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+            if match:
+                epochs.append(int(match.group(1)))
+        if refresh:
+            self._markers = {e: m for e, m in self._markers.items() if e in epochs}
+        return sorted(epochs)
+
+    def latest(self, *, required: bool = False) -> int | None:
+        """The newest committed epoch (``None``, or ``ManifestError`` when ``required``)."""
+        epochs = self.committed()
+        if epochs:
+            return epochs[-1]
+        if required:
+            raise ManifestError(self._no_epochs())
+        return None
+
+    def _no_epochs(self) -> str:
+        staged = self.fs.exists(self._path(STAGING))
+        hint = (
+            " (there are uncommitted files in _staging/: a run crashed or is still writing "
+            "its first epoch)"
+            if staged
+            else ""
+        )
+        return (
+            f"no committed epoch under {self.url}{hint}; point at the manifests= folder of a "
+            "run that finished at least one epoch"
+        )
+
+    def marker(self, epoch: int) -> dict[str, Any]:
+        """The commit marker of ``epoch`` (``ManifestError`` if not committed)."""
+        epoch = int(epoch)
+        if epoch in self._markers:
+            return self._markers[epoch]
+        path = self._marker_path(epoch)
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            committed = self.committed()
+            if not committed:
+                raise ManifestError(self._no_epochs()) from None
+            staged = self.fs.exists(self._path(STAGING, f"epoch={epoch}"))
+            raise ManifestError(
+                f"epoch {epoch} of {self.url} is not committed"
+                + (" (its files are staged, but no commit marker was written)" if staged else "")
+                + f"; committed epochs: {_ranges(committed)}. Read one of those (the newest "
+                f"is {committed[-1]})"
+            ) from None
+        try:
+            marker = json.loads(raw)
+        except ValueError as exc:
+            raise ManifestError(f"commit marker {path} is not valid JSON: {exc}") from exc
+        if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+            raise ManifestError(f"{path} is not an es_pipe commit marker")
+        _check_version(marker.get("schema_version"), path)
+        for entry in marker["files"]:
+            _check_relative(entry["path"], f"commit marker {path}")
+        self._markers[epoch] = marker
+        return marker
+
+    def shards(self, epoch: int) -> dict[str, dict[str, Any]]:
+        """``shard -> file entry`` of a committed epoch."""
+        return {entry["shard"]: entry for entry in self.marker(epoch)["files"]}
+
+    def find(self, shard: str, *, before: int | None = None) -> int | None:
+        """The newest committed epoch (``< before`` if given) that has ``shard``."""
+        for epoch in reversed(self.committed(refresh=False)):
+            if before is not None and epoch >= before:
+                continue
+            if shard in self.shards(epoch):
+                return epoch
+        return None
+
+    def read_shard(self, shard: str, epoch: int | None = None) -> ShardManifest:
+        """One shard's manifest of ``epoch`` (default: the newest committed that has it)."""
+        if epoch is None:
+            epoch = self.find(shard)
+            if epoch is None:
+                raise ManifestError(
+                    f"no committed manifest of shard {shard!r} under {self.url}"
+                    if self.committed()
+                    else self._no_epochs()
+                )
+        entry = self.shards(epoch).get(shard)
+        if entry is None:
+            raise ManifestError(f"epoch {epoch} of {self.url} has no manifest of shard {shard!r}")
+        table, meta, path = self._read_entry(epoch, entry)
+        columns = {
+            "score": table.column("score").to_numpy(),
+            "loss": table.column("loss").to_numpy(),
+            "visits": table.column("visits").to_numpy(),
+            "step": table.column("step").to_numpy(),
+            "pruned": table.column("pruned").to_numpy(zero_copy_only=False),
+            "streak": table.column("streak").to_numpy(),
+            "weight": table.column("weight").to_numpy(),
+        }
+        rows = table.column("row").to_numpy()
+        if len(rows) and not (rows[0] == 0 and rows[-1] == len(rows) - 1):
+            raise ManifestError(f"{path}: rows are not 0..n-1 in order; not an es_pipe manifest")
+        keys = table.column("key").combine_chunks()
+        return ShardManifest(shard, int(epoch), path, columns, keys, meta)
+
+    def read_shards(
+        self, shards: Iterable[str], epoch: int | None = None, *, threads: int | None = None
+    ) -> list[ShardManifest]:
+        """``read_shard`` for many shards, by a thread pool."""
+        shards = list(shards)
+        threads = threads or min(8, os.cpu_count() or 1)
+        if threads <= 1 or len(shards) <= 1:
+            return [self.read_shard(s, epoch) for s in shards]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda s: self.read_shard(s, epoch), shards))
+
+    def _read_entry(
+        self, epoch: int, entry: Mapping[str, Any], columns: list[str] | None = None
+    ) -> tuple[pa.Table, dict[str, Any], str]:
+        path = self._path(entry["path"])
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{path} is named by the commit of epoch {epoch} but missing; the manifest "
+                "root was edited. Restore the file or delete the marker "
+                f"{self._marker_path(epoch)} to fall back to the previous epoch"
+            ) from None
+        if len(data) != entry["size"] or _crc(data) != entry["crc32"]:
+            raise ManifestError(
+                f"{path} is corrupt or truncated ({len(data)} bytes, the commit says "
+                f"{entry['size']}; crc32 {'differs' if len(data) == entry['size'] else 'n/a'})"
+                f". Restore it, or delete {self._marker_path(epoch)} to fall back to the "
+                "previous epoch"
+            )
+        try:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+            table = parquet.read(columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ManifestError(f"{path} is not a readable Parquet file: {exc}") from exc
+        meta = file_meta(parquet.schema_arrow, path)
+        if meta.get("shard") != entry["shard"] or meta.get("epoch") != epoch:
+            raise ManifestError(
+                f"{path} holds shard {meta.get('shard')!r} of epoch {meta.get('epoch')}, the "
+                f"commit says shard {entry['shard']!r} of epoch {epoch}"
+            )
+        return table, meta, path
+
+    def read_epoch(
+        self, epoch: int | None = None, *, columns: list[str] | None = None
+    ) -> pa.Table:
+        """Every shard of a committed epoch (default: the newest) as one table, with an
+        ``epoch`` column."""
+        if epoch is None:
+            epoch = self.latest(required=True)
+        entries = self.marker(epoch)["files"]
+        tables = []
+        for entry in _progress(entries, f"epoch {epoch}", self.progress):
+            table, _, _ = self._read_entry(epoch, entry, columns)
+            tables.append(table)
+        if not tables:
+            table = arrow_schema().empty_table()
+            if columns is not None:
+                table = table.select(columns)
+        else:
+            table = pa.concat_tables(tables).unify_dictionaries()
+        return table.append_column(
+            "epoch", pa.array(np.full(table.num_rows, epoch, np.int32), pa.int32())
+        )
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def build_table(
+    shard: str,
+    columns: Mapping[str, np.ndarray],
+    *,
+    keys: pa.Array | None = None,
+    factor: float = 1.0,
+) -> pa.Table:
+    """The manifest table of one shard (schema: :func:`arrow_schema`)."""
+    from es_pipe.pruning import STREAK, UPWEIGHT
+
+    rows = len(columns["score"])
+    state = np.asarray(columns.get("state", np.zeros(rows, np.uint8)), np.uint8)
+    if len(state) < rows:
+        state = np.concatenate([state, np.zeros(rows - len(state), np.uint8)])
+    state = state[:rows]
+    streak = state & STREAK
+    weight = np.where(state & UPWEIGHT, np.float32(factor), np.float32(1.0)).astype(np.float32)
+    if keys is None:
+        keys = pa.nulls(rows, pa.string())
+    if len(keys) != rows:
+        raise ConfigError(f"shard {shard!r}: {len(keys)} keys for {rows} rows")
+    shard_col = pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(rows, np.int32)), pa.array([shard], pa.string())
+    )
+    arrays = [
+        shard_col,
+        keys.cast(pa.string()),
+        pa.array(np.arange(rows, dtype=np.int64)),
+        pa.array(np.asarray(columns["score"], np.float32)),
+        pa.array(np.asarray(columns["loss"], np.float32)),
+        pa.array(np.asarray(columns["visits"], np.uint32)),
+        pa.array(np.asarray(columns["step"], np.int32)),
+        pa.array(streak > 0),
+        pa.array(streak),
+        pa.array(weight),
+    ]
+    return pa.Table.from_arrays(arrays, schema=arrow_schema())
+
+
+def encode_table(table: pa.Table, meta: Mapping[str, Any]) -> pa.Buffer:
+    """Parquet bytes of ``table`` with es_pipe's file metadata."""
+    key = schema_spec()["metadata_key"]
+    table = table.replace_schema_metadata({key: json.dumps(meta, sort_keys=True)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        compression="lz4",
+        use_dictionary=["shard"],
+        write_statistics=["row", "pruned"],
+    )
+    return sink.getvalue()
+
+
+def file_meta(schema: pa.Schema, path: str) -> dict[str, Any]:
+    """es_pipe's metadata of a manifest file, checked for its schema version and fields."""
+    key = schema_spec()["metadata_key"].encode()
+    raw = (schema.metadata or {}).get(key)
+    if raw is None:
+        raise ManifestError(f"{path} has no es_pipe metadata; it was not written by es_pipe")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: es_pipe metadata is not valid JSON: {exc}") from exc
+    _check_version(meta.get("schema_version"), path)
+    expected = arrow_schema()
+    if not schema.remove_metadata().equals(expected):
+        raise ManifestError(
+            f"{path} has schema {schema.remove_metadata()} but manifest schema version "
+            f"{schema_version()} is {expected}; the file was edited or not written by es_pipe"
+        )
+    return meta
+
+
+def _check_version(version: Any, path: str) -> None:
+    if version != schema_version():
+        raise ManifestError(
+            f"{path} has manifest schema version {version!r}; this es_pipe "
+            f"({_version()}) reads version {schema_version()}. Use the es_pipe version that "
+            "wrote it, or start the run with a fresh manifests= folder"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _version() -> str:
+    from es_pipe import __version__
+
+    return __version__
+
+
+def _default_attempt() -> str:
+    explicit = os.environ.get("ES_PIPE_ATTEMPT")
+    if explicit:
+        return explicit
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run:
+        return f"{run}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return "local"
+
+
+def _ranges(epochs: list[int]) -> str:
+    if not epochs:
+        return "none"
+    if epochs == list(range(epochs[0], epochs[-1] + 1)) and len(epochs) > 2:
+        return f"{epochs[0]}..{epochs[-1]}"
+    return ", ".join(map(str, epochs))
+
+
+def _progress(items: list[Any], label: str, progress: bool | None) -> Iterable[Any]:
+    show = len(items) > 16 if progress is None else progress
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"reading {label}", unit="file", leave=False)
+

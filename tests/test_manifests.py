@@ -1,0 +1,318 @@
+"""Parquet shard manifests: schema, round trip, readers, layout safety, ranks, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchdata.nodes as tn
+
+import es_pipe
+from es_pipe.errors import ManifestError
+from es_pipe.manifest import Manifests, arrow_schema, safe_name, schema_spec
+
+
+def _columns(n, seed=0):
+    gen = np.random.default_rng(seed)
+    state = np.zeros(n, np.uint8)
+    state[gen.random(n) < 0.2] = 1
+    state[(state == 0) & (gen.random(n) < 0.2)] = 0x80
+    return {
+        "score": gen.random(n).astype(np.float32),
+        "loss": gen.random(n).astype(np.float32),
+        "visits": gen.integers(0, 9, n).astype(np.uint32),
+        "step": gen.integers(0, 1000, n).astype(np.int32),
+        "state": state,
+    }
+
+
+def _commit(root, epoch, shards, rank=0, **kw):
+    m = Manifests(str(root), rank=rank, **kw)
+    for i, shard in enumerate(shards):
+        m.write_shard(epoch, shard, _columns(50, i + 10 * epoch),
+                      keys=pa.array([f"{shard}/k{j}" for j in range(50)]), factor=1.25)
+    m.finish(epoch)
+    return m
+
+
+def test_written_schema_is_exactly_the_schema_file(tmp_path):
+    m = _commit(tmp_path, 0, ["a.tar"])
+    m.commit(0)
+    (path,) = list((tmp_path / "epoch=0").glob("*.parquet"))
+    written = pq.read_schema(path)
+    assert written.remove_metadata().equals(arrow_schema(), check_metadata=False)
+    spec = schema_spec()
+    types = {"float32": "float", "dictionary<int32,string>":
+             "dictionary<values=string, indices=int32, ordered=0>"}
+    assert [(f.name, str(f.type), f.nullable) for f in written] == [
+        (f["name"], types.get(f["type"], f["type"]), f["nullable"]) for f in spec["fields"]
+    ]
+    meta = json.loads(written.metadata[spec["metadata_key"].encode()])
+    assert set(meta) == set(spec["file_metadata"])
+    assert meta["schema_version"] == spec["version"] and meta["es_pipe_version"]
+
+
+def test_round_trip_is_exact(tmp_path):
+    m = Manifests(str(tmp_path))
+    cols = _columns(1000)
+    keys = pa.array([None if i % 97 == 0 else f"k{i}" for i in range(1000)], pa.string())
+    fp = {"url": "x", "size": 3, "etag": None, "mtime": 1.5}
+    m.write_shard(4, "s3://bucket/dir/train-01.tar", cols, keys=keys, factor=1.75,
+                  fingerprint=fp, hyper={"beta1": 0.2})
+    m.finish(4)
+    m.commit(4)
+    got = Manifests(str(tmp_path)).read_shard("s3://bucket/dir/train-01.tar")
+    assert got.epoch == 4 and got.rows == 1000 and got.keys.equals(keys)
+    for name in ("score", "loss", "visits", "step"):
+        assert got.columns[name].dtype == cols[name].dtype
+        assert np.array_equal(got.columns[name], cols[name])
+    assert np.array_equal(got.columns["streak"], cols["state"] & 0x7F)
+    assert np.array_equal(got.columns["pruned"], (cols["state"] & 0x7F) > 0)
+    assert np.array_equal(got.columns["weight"] != 1, (cols["state"] & 0x80) > 0)
+    assert got.meta["fingerprint"] == fp and got.meta["hyper"] == {"beta1": 0.2}
+
+
+def test_plain_readers_see_one_table_of_committed_data(tmp_path):
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    _commit(tmp_path, 0, ["a.tar", "b.tar"]).commit(0)
+    _commit(tmp_path, 1, ["a.tar", "b.tar"]).commit(1)
+    _commit(tmp_path, 2, ["a.tar", "b.tar"])  # staged, never committed
+    assert any((tmp_path / "_staging").rglob("*.part"))
+    table = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 200 and sorted(set(table.column("epoch").to_pylist())) == [0, 1]
+    frame = pd.read_parquet(str(tmp_path))
+    assert len(frame) == 200 and set(frame["shard"]) == {"a.tar", "b.tar"}
+    rows = duckdb.sql(
+        f"select epoch, count(*), sum(pruned::int) from '{tmp_path}/**/*.parquet' "
+        "group by 1 order by 1"
+    ).fetchall()
+    ours = [Manifests(str(tmp_path)).read_epoch(e) for e in (0, 1)]
+    assert rows == [(e, 100, int(np.sum(t.column("pruned")))) for e, t in enumerate(ours)]
+    assert Manifests(str(tmp_path)).latest() == 1
+
+
+@pytest.mark.parametrize("shard", ["../../x", "/etc/passwd", "s3://b/../../..", "..", "a/b\\..\\c",
+                                   "x" * 500, "ünï cödé?*.tar", ""])
+def test_file_names_never_leave_the_root(tmp_path, shard):
+    root = tmp_path / "root"
+    m = Manifests(str(root))
+    m.write_shard(0, shard, _columns(5))
+    m.finish(0)
+    m.commit(0)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and all(root in p.parents for p in files)
+    name = safe_name(shard)
+    assert "/" not in name and not name.startswith(".") and len(name) <= 93
+    assert Manifests(str(root)).read_shard(shard).rows == 5
+
+
+def test_two_ranks_write_one_epoch(tmp_path):
+    r0 = _commit(tmp_path, 0, ["a.tar", "b.tar"], rank=0, attempt="job1")
+    _commit(tmp_path, 0, ["c.tar"], rank=1, attempt="job1")
+    marker = r0.commit(0, expected_ranks=2, timeout=5)
+    assert marker["ranks"] == [0, 1] and marker["rows"] == 150
+    m = Manifests(str(tmp_path))
+    assert set(m.shards(0)) == {"a.tar", "b.tar", "c.tar"}
+    assert m.read_epoch(0).num_rows == 150
+
+
+def test_commit_names_missing_ranks(tmp_path):
+    r0 = _commit(tmp_path, 0, ["a.tar"], rank=0, attempt="job1")
+    _commit(tmp_path, 0, ["b.tar"], rank=2, attempt="older-job")  # another attempt: ignored
+    with pytest.raises(ManifestError, match=r"ranks \[1, 2\] of \[0, 1, 2\]"):
+        r0.commit(0, expected_ranks=3, timeout=0.3, poll=0.05)
+    assert Manifests(str(tmp_path)).latest() is None
+
+
+def test_two_ranks_cannot_both_own_a_shard(tmp_path):
+    r0 = _commit(tmp_path, 0, ["a.tar"], rank=0, attempt="j")
+    _commit(tmp_path, 0, ["a.tar"], rank=1, attempt="j")
+    with pytest.raises(ManifestError, match="both wrote"):
+        r0.commit(0, expected_ranks=2, timeout=1)
+
+
+def test_recommit_replaces_later_epochs(tmp_path):
+    for e in range(3):
+        _commit(tmp_path, e, ["a.tar"]).commit(e)
+    with pytest.warns(UserWarning, match="re-committing epoch 1"):
+        _commit(tmp_path, 1, ["b.tar"]).commit(1)
+    m = Manifests(str(tmp_path))
+    assert m.committed() == [0, 1] and set(m.shards(1)) == {"b.tar"}
+    assert [p.name for p in (tmp_path / "epoch=1").iterdir()] == [m.shards(1)["b.tar"]["path"]
+                                                                  .split("/")[-1]]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_root_without_epochs_and_uncommitted_epoch(tmp_path):
+    m = Manifests(str(tmp_path))
+    with pytest.raises(ManifestError, match="no committed epoch"):
+        m.latest(required=True)
+    _commit(tmp_path, 0, ["a.tar"]).commit(0)
+    _commit(tmp_path, 1, ["a.tar"])
+    with pytest.raises(ManifestError, match=r"epoch 1 .* is not committed .*staged.*newest is 0"):
+        m.marker(1)
+    assert m.read_shard("a.tar").epoch == 0
+
+
+def _only_file(root):
+    (path,) = list((root / "epoch=0").glob("*.parquet"))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_corrupt_or_truncated_file(tmp_path, damage):
+    _commit(tmp_path, 0, ["a.tar"]).commit(0)
+    path = _only_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = bytearray(b"not parquet at all" * 10)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=f"{path.name}.*corrupt or truncated"):
+        Manifests(str(tmp_path)).read_shard("a.tar")
+
+
+def test_unparseable_parquet_with_matching_checksum(tmp_path):
+    _commit(tmp_path, 0, ["a.tar"]).commit(0)
+    path = _only_file(tmp_path)
+    junk = b"PAR1" + b"\0" * 100 + b"PAR1"
+    path.write_bytes(junk)
+    marker_path = tmp_path / "_commits" / "epoch=00000000.json"
+    marker = json.loads(marker_path.read_text())
+    import zlib
+
+    marker["files"][0].update(size=len(junk), crc32=zlib.crc32(junk))
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(ManifestError, match="not a readable Parquet file"):
+        Manifests(str(tmp_path)).read_shard("a.tar")
+
+
+def test_unknown_schema_version(tmp_path):
+    _commit(tmp_path, 0, ["a.tar"]).commit(0)
+    marker_path = tmp_path / "_commits" / "epoch=00000000.json"
+    marker = json.loads(marker_path.read_text())
+    marker["schema_version"] = 99
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(ManifestError, match="schema version 99"):
+        Manifests(str(tmp_path)).read_shard("a.tar")
+
+
+def test_unknown_schema_version_in_file(tmp_path):
+    from es_pipe.manifest import build_table, encode_table, file_meta
+
+    table = build_table("a.tar", _columns(3))
+    data = encode_table(table, {"schema_version": 7})
+    schema = pq.read_schema(pa.BufferReader(data))
+    with pytest.raises(ManifestError, match="schema version 7"):
+        file_meta(schema, "x.parquet")
+
+
+def test_marker_naming_a_path_outside_the_root(tmp_path):
+    _commit(tmp_path, 0, ["a.tar"]).commit(0)
+    marker_path = tmp_path / "_commits" / "epoch=00000000.json"
+    marker = json.loads(marker_path.read_text())
+    marker["files"][0]["path"] = "../../etc/passwd"
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(ManifestError, match="not a plain path"):
+        Manifests(str(tmp_path)).marker(0)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _write_shards(tmp_path, n_shards=2, per=40):
+    """Real files as shards (the fingerprint is taken from them)."""
+    urls = []
+    for s in range(n_shards):
+        path = tmp_path / "data" / f"shard-{s}.bin"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes(range(per)))
+        urls.append(str(path))
+    return urls
+
+
+def _samples(urls, per=40, key="k"):
+    return [
+        {"x": torch.tensor([float((i * 31) % 11)]), "__key__": f"{key}{i}", "__shard__": url,
+         "__index__": i}
+        for url in urls for i in range(per)
+    ]
+
+
+def _run(root, samples, epochs, **kw):
+    sampler = es_pipe.EvolvedSampler(8, 4, manifests=str(root), seed=1, **kw)
+    loader = tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+    for _ in range(epochs):
+        for meta in loader:
+            meta.select(meta.data["x"][:, 0] + 0.5)
+    return sampler
+
+
+def test_sampler_resumes_scores_and_decisions_exactly(tmp_path):
+    urls = _write_shards(tmp_path)
+    prune = es_pipe.Pruning(ratio=0.5, anneal=0)
+    first = _run(tmp_path / "m", _samples(urls), 2, prune=prune)
+    assert Manifests(str(tmp_path / "m")).committed() == [0, 1]
+    again = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1, prune=prune,
+                                   rank=0, world_size=1)
+    assert (again.epoch, again.step) == (first.epoch, first.step)
+    for url in urls:
+        expected = first.pruned(url)
+        got = again.pruned(url)  # the sources' hook: restores the shard on first call
+        assert expected is not None and np.array_equal(got, expected)
+        for column, values in first.store.shard(url).items():
+            assert np.array_equal(again.store.shard(url)[column], values), column
+    assert again.boundary.stats["restored"] == len(urls)
+
+
+def test_fingerprint_mismatch(tmp_path):
+    urls = _write_shards(tmp_path)
+    _run(tmp_path / "m", _samples(urls), 1)
+    with open(urls[0], "ab") as handle:
+        handle.write(b"more")
+    fresh = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1)
+    with pytest.raises(ManifestError, match=r"shard-0\.bin.*fingerprint.*on_mismatch='fresh'"):
+        fresh.pruned(urls[0])
+    lenient = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1,
+                                     on_mismatch="fresh")
+    with pytest.warns(UserWarning, match="starting this shard fresh"):
+        assert lenient.pruned(urls[0]) is None
+    assert urls[0] not in lenient.store.shards
+    lenient.pruned(urls[1])  # the untouched shard restores fine
+    assert urls[1] in lenient.store.shards
+
+
+def test_key_the_shard_does_not_have(tmp_path):
+    urls = _write_shards(tmp_path)
+    _run(tmp_path / "m", _samples(urls), 1)
+    with pytest.raises(ManifestError, match=r"has key 'k\d+', but the shard yields 'other\d+'"):
+        _run(tmp_path / "m", _samples(urls, key="other"), 1)
+
+
+def test_crash_leftovers_are_ignored(tmp_path):
+    """A half-written staged file and a stray file in a committed epoch dir are harmless."""
+    _commit(tmp_path, 0, ["a.tar"]).commit(0)
+    staged = tmp_path / "_staging" / "epoch=1"
+    staged.mkdir(parents=True)
+    (staged / "a.tar-0.r0-dead.parquet.part").write_bytes(b"PAR1 half")
+    m = Manifests(str(tmp_path))
+    assert m.latest() == 1 - 1 and m.read_epoch().num_rows == 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _commit(tmp_path, 1, ["a.tar"]).commit(1)
+    assert Manifests(str(tmp_path)).latest() == 1
+    assert not os.path.exists(staged)
