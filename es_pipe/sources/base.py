@@ -367,12 +367,15 @@ class ShardedSource(BaseNode[dict]):
                     "the shards with an index file that has counts (write_shards writes "
                     "one), pass num_samples={url: count}, or use equalize=None"
                 )
+            # Same topology: the lengths of the whole epoch (yielded counts from its start).
+            # Re-split: the lengths of what remains (yielded restarts at 0).
+            skip = cursors if remaining_only else {}
             per = []
             for t in range(n_streams):
                 mine = order[t::n_streams]
-                per.append(sum(kept[i] - cursors.get(int(i), 0) for i in mine))
+                per.append(sum(kept[i] - skip.get(int(i), 0) for i in mine))
             mine_total = per[s]
-            self._limit = yielded + (min(per) if self.equalize == "drop" else max(per))
+            self._limit = min(per) if self.equalize == "drop" else max(per)
             if self.equalize == "drop":
                 self.stats["dropped"] = mine_total - min(per)
         if not self._own and self.equalize is None:
