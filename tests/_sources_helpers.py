@@ -33,7 +33,11 @@ def make_shards(base: str, fmt: str, sizes=SIZES) -> list[str]:
             table = pa.table({"id": keys, "x": np.arange(n, dtype=np.int64) + 100 * i})
             if fmt == "parquet":
                 urls += write_shards(
-                    table, f"{base}/d{i}-%03d.parquet", "parquet", 10_000, row_group_rows=4,
+                    table,
+                    f"{base}/d{i}-%03d.parquet",
+                    "parquet",
+                    10_000,
+                    row_group_rows=4,
                     index=False,
                 )
             else:

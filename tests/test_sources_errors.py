@@ -7,6 +7,7 @@ import io
 import os
 import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,7 @@ def _read(src):
 def test_missing_shard(tmp_path):
     good = _good_tar(tmp_path / "a.tar")
     missing = str(tmp_path / "nope.tar")
-    with pytest.raises(ShardError, match="nope.tar.*does not exist"):
+    with pytest.raises(ShardError, match=r"nope.tar.*does not exist"):
         _read(WebDatasetSource([missing, good]))
     src = WebDatasetSource([missing, good], on_error="skip")
     with pytest.warns(UserWarning) as rec:
@@ -54,15 +55,15 @@ def test_missing_shard(tmp_path):
     assert len(got) == 10 and src.stats["skipped_shards"] == 1
     assert any("skipped 0 bad samples and the rest of 1 bad shards" in str(w.message) for w in rec)
     pq_missing = str(tmp_path / "nope.parquet")
-    with pytest.raises(ShardError, match="nope.parquet.*does not exist"):
+    with pytest.raises(ShardError, match=r"nope.parquet.*does not exist"):
         _read(ParquetSource([pq_missing]))
 
 
 def test_truncated_inside_member_data(tmp_path):
     path = _good_tar(tmp_path / "t.tar")
-    name, _, data_at = _offsets(path)[10]  # k005.txt
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[: data_at + 100])
+    _, _, data_at = _offsets(path)[10]  # k005.txt
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[: data_at + 100])
     with pytest.raises(ShardError, match=r"t.tar.*truncated or corrupt.*'k005'"):
         _read(WebDatasetSource([path]))
 
@@ -73,7 +74,7 @@ def test_truncated_or_corrupt_tar_never_yields_partial_sample(tmp_path, damage):
     other = _good_tar(tmp_path / "u.tar")
     name, header_at, _ = _offsets(path)[11]  # k005.cls: the 2nd file of sample 5
     assert name == "k005.cls"
-    raw = bytearray(open(path, "rb").read())
+    raw = bytearray(Path(path).read_bytes())
     if damage == "cut_at_header":
         raw = raw[:header_at]
     elif damage == "garbage_header":
@@ -81,11 +82,11 @@ def test_truncated_or_corrupt_tar_never_yields_partial_sample(tmp_path, damage):
     else:
         last = _offsets(path)[-1][2]
         raw = raw[: last + 512]  # members intact, end-of-archive blocks gone
-    open(path, "wb").write(bytes(raw))
-    with pytest.raises(ShardError, match="t.tar.*end-of-archive"):
+    Path(path).write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=r"t.tar.*end-of-archive"):
         _read(WebDatasetSource([path]))
     src = WebDatasetSource([path, other], on_error="skip")
-    with pytest.warns(UserWarning, match="t.tar"):
+    with pytest.warns(UserWarning, match=r"t.tar"):
         got = _read(src)
     assert all({"txt", "cls"} <= set(s) for s in got)  # never a partial sample
     from_t = [s["__key__"] for s in got if s["__shard__"] == path]
@@ -97,31 +98,32 @@ def test_truncated_or_corrupt_tar_never_yields_partial_sample(tmp_path, damage):
 def test_not_a_tar(tmp_path):
     path = tmp_path / "x.tar"
     path.write_bytes(b"hello world" * 100)
-    with pytest.raises(ShardError, match="x.tar"):
+    with pytest.raises(ShardError, match=r"x.tar"):
         _read(WebDatasetSource([str(path)]))
 
 
 def test_tar_member_without_key(tmp_path):
     path = _tar(tmp_path / "a.tar", [("k0.txt", b"a"), ("README", b"b"), ("k1.txt", b"c")])
-    with pytest.raises(ShardError, match="a.tar.*'README' has no key"):
+    with pytest.raises(ShardError, match=r"a.tar.*'README' has no key"):
         _read(WebDatasetSource([path]))
     src = WebDatasetSource([path], on_error="skip")
-    with pytest.warns(UserWarning, match="no key"):
+    with pytest.warns(UserWarning, match=r"no key"):
         got = _read(src)
     assert [s["__key__"] for s in got] == ["k0", "k1"] and src.stats["skipped_samples"] == 1
 
 
 def test_tar_duplicate_keys(tmp_path):
-    path = _tar(tmp_path / "a.tar", [("k0.txt", b"a"), ("k1.txt", b"b"), ("k0.txt", b"c"),
-                                     ("k2.txt", b"d")])
-    with pytest.raises(ShardError, match="a.tar.*key 'k0' appears twice"):
+    path = _tar(
+        tmp_path / "a.tar", [("k0.txt", b"a"), ("k1.txt", b"b"), ("k0.txt", b"c"), ("k2.txt", b"d")]
+    )
+    with pytest.raises(ShardError, match=r"a.tar.*key 'k0' appears twice"):
         _read(WebDatasetSource([path]))
     src = WebDatasetSource([path], on_error="skip")
     with pytest.warns(UserWarning):
         got = _read(src)
     assert [(s["__key__"], s["__index__"]) for s in got] == [("k0", 0), ("k1", 1), ("k2", 3)]
     path2 = _tar(tmp_path / "b.tar", [("k0.txt", b"a"), ("k0.txt", b"b"), ("k1.txt", b"c")])
-    with pytest.raises(ShardError, match="b.tar.*'k0' has two 'txt' files"):
+    with pytest.raises(ShardError, match=r"b.tar.*'k0' has two 'txt' files"):
         _read(WebDatasetSource([path2]))
 
 
@@ -133,25 +135,25 @@ def test_parquet_wrong_schema(tmp_path):
         _read(ParquetSource([a, b]))
     assert len(_read(ParquetSource([a, b], columns=["y"]))) == 6  # projection avoids it
     schema = pa.schema([("x", pa.int32()), ("y", pa.string())])
-    with pytest.raises(ShardError, match="a.parquet.*expected int32"):
+    with pytest.raises(ShardError, match=r"a.parquet.*expected int32"):
         _read(ParquetSource([a], schema=schema))
     src = ParquetSource([a, b], on_error="skip")
-    with pytest.warns(UserWarning, match="b.parquet"):
+    with pytest.warns(UserWarning, match=r"b.parquet"):
         assert len(_read(src)) == 3
     c = str(tmp_path / "c.parquet")
     pq.write_table(pa.table({"x": np.arange(3)}), c)
-    with pytest.raises(ShardError, match="c.parquet.*no column 'y'"):
+    with pytest.raises(ShardError, match=r"c.parquet.*no column 'y'"):
         _read(ParquetSource([a, c]))
 
 
 def test_parquet_null_and_duplicate_keys(tmp_path):
     a = str(tmp_path / "a.parquet")
     pq.write_table(pa.table({"id": ["r0", None, "r2", "r0", "r4"], "x": np.arange(5)}), a)
-    with pytest.raises(ShardError, match="a.parquet.*null key"):
+    with pytest.raises(ShardError, match=r"a.parquet.*null key"):
         _read(ParquetSource([a], key_column="id"))
     b = str(tmp_path / "b.parquet")
     pq.write_table(pa.table({"id": ["r0", "r1", "r2", "r0"], "x": np.arange(4)}), b)
-    with pytest.raises(ShardError, match="b.parquet.*key 'r0' appears more than once"):
+    with pytest.raises(ShardError, match=r"b.parquet.*key 'r0' appears more than once"):
         _read(ParquetSource([b], key_column="id"))
     src = ParquetSource([a], key_column="id", on_error="skip")
     with pytest.warns(UserWarning):
@@ -169,8 +171,8 @@ def test_no_leaked_file_descriptors(tmp_path):
     urls_t = make_shards(str(tmp_path / "t"), "tar")
     urls_p = make_shards(str(tmp_path / "p"), "parquet")
     bad = _good_tar(tmp_path / "bad.tar")
-    raw = open(bad, "rb").read()
-    open(bad, "wb").write(raw[:4000])
+    raw = Path(bad).read_bytes()
+    Path(bad).write_bytes(raw[:4000])
     gc.collect()
     before = len(os.listdir(fd_dir))
     for _ in range(3):

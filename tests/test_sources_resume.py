@@ -54,8 +54,11 @@ def test_state_is_small_and_per_shard(tmp_path):
 def test_resume_on_another_topology(tmp_path, fmt):
     urls = make_shards(str(tmp_path), fmt)
     kw = dict(SHUFFLES[fmt], seed=11)
-    old = [source(fmt, urls, rank=r, world_size=2, worker=w, num_workers=3, **kw)
-           for r in range(2) for w in range(3)]
+    old = [
+        source(fmt, urls, rank=r, world_size=2, worker=w, num_workers=3, **kw)
+        for r in range(2)
+        for w in range(3)
+    ]
     consumed = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -70,8 +73,9 @@ def test_resume_on_another_topology(tmp_path, fmt):
         rest = []
         for r in range(ranks):
             for w in range(workers):
-                src = source(fmt, urls, rank=r, world_size=ranks, worker=w,
-                             num_workers=workers, **kw)
+                src = source(
+                    fmt, urls, rank=r, world_size=ranks, worker=w, num_workers=workers, **kw
+                )
                 src.reset(merged)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -162,14 +166,23 @@ def test_identical_order_in_separate_processes(tmp_path):
     from es_pipe.sources import epoch_order
 
     urls = make_shards(str(tmp_path), "tar")
-    here = [list(ident(s)) for s in WebDatasetSource(urls, shuffle=True, seed=9, epoch=3,
-                                                      shuffle_buffer=3)]
+    here = [
+        list(ident(s))
+        for s in WebDatasetSource(urls, shuffle=True, seed=9, epoch=3, shuffle_buffer=3)
+    ]
     # A fixed hash seed in the child that differs from this interpreter's random one:
     # the order must not depend on hash().
-    env = dict(os.environ, PYTHONHASHSEED="12345",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    res = subprocess.run([sys.executable, "-c", _CHILD, *urls], capture_output=True,
-                         text=True, env=env, check=True, timeout=120)
+    env = dict(
+        os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join(p for p in sys.path if p)
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD, *urls],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
+    )
     out = json.loads(res.stdout)
     assert out["samples"] == here
     assert out["order"] == epoch_order(50, 9, 3, True).tolist()

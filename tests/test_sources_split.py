@@ -16,8 +16,9 @@ def _read_all_streams(fmt, urls, ranks, workers, epoch=0, **kw):
     for r in range(ranks):
         for w in range(max(workers, 1)):
             wk = {} if workers == 0 else {"worker": w, "num_workers": workers}
-            src = source(fmt, urls, rank=r, world_size=ranks, shuffle=True, seed=3, epoch=epoch,
-                         **wk, **kw)
+            src = source(
+                fmt, urls, rank=r, world_size=ranks, shuffle=True, seed=3, epoch=epoch, **wk, **kw
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 got = [ident(s) for s in src]

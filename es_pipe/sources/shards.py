@@ -128,11 +128,22 @@ class ShardList:
 
 
 def _glob(pattern: str) -> list[str]:
+    """List a glob, spelling each match the way the pattern spells its fixed prefix
+    (``memory://d/x-*`` lists ``memory://d/x-0``, a relative pattern stays relative)."""
     fs, path = fsspec.core.url_to_fs(pattern)
     found = sorted(fs.glob(path))
-    if "://" in pattern:
-        return [fs.unstrip_protocol(p) for p in found]
-    return found
+    cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+    head = pattern[:cut].rsplit("/", 1)[0] + "/" if "/" in pattern[:cut] else ""
+    stripped = fs._strip_protocol(head).rstrip("/") + "/" if head else ""
+    out = []
+    for p in found:
+        if head and p.startswith(stripped):
+            out.append(head + p[len(stripped) :])
+        elif "://" in pattern:
+            out.append(fs.unstrip_protocol(p))
+        else:
+            out.append(p)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
