@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import repeat
 from typing import Any, Literal
 
 import fsspec
@@ -37,19 +38,28 @@ __all__ = ["ArrowSource", "ParquetSource"]
 _ARROW_MAGIC = b"ARROW1"
 
 
-def _values(arr: pa.Array | pa.ChunkedArray) -> Any:
-    """A column as a sequence of per-row payload values (see the module docstring)."""
+def _values(arr: pa.Array | pa.ChunkedArray, sel: np.ndarray | None) -> Any:
+    """Per-row payload values of a column (see the module docstring), rows ``sel`` only.
+
+    Numeric and list-of-numeric columns become numpy (views into Arrow memory, one per row
+    for lists) and are then indexed with ``sel``: cheaper than copying the kept rows with
+    ``take`` first. Other columns take the kept rows, then convert them to Python.
+    """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     t = arr.type
-    if arr.null_count == 0:
-        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-            return arr.to_numpy(zero_copy_only=False)
-        if (
-            pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-        ) and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
-            return arr.to_numpy(zero_copy_only=False)
-    return arr.to_pylist()
+    if arr.null_count == 0 and (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or (
+            (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+            and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type))
+        )
+    ):
+        out = arr.to_numpy(zero_copy_only=False)
+        return out if sel is None else out[sel]
+    return (arr if sel is None else arr.take(pa.array(sel))).to_pylist()
 
 
 def _sorted_member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -176,25 +186,27 @@ class _ColumnarSource(ShardedSource):
         return ks, np.union1d(null, dups).astype(np.int64)
 
     def _rows(
-        self, url: str, data: pa.RecordBatch | pa.Table, ords: np.ndarray, keys: Any
-    ) -> Iterator[dict]:
-        names = data.schema.names
-        cols = [_values(data.column(i)) for i in range(data.num_columns)]
-        if self.columns is not None and self.key_column is not None:
-            drop_key = self.key_column not in self.columns
-        else:
-            drop_key = False
-        if drop_key:
+        self,
+        url: str,
+        data: pa.RecordBatch | pa.Table,
+        ords: np.ndarray,
+        keys: Any,
+        sel: np.ndarray | None = None,
+    ) -> list[dict]:
+        """Sample dicts of the rows ``sel`` of ``data`` (all if None), ordinals ``ords``."""
+        names = list(data.schema.names)
+        cols = [_values(data.column(i), sel) for i in range(data.num_columns)]
+        key_only = self.key_column is not None and self.key_column not in (self.columns or names)
+        if key_only:  # read for the keys, not asked for as a column
             j = names.index(self.key_column)
-            names = names[:j] + names[j + 1 :]
-            cols = cols[:j] + cols[j + 1 :]
-        ks = keys[ords].tolist() if keys is not None else ords.astype(str).tolist()
-        for key, o, *vals in zip(ks, ords.tolist(), *cols, strict=True):
-            sample = dict(zip(names, vals, strict=True))
-            sample["__key__"] = key
-            sample["__shard__"] = url
-            sample["__index__"] = o
-            yield sample
+            del names[j], cols[j]
+        idx = ords.tolist()
+        ks = keys[ords].tolist() if keys is not None else list(map(str, idx))
+        fields = (*names, "__key__", "__shard__", "__index__")
+        return [
+            dict(zip(fields, row, strict=True))
+            for row in zip(*cols, ks, repeat(url, len(idx)), idx, strict=True)
+        ]
 
     def _read_columns(self) -> list[str] | None:
         if self.columns is None:
@@ -272,7 +284,7 @@ class ParquetSource(_ColumnarSource):
 
     def _iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[dict]:
+    ) -> Iterator[list[dict]]:
         with self._open(url) as pf:
             self._check_schema(url, pf.schema_arrow)
             md = pf.metadata
@@ -305,8 +317,7 @@ class ParquetSource(_ColumnarSource):
                         continue
                     g = int(np.searchsorted(ends, run[0], side="right"))
                     table = pf.read_row_group(g, columns=cols)
-                    data = table.take(pa.array(run - starts[g]))
-                    yield from self._rows(url, data, run, keys)
+                    yield self._rows(url, table, run, keys, sel=run - starts[g])
                 return
             rest = np.flatnonzero(keep)[start:]
             if rest.size == 0:
@@ -322,9 +333,9 @@ class ParquetSource(_ColumnarSource):
                 pos += m
                 sel = _sorted_member(rest, ords)
                 if sel.all():
-                    yield from self._rows(url, batch, ords, keys)
+                    yield self._rows(url, batch, ords, keys)
                 elif sel.any():
-                    yield from self._rows(url, batch.filter(pa.array(sel)), ords[sel], keys)
+                    yield self._rows(url, batch, ords[sel], keys, sel=np.flatnonzero(sel))
 
 
 class ArrowSource(_ColumnarSource):
@@ -377,7 +388,7 @@ class ArrowSource(_ColumnarSource):
 
     def _iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[dict]:
+    ) -> Iterator[list[dict]]:
         keys = None
         drop = pruned
         if self.key_column is not None:
@@ -408,6 +419,6 @@ class ArrowSource(_ColumnarSource):
                 if cols is not None:
                     batch = batch.select(cols)
                 if rng is None and local.size == m:
-                    yield from self._rows(url, batch, ords, keys)
+                    yield self._rows(url, batch, ords, keys)
                 else:
-                    yield from self._rows(url, batch.take(pa.array(local)), ords[local], keys)
+                    yield self._rows(url, batch, ords[local], keys, sel=local)

@@ -144,7 +144,14 @@ class ShardedSource(BaseNode[dict]):
         self._consumed = False
         self._gen: Iterator[dict] | None = None
         self._pending_state: dict | None = None
-        self.stats: dict[str, Any] = _empty_stats()
+        self._stats: dict[str, Any] = _empty_stats()
+        self._chunk: list[dict] = []
+        self._chunk_pos = 0
+        self._cur_count = 0
+        self._in_pad = False
+        self._yielded0 = 0
+        self._padded0 = 0
+        self._epoch_reported = False
         self.last_epoch_stats: dict[str, Any] | None = None
         self._plan: list[int] = []
         self._pos = 0
@@ -163,8 +170,10 @@ class ShardedSource(BaseNode[dict]):
     # ------------------------------------------------------------------ subclass API
     def _iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[dict]:
-        """Yield the samples of one shard in shard order, after the first ``start`` ones.
+    ) -> Iterator[list[dict]]:
+        """Yield the samples of one shard in shard order, after the first ``start`` ones,
+        as lists (chunks) of sample dicts: the node hands them out one by one without a
+        generator round-trip per sample.
 
         ``pruned`` is a sorted int64 array of ordinals to leave out; they do not count in
         ``start``. Raise :class:`ShardError` for a shard-level problem; report a bad sample
@@ -230,17 +239,30 @@ class ShardedSource(BaseNode[dict]):
         self._consumed = False
 
     def next(self) -> dict:
+        # Fast path: hand out the next sample of the chunk the reader produced last.
+        pos = self._chunk_pos
+        if pos < len(self._chunk) and (self._limit is None or self._yielded < self._limit):
+            self._chunk_pos = pos + 1
+            self._yielded += 1
+            self._cur_count += 1
+            return self._chunk[pos]
+        return self._next_slow()
+
+    def _next_slow(self) -> dict:
         if self._pending_state is not None:
             self.reset(self._pending_state)
         self._consumed = True
         while True:
             if self._limit is not None and self._yielded >= self._limit:
                 self._end_epoch()
+            if self._chunk_pos < len(self._chunk):
+                return self.next()
             if self._gen is None and not self._open_next():
                 self._end_epoch()
             assert self._gen is not None
             try:
-                sample = next(self._gen)
+                self._chunk = next(self._gen)
+                self._chunk_pos = 0
             except StopIteration:
                 self._finish_current()
                 continue
@@ -256,14 +278,23 @@ class ShardedSource(BaseNode[dict]):
                     ).with_traceback(exc.__traceback__)
                 )
                 continue
-            self._yielded += 1
-            self.stats["samples"] += 1
-            if self._cur is not None:
-                self._cursors[self._cur] = self._cursors.get(self._cur, 0) + 1
-            else:
-                self._padded += 1
-                self.stats["padded"] += 1
-            return sample
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters of the current epoch on this stream.
+
+        ``samples`` delivered, ``shards`` opened, ``pruned`` ordinals given to the hook for
+        the shards opened, ``skipped_samples``/``skipped_shards`` (``on_error='skip'``),
+        ``padded`` repeats and ``dropped`` surplus (``equalize``), ``errors`` (first 20).
+        """
+        st = dict(self._stats)
+        st["errors"] = list(self._stats["errors"])
+        st["samples"] = self._yielded - self._yielded0
+        st["padded"] = self._padded_now() - self._padded0
+        return st
+
+    def _padded_now(self) -> int:
+        return self._cur_count if self._in_pad else self._padded
 
     def get_state(self) -> dict[str, Any]:
         if self._pending_state is not None:
@@ -278,10 +309,18 @@ class ShardedSource(BaseNode[dict]):
             "n_shards": len(self.shards),
             "stream": [s, n_streams],
             "done": ranges_of(self._done),
-            "cursors": {self.shards.urls[i]: int(k) for i, k in sorted(self._cursors.items())},
+            "cursors": {
+                self.shards.urls[i]: int(k) for i, k in sorted(self._live_cursors().items())
+            },
             "yielded": int(self._yielded),
-            "padded": int(self._padded),
+            "padded": int(self._padded_now()),
         }
+
+    def _live_cursors(self) -> dict[int, int]:
+        cursors = dict(self._cursors)
+        if self._cur is not None and self._cur_count:
+            cursors[self._cur] = self._cur_count
+        return cursors
 
     def __getstate__(self) -> dict:
         # An open shard cannot travel to another process: send the position instead.
@@ -289,6 +328,8 @@ class ShardedSource(BaseNode[dict]):
         if self._gen is not None:
             d["_pending_state"] = self.get_state()
         d["_gen"] = None
+        d["_chunk"] = []
+        d["_chunk_pos"] = 0
         return d
 
     def __del__(self) -> None:
@@ -354,10 +395,12 @@ class ShardedSource(BaseNode[dict]):
         self._cursors = dict(cursors)
         self._cur = None
         self._pad_url = None
-        self._yielded = yielded
-        self._padded = padded
-        self.stats = _empty_stats()
-        self.stats["epoch"] = self._epoch
+        self._yielded = self._yielded0 = yielded
+        self._padded = self._padded0 = padded
+        self._chunk, self._chunk_pos, self._cur_count, self._in_pad = [], 0, 0, False
+        self._stats = _empty_stats()
+        self._stats["epoch"] = self._epoch
+        self._epoch_reported = False
         self._limit = None
         if self.equalize is not None:
             kept = self._maybe_kept_sizes()
@@ -377,7 +420,7 @@ class ShardedSource(BaseNode[dict]):
             mine_total = per[s]
             self._limit = min(per) if self.equalize == "drop" else max(per)
             if self.equalize == "drop":
-                self.stats["dropped"] = mine_total - min(per)
+                self._stats["dropped"] = mine_total - min(per)
         if not self._own and self.equalize is None:
             warnings.warn(
                 f"stream {s} of {n_streams} (rank x worker) has no shard to read in epoch "
@@ -434,9 +477,10 @@ class ShardedSource(BaseNode[dict]):
             start = self._cursors.get(i, 0)
             pruned = self._pruned_for(url)
             if start == 0:
-                self.stats["pruned"] += int(pruned.size)
-            self.stats["shards"] += 1
+                self._stats["pruned"] += int(pruned.size)
+            self._stats["shards"] += 1
             self._cur = i
+            self._cur_count = start
             self._gen = self._iter_shard(url, start, pruned, url_seed(self.seed, self._epoch, url))
             return True
         if self.equalize == "pad" and self._limit is not None and self._yielded < self._limit:
@@ -460,6 +504,8 @@ class ShardedSource(BaseNode[dict]):
             self._pad_mark = self._yielded
         url = self.shards.urls[pads[k % len(pads)]]
         self._pad_cycle += 1
+        if not self._in_pad:
+            self._in_pad, self._cur_count = True, self._padded
         self._cur = None
         self._pad_url = url
         self._gen = self._iter_shard(
@@ -489,9 +535,11 @@ class ShardedSource(BaseNode[dict]):
         if self._cur is not None:
             self._done.add(self._cur)
             self._cursors.pop(self._cur, None)
+            self._cur_count = 0
         self._cur = None
 
     def _close_current(self) -> None:
+        self._chunk, self._chunk_pos = [], 0
         gen = getattr(self, "_gen", None)
         if gen is not None:
             self._gen = None
@@ -504,7 +552,7 @@ class ShardedSource(BaseNode[dict]):
             self._close_current()
             raise exc
         warnings.warn(f"skipping the rest of a shard: {exc}", stacklevel=3)
-        self.stats["skipped_shards"] += 1
+        self._stats["skipped_shards"] += 1
         self._remember(str(exc))
         self._finish_current()
 
@@ -513,7 +561,7 @@ class ShardedSource(BaseNode[dict]):
         if self.on_error == "raise":
             raise ShardError(message + "; or pass on_error='skip' to skip such samples")
         warnings.warn(f"skipping a sample: {message}", stacklevel=3)
-        self.stats["skipped_samples"] += 1
+        self._stats["skipped_samples"] += 1
         self._remember(message)
 
     def _bad_samples(self, message: str, count: int) -> None:
@@ -521,18 +569,18 @@ class ShardedSource(BaseNode[dict]):
         if self.on_error == "raise":
             raise ShardError(message + "; or pass on_error='skip' to skip such samples")
         warnings.warn(f"skipping {count} samples: {message}", stacklevel=3)
-        self.stats["skipped_samples"] += int(count)
+        self._stats["skipped_samples"] += int(count)
         self._remember(message)
 
     def _remember(self, message: str) -> None:
-        if len(self.stats["errors"]) < _MAX_ERRORS_KEPT:
-            self.stats["errors"].append(message)
+        if len(self._stats["errors"]) < _MAX_ERRORS_KEPT:
+            self._stats["errors"].append(message)
 
     def _end_epoch(self) -> None:
         self._close_current()
-        if self.last_epoch_stats is not self.stats:
-            self.last_epoch_stats = self.stats
-            st = self.stats
+        if not self._epoch_reported:
+            self._epoch_reported = True
+            st = self.last_epoch_stats = self.stats
             if st["skipped_samples"] or st["skipped_shards"]:
                 warnings.warn(
                     f"epoch {st['epoch']}, stream {self._stream[0]} of {self._stream[1]}: "

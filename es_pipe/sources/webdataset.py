@@ -124,11 +124,13 @@ class WebDatasetSource(ShardedSource):
 
     def _iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[dict]:
+    ) -> Iterator[list[dict]]:
         if self.shuffle_buffer > 0:
-            yield from _skip(self._shuffled(self._samples(url, 0, pruned), rng_seed), start)
+            samples = _skip(self._shuffled(self._samples(url, 0, pruned), rng_seed), start)
         else:
-            yield from self._samples(url, start, pruned)
+            samples = self._samples(url, start, pruned)
+        for sample in samples:
+            yield [sample]
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng_seed: list[int]) -> Iterator[dict]:
         rng = np.random.default_rng(rng_seed)
