@@ -62,6 +62,21 @@ def _values(arr: pa.Array | pa.ChunkedArray, sel: np.ndarray | None) -> Any:
     return (arr if sel is None else arr.take(pa.array(sel))).to_pylist()
 
 
+_KEY_CACHE_ROWS = 1 << 16
+_key_cache: np.ndarray | None = None
+
+
+def _row_keys(ords: np.ndarray, idx: list[int]) -> list[str]:
+    """Row numbers as decimal strings; the first 65536 come from a shared cache (~4 MB),
+    which turns a per-row ``str(int)`` into one numpy ``take``."""
+    global _key_cache
+    if ords.size == 0 or int(ords.max()) >= _KEY_CACHE_ROWS:
+        return list(map(str, idx))
+    if _key_cache is None:
+        _key_cache = np.array([str(i) for i in range(_KEY_CACHE_ROWS)], dtype=object)
+    return _key_cache[ords].tolist()
+
+
 def _sorted_member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Boolean mask: which entries of ``x`` occur in the sorted array ``sorted_values``."""
     if sorted_values.size == 0:
@@ -201,7 +216,7 @@ class _ColumnarSource(ShardedSource):
             j = names.index(self.key_column)
             del names[j], cols[j]
         idx = ords.tolist()
-        ks = keys[ords].tolist() if keys is not None else list(map(str, idx))
+        ks = keys[ords].tolist() if keys is not None else _row_keys(ords, idx)
         fields = (*names, "__key__", "__shard__", "__index__")
         return [
             dict(zip(fields, row, strict=True))

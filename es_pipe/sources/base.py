@@ -238,8 +238,18 @@ class ShardedSource(BaseNode[dict]):
         self._started = True
         self._consumed = False
 
+    def __next__(self) -> dict:
+        # Fast path: hand out the next sample of the chunk the reader produced last (a
+        # chunk exists only after reset(), so BaseNode's lazy-initialisation is not needed).
+        pos = self._chunk_pos
+        if pos < len(self._chunk) and (self._limit is None or self._yielded < self._limit):
+            self._chunk_pos = pos + 1
+            self._yielded += 1
+            self._cur_count += 1
+            return self._chunk[pos]
+        return super().__next__()
+
     def next(self) -> dict:
-        # Fast path: hand out the next sample of the chunk the reader produced last.
         pos = self._chunk_pos
         if pos < len(self._chunk) and (self._limit is None or self._yielded < self._limit):
             self._chunk_pos = pos + 1
