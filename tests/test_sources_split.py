@@ -115,3 +115,17 @@ def test_index_file_and_split_report(tmp_path):
     assert shards.num_samples == (5, 5, 5, 5, 3)
     rep = WebDatasetSource(shards, rank=0, world_size=2).split_report()
     assert sorted(rep["samples_per_stream"]) == [10, 13]
+
+
+def test_set_epoch_with_non_persistent_workers(tmp_path):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    urls = make_shards(str(tmp_path), "parquet")
+    ds = SourceDataset(source("parquet", urls, shuffle=True, seed=8, shuffle_rows=True))
+    loader = StatefulDataLoader(ds, batch_size=None, num_workers=2)
+    epochs = []
+    for e in range(2):
+        ds.set_epoch(e)
+        epochs.append([(s["__shard__"], int(s["__index__"])) for s in loader])
+    assert sorted(epochs[0]) == sorted(epochs[1]) == all_idents(urls)
+    assert epochs[0] != epochs[1]

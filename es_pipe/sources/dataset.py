@@ -45,7 +45,12 @@ class SourceDataset(IterableDataset):
         self._need_reset = True
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration reads (call before each epoch with workers)."""
+        """The epoch the next iteration reads (call before each epoch with workers).
+
+        Also forgets a state given to :meth:`load_state_dict` that was not used yet: a
+        resumed epoch is followed by a fresh one.
+        """
+        self._pending = None
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> SourceDataset:
