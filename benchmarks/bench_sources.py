@@ -1,0 +1,179 @@
+"""Throughput of es_pipe's shard readers against the raw libraries, in one run.
+
+Writes WebDataset and Parquet shards into a temporary folder, then, for several
+repetitions in alternating order:
+
+* tar: ``es_pipe.sources.WebDatasetSource`` vs ``webdataset.WebDataset(urls)`` (both yield
+  raw bytes per extension, nothing decoded);
+* Parquet: ``es_pipe.sources.ParquetSource`` vs ``pyarrow.parquet.ParquetFile.iter_batches``
+  turned into the same per-row dicts (the least a per-sample pipeline does by hand); the
+  batch-only rate of ``iter_batches`` is printed too, for scale;
+* pruning: an epoch with 50% of the rows pruned (scattered at random, as ESWP prunes)
+  timed as a fraction of the full epoch; for Parquet also with the pruned rows clustered
+  in whole row groups (the best case).
+
+Prints medians; goals: es_pipe >= 0.9x raw; pruned Parquet epoch <= 0.6 of a full one.
+
+    python benchmarks/bench_sources.py [--reps 5] [--shards 8] [--samples 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from es_pipe.shard_writer import write_shards
+from es_pipe.sources import ParquetSource, WebDatasetSource
+
+
+def _timed(fn) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t0, n
+
+
+def _count(it) -> int:
+    n = 0
+    for _ in it:
+        n += 1
+    return n
+
+
+def raw_webdataset(urls: list[str]) -> int:
+    import webdataset as wds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _count(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def raw_parquet_rows(urls: list[str], columns: list[str] | None, batch_rows: int) -> int:
+    n = 0
+    for url in urls:
+        with pq.ParquetFile(url) as pf:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                names = batch.schema.names
+                cols = [c.to_numpy(zero_copy_only=False) for c in batch.columns]
+                for vals in zip(*cols, strict=True):
+                    sample = dict(zip(names, vals, strict=True))
+                    n += sample is not None
+    return n
+
+
+def raw_parquet_batches(urls: list[str], columns: list[str] | None, batch_rows: int) -> int:
+    n = 0
+    for url in urls:
+        with pq.ParquetFile(url) as pf:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                n += batch.num_rows
+    return n
+
+
+def _write(tmp: str, shards: int, samples: int, payload: int, tokens: int, rg: int):
+    rng = np.random.default_rng(0)
+    total = shards * samples
+    blob = rng.integers(0, 256, size=payload, dtype=np.uint8).tobytes()
+    tar_samples = ({"__key__": f"{i:09d}", "bin": blob, "cls": i % 1000} for i in range(total))
+    tar_urls = write_shards(tar_samples, f"{tmp}/t-%04d.tar", "tar", samples, index=False)
+    table = pa.table(
+        {
+            "tokens": pa.array(
+                list(rng.integers(0, 50_000, size=(total, tokens), dtype=np.int32)),
+                type=pa.list_(pa.int32()),
+            ),
+            "label": np.arange(total, dtype=np.int64) % 1000,
+        }
+    )
+    pq_urls = write_shards(
+        table, f"{tmp}/p-%04d.parquet", "parquet", samples, row_group_rows=rg, index=False
+    )
+    return tar_urls, pq_urls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4000, help="samples per shard")
+    ap.add_argument("--payload", type=int, default=4096, help="bytes per tar sample")
+    ap.add_argument("--tokens", type=int, default=256, help="int32 tokens per Parquet row")
+    ap.add_argument("--row-group", type=int, default=1000, help="Parquet row-group rows")
+    ap.add_argument("--batch-rows", type=int, default=1000)
+    args = ap.parse_args()
+
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, "
+        f"python {platform.python_version()}, pyarrow {pa.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tar_urls, pq_urls = _write(
+            tmp, args.shards, args.samples, args.payload, args.tokens, args.row_group
+        )
+        total = args.shards * args.samples
+        rng = np.random.default_rng(1)
+        n_per = args.samples
+        scattered = {
+            u: np.sort(rng.choice(n_per, n_per // 2, replace=False)).astype(np.int64)
+            for u in tar_urls + pq_urls
+        }
+        groups = np.arange(n_per) // args.row_group
+        clustered = {u: np.flatnonzero(groups % 2 == 0).astype(np.int64) for u in pq_urls}
+        bs = args.batch_rows
+
+        cases = {
+            "tar es_pipe": lambda: _count(WebDatasetSource(tar_urls)),
+            "tar raw webdataset": lambda: raw_webdataset(tar_urls),
+            "tar es_pipe 50% pruned": lambda: _count(WebDatasetSource(tar_urls, pruned=scattered)),
+            "parquet es_pipe": lambda: _count(ParquetSource(pq_urls, batch_rows=bs)),
+            "parquet raw iter_batches+rows": lambda: raw_parquet_rows(pq_urls, None, bs),
+            "parquet raw iter_batches only": lambda: raw_parquet_batches(pq_urls, None, bs),
+            "parquet es_pipe 50% pruned scattered": lambda: _count(
+                ParquetSource(pq_urls, batch_rows=bs, pruned=scattered)
+            ),
+            "parquet es_pipe 50% pruned row groups": lambda: _count(
+                ParquetSource(pq_urls, batch_rows=bs, pruned=clustered)
+            ),
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for fn in cases.values():  # warm-up: page cache, imports
+            fn()
+        names = list(cases)
+        for rep in range(args.reps):
+            for k in names if rep % 2 == 0 else names[::-1]:
+                dt, n = _timed(cases[k])
+                expect = total // 2 if "pruned" in k else total
+                assert n == expect, (k, n, expect)
+                times[k].append(dt)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{total} samples/format, {args.shards} shards, {args.reps} reps (median)")
+        for k, t in med.items():
+            print(f"  {k:40s} {t * 1e3:8.1f} ms  {total / t / 1e3:8.1f} k samples/s")
+
+        def ratio(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(times[b], times[a], strict=True))
+
+        print("throughput ratio es_pipe / raw (per-rep ratios, median):")
+        print(f"  tar:     {ratio('tar es_pipe', 'tar raw webdataset'):.2f}x   (goal >= 0.9)")
+        print(
+            f"  parquet: {ratio('parquet es_pipe', 'parquet raw iter_batches+rows'):.2f}x   "
+            "(goal >= 0.9)"
+        )
+        print("epoch time with 50% of rows pruned, as a fraction of the full epoch:")
+        tp = 1 / ratio("tar es_pipe 50% pruned", "tar es_pipe")
+        print(f"  tar:                      {tp:.2f}")
+        sc = 1 / ratio("parquet es_pipe 50% pruned scattered", "parquet es_pipe")
+        cl = 1 / ratio("parquet es_pipe 50% pruned row groups", "parquet es_pipe")
+        print(f"  parquet (scattered rows): {sc:.2f}   (goal <= 0.6)")
+        print(f"  parquet (whole groups):   {cl:.2f}")
+
+
+if __name__ == "__main__":
+    main()

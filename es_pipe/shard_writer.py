@@ -1,0 +1,215 @@
+"""Write data into WebDataset (``.tar``) or Parquet shards of N samples.
+
+Users need their data sharded before they can stream it. :func:`write_shards` takes a
+``pyarrow.Table``, a dict of equal-length numpy arrays, or any iterable of sample dicts
+(for instance :func:`samples_from_folder`), and writes shards named by a printf pattern
+(``"out/train-%06d.tar"``) on any fsspec filesystem, plus an index file listing every shard
+with its sample count (what :meth:`es_pipe.sources.ShardList.from_index` reads and what
+``equalize=`` needs).
+
+Tar members are written the webdataset way: ``KEY.EXTENSION``. Values become bytes as
+follows: ``bytes`` as is, ``str`` as UTF-8, numbers as their decimal text, numpy arrays
+as ``.npy`` bytes (``np.save`` with ``allow_pickle=False``). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from webdataset.tariterators import base_plus_ext
+
+from es_pipe.errors import ConfigError
+
+__all__ = ["samples_from_folder", "write_shards"]
+
+
+def samples_from_folder(root: str) -> Iterator[dict[str, Any]]:
+    """Samples from a folder of files: files sharing a key (the relative path up to the
+    first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``.
+
+    Files are listed recursively (any fsspec URL) and samples come in sorted key order.
+    Files without an extension are refused (they would have no field name).
+    """
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    groups: dict[str, dict[str, str]] = {}
+    for path in sorted(fs.find(base)):
+        rel = path[len(base) + 1 :]
+        key, ext = base_plus_ext(rel)
+        if key is None:
+            raise ConfigError(
+                f"file {rel!r} in {root!r} has no KEY.EXTENSION name; rename or remove it"
+            )
+        if ext in groups.setdefault(key, {}):
+            raise ConfigError(f"two files for key {key!r} and extension {ext!r} in {root!r}")
+        groups[key][ext] = path
+    for key in sorted(groups):
+        sample: dict[str, Any] = {"__key__": key}
+        for ext, path in sorted(groups[key].items()):
+            with fs.open(path, "rb") as f:
+                sample[ext] = f.read()
+        yield sample
+
+
+def _to_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    if isinstance(value, (bool, int, float, np.generic)):
+        return str(value.item() if isinstance(value, np.generic) else value).encode()
+    raise ConfigError(
+        f"cannot write a {type(value).__name__} into a tar member: give bytes, str, a "
+        "number or a numpy array"
+    )
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"sample keys must be non-empty strings, got {key!r}")
+    if "." in key.rsplit("/", 1)[-1]:
+        raise ConfigError(f"key {key!r} contains a dot: webdataset keys end at the first dot")
+    if key.startswith("/") or ".." in key.split("/"):
+        raise ConfigError(f"key {key!r} is not a relative name")
+    return key
+
+
+def _table_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
+    for batch in table.to_batches():
+        cols = [c.to_numpy(zero_copy_only=False) for c in batch.columns]
+        for vals in zip(*cols, strict=True):
+            yield dict(zip(batch.schema.names, vals, strict=True))
+
+
+def _as_table(data: Any) -> pa.Table | None:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if isinstance(data, Mapping):
+        cols = {}
+        for name, col in data.items():
+            arr = np.asarray(col)
+            cols[name] = list(arr) if arr.ndim > 1 else arr
+        return pa.table(cols)
+    return None
+
+
+def _chunks(it: Iterable[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for sample in it:
+        chunk.append(sample)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_tar(url: str, samples: list[dict[str, Any]], first: int) -> None:
+    seen: set[str] = set()
+    with fsspec.open(url, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
+        for i, sample in enumerate(samples):
+            key = _check_key(str(sample.get("__key__", f"{first + i:09d}")))
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in shard {url!r}")
+            seen.add(key)
+            for field, value in sample.items():
+                if field.startswith("__") and field.endswith("__"):
+                    continue
+                data = _to_bytes(value)
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                info.mode = 0o444
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _write_parquet(url: str, table: pa.Table, row_group_rows: int | None) -> None:
+    with fsspec.open(url, "wb") as f:
+        pq.write_table(table, f, row_group_size=row_group_rows)
+
+
+def write_shards(
+    samples_or_table: Any,
+    out_url_pattern: str,
+    format: Literal["tar", "parquet"] = "tar",
+    samples_per_shard: int = 10_000,
+    *,
+    row_group_rows: int | None = None,
+    index: str | bool = True,
+) -> list[str]:
+    """Write ``samples_or_table`` into shards of ``samples_per_shard`` samples.
+
+    Args:
+        samples_or_table: a ``pyarrow.Table``/``RecordBatch``, a dict of equal-length numpy
+            arrays (a 2-D array becomes a list column), or an iterable of sample dicts. A
+            sample's ``"__key__"`` names it (default: its global position, 9 digits);
+            other ``__*__`` fields are not written.
+        out_url_pattern: shard URL with one printf integer field, e.g.
+            ``"s3://b/train-%06d.parquet"``.
+        format: ``"tar"`` (WebDataset) or ``"parquet"``.
+        row_group_rows: Parquet row-group size (smaller groups let pruning skip more bytes).
+        index: where to write the index file (``url count`` per line); ``True`` puts
+            ``index.txt`` next to the shards, ``False`` writes none.
+
+    Returns:
+        The URLs written, in order.
+    """
+    if format not in ("tar", "parquet"):
+        raise ConfigError(f"format must be 'tar' or 'parquet', got {format!r}")
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    try:
+        out_url_pattern % 0
+    except TypeError as exc:
+        raise ConfigError(
+            f"out_url_pattern {out_url_pattern!r} needs one printf field such as %06d"
+        ) from exc
+    table = _as_table(samples_or_table)
+    urls: list[str] = []
+    counts: list[int] = []
+    if format == "parquet":
+        if table is None:
+            chunks = (pa.Table.from_pylist(c) for c in _chunks(samples_or_table, samples_per_shard))
+        else:
+            chunks = (
+                table.slice(i, samples_per_shard)
+                for i in range(0, max(table.num_rows, 1), samples_per_shard)
+            )
+        for chunk in chunks:
+            url = out_url_pattern % len(urls)
+            _write_parquet(url, chunk, row_group_rows)
+            urls.append(url)
+            counts.append(chunk.num_rows)
+    else:
+        samples = _table_rows(table) if table is not None else iter(samples_or_table)
+        first = 0
+        for chunk in _chunks(samples, samples_per_shard):
+            url = out_url_pattern % len(urls)
+            _write_tar(url, chunk, first)
+            first += len(chunk)
+            urls.append(url)
+            counts.append(len(chunk))
+    if index:
+        index_url = (
+            index if isinstance(index, str) else out_url_pattern.rsplit("/", 1)[0] + "/index.txt"
+        )
+        if "/" not in out_url_pattern and index is True:
+            index_url = "index.txt"
+        base = index_url.rsplit("/", 1)[0] if "/" in index_url else ""
+        with fsspec.open(index_url, "wt", encoding="utf-8") as f:
+            for url, n in zip(urls, counts, strict=True):
+                name = url[len(base) + 1 :] if base and url.startswith(base + "/") else url
+                f.write(f"{name} {n}\n")
+    return urls

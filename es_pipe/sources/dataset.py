@@ -1,0 +1,99 @@
+"""A ``torch.utils.data.IterableDataset`` view of a source, for (Stateful)DataLoader.
+
+DataLoader worker processes each get a copy of the dataset; the copy finds its worker id
+with ``get_worker_info()`` at the start of each epoch and reads its share of the shards.
+``state_dict``/``load_state_dict`` are what ``torchdata.stateful_dataloader
+.StatefulDataLoader`` calls in every worker, so mid-epoch checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import IterableDataset
+
+from es_pipe.sources.base import ShardedSource, merge_states
+
+__all__ = ["SourceDataset"]
+
+
+class SourceDataset(IterableDataset):
+    """Wrap a source node so that DataLoader workers split it and checkpoint it.
+
+    Example::
+
+        ds = SourceDataset(WebDatasetSource("data/train-{000..063}.tar", shuffle=True))
+        loader = StatefulDataLoader(ds, batch_size=None, num_workers=3)
+        for epoch in range(10):
+            ds.set_epoch(epoch)  # needed with num_workers > 0 and non-persistent workers
+            for sample in loader:
+                ...
+        state = loader.state_dict()  # per-worker source states inside
+
+    To resume on a different number of workers (StatefulDataLoader refuses to), take the
+    per-worker states out with :meth:`states_from_loader`, merge them, and give the merged
+    state to a fresh dataset: ``ds.load_state_dict(merge_states(states))`` before creating
+    the new loader.
+
+    The wrapped node must not have been given explicit ``worker=``/``num_workers=``.
+    """
+
+    def __init__(self, source: ShardedSource) -> None:
+        super().__init__()
+        self.source = source
+        self._pending: dict | None = None
+        self._need_reset = True
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads (call before each epoch with workers).
+
+        Also forgets a state given to :meth:`load_state_dict` that was not used yet: a
+        resumed epoch is followed by a fresh one.
+        """
+        self._pending = None
+        self.source.set_epoch(epoch)
+
+    def __iter__(self) -> SourceDataset:
+        self._need_reset = True
+        return self
+
+    def _ensure(self) -> None:
+        if self._need_reset:
+            self._need_reset = False
+            state, self._pending = self._pending, None
+            self.source.reset(state)
+
+    def __next__(self) -> dict:
+        self._ensure()
+        return next(self.source)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._ensure()
+        return self.source.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+        self._need_reset = True
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The wrapped source's counters for the current epoch (of this process)."""
+        return self.source.stats
+
+    @staticmethod
+    def states_from_loader(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The source states of every worker inside a ``StatefulDataLoader.state_dict()``."""
+        found: list[dict[str, Any]] = []
+
+        def walk(x: Any) -> None:
+            if isinstance(x, dict):
+                if x.get("version") is not None and "cursors" in x and "stream" in x:
+                    found.append(x)
+                    return
+                for v in x.values():
+                    walk(v)
+
+        walk(loader_state)
+        return found
+
+    merge_states = staticmethod(merge_states)

@@ -1,0 +1,238 @@
+"""Shard lists: which shards an epoch reads, in which order, and who reads each one.
+
+A shard list is expanded once, in a fixed *listed order*, from a brace pattern
+(``train-{000..099}.tar``), a glob (``gs://b/train/*.parquet``), an explicit list, or an
+index file (one ``url [num_samples]`` per line). Every URL is an fsspec URL, so local
+paths, ``memory://``, ``s3://``, ``gs://`` and ``http(s)://`` all work.
+
+The *epoch order* is a pure function of ``(seed, epoch)``: a permutation drawn from a numpy
+``Generator`` seeded with integers, never from ``hash()`` (which is salted per
+interpreter). Every rank and worker computes the same order without talking to the others,
+and a stream ``s`` of ``S`` streams (``S = world_size * num_workers``) reads the shards
+``order[s::S]``. Every shard is read by exactly one stream, so every sample of the epoch is
+read exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+from braceexpand import braceexpand
+
+from es_pipe.errors import ConfigError, ShardError
+
+__all__ = [
+    "ShardList",
+    "epoch_order",
+    "fingerprint",
+    "resolve_rank",
+    "resolve_worker",
+    "url_seed",
+]
+
+_GLOB_CHARS = ("*", "?", "[")
+
+
+@dataclass(frozen=True)
+class ShardList:
+    """An immutable list of shard URLs in listed order, with optional sample counts.
+
+    ``num_samples[i]`` is the number of samples of ``urls[i]`` when known (from an index
+    file, or filled in by a reader that can count cheaply), else ``-1``.
+    """
+
+    urls: tuple[str, ...]
+    num_samples: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ConfigError(
+                "the shard list is empty: check the pattern, glob or index file "
+                "(a glob that matches nothing gives an empty list)"
+            )
+        if len(set(self.urls)) != len(self.urls):
+            dup = sorted({u for u in self.urls if self.urls.count(u) > 1})[:3]
+            raise ConfigError(f"the shard list names a shard more than once: {dup}; list each once")
+        if not self.num_samples:
+            object.__setattr__(self, "num_samples", (-1,) * len(self.urls))
+        if len(self.num_samples) != len(self.urls):
+            raise ConfigError("num_samples must give one count per shard URL")
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    @property
+    def digest(self) -> str:
+        """A short fingerprint of the listed order (crc32 hex), stored in checkpoints."""
+        return f"{zlib.crc32(chr(10).join(self.urls).encode()):08x}"
+
+    @classmethod
+    def from_spec(cls, spec: str | Sequence[str] | ShardList) -> ShardList:
+        """Expand a brace pattern, glob, single URL or list of those into a ShardList.
+
+        Brace patterns are expanded textually (no listing; a missing shard is reported when
+        it is read). Globs are listed on their fsspec filesystem and sorted.
+        """
+        if isinstance(spec, ShardList):
+            return spec
+        if isinstance(spec, (str, os.PathLike)):
+            spec = [os.fspath(spec)]
+        urls: list[str] = []
+        for item in spec:
+            if not isinstance(item, str):
+                raise ConfigError(f"shard URLs must be strings, got {type(item).__name__}")
+            for url in braceexpand(item):
+                if any(c in url for c in _GLOB_CHARS):
+                    urls.extend(_glob(url))
+                else:
+                    urls.append(url)
+        return cls(tuple(urls))
+
+    @classmethod
+    def from_index(cls, index_url: str) -> ShardList:
+        """Read an index file: one ``url [num_samples]`` per line, ``#`` starts a comment.
+
+        Relative URLs are taken relative to the index file's directory (the layout that
+        :func:`es_pipe.shard_writer.write_shards` writes).
+        """
+        try:
+            with fsspec.open(index_url, "rt", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError as exc:
+            raise ShardError(f"index file {index_url!r} does not exist; check the URL") from exc
+        base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+        urls, counts = [], []
+        for lineno, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+                raise ShardError(
+                    f"index file {index_url!r} line {lineno}: expected 'url [num_samples]', "
+                    f"got {line!r}; fix that line"
+                )
+            url = parts[0]
+            if "://" not in url and not url.startswith("/"):
+                url = f"{base}/{url}"
+            urls.append(url)
+            counts.append(int(parts[1]) if len(parts) == 2 else -1)
+        return cls(tuple(urls), tuple(counts))
+
+
+def _glob(pattern: str) -> list[str]:
+    """List a glob, spelling each match the way the pattern spells its fixed prefix
+    (``memory://d/x-*`` lists ``memory://d/x-0``, a relative pattern stays relative)."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    found = sorted(fs.glob(path))
+    cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+    head = pattern[:cut].rsplit("/", 1)[0] + "/" if "/" in pattern[:cut] else ""
+    stripped = fs._strip_protocol(head).rstrip("/") + "/" if head else ""
+    out = []
+    for p in found:
+        if head and p.startswith(stripped):
+            out.append(head + p[len(stripped) :])
+        elif "://" in pattern:
+            out.append(fs.unstrip_protocol(p))
+        else:
+            out.append(p)
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The listed-order indices of ``n`` shards in the order epoch ``epoch`` reads them."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), int(epoch), 0x5A4D])
+    return rng.permutation(n).astype(np.int64)
+
+
+def url_seed(seed: int, epoch: int, url: str) -> list[int]:
+    """Integer seed material for per-shard randomness (within-shard shuffles)."""
+    return [int(seed), int(epoch), zlib.crc32(url.encode()), 0x5348]
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: explicit arguments, else torch.distributed, else env, else (0, 1)."""
+    if rank is None and world_size is None:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+    if rank is None and world_size is None and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    if rank is None and world_size is None:
+        rank, world_size = 0, 1
+    if rank is None or world_size is None:
+        raise ConfigError("give both rank= and world_size=, or neither")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, int]:
+    """``(worker, num_workers)``: explicit arguments, else DataLoader worker info, else (0, 1)."""
+    if worker is None and num_workers is None:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if worker is None or num_workers is None:
+        raise ConfigError("give both worker= and num_workers=, or neither")
+    if num_workers < 1 or not 0 <= worker < num_workers:
+        raise ConfigError(f"need 0 <= worker < num_workers, got {worker}, {num_workers}")
+    return int(worker), int(num_workers)
+
+
+def fingerprint(url: str) -> dict[str, Any]:
+    """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``.
+
+    ``etag`` comes from object stores (None on local disks); ``mtime`` is a float of
+    seconds or an ISO string, whatever the filesystem reports (None if nothing). Manifests
+    store it and refuse a shard whose fingerprint changed.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as exc:
+        raise ShardError(f"shard {url!r} does not exist; check the shard list") from exc
+    etag = info.get("ETag", info.get("etag"))
+    mtime: Any = None
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            mtime = info[key]
+            break
+    if isinstance(mtime, datetime):
+        mtime = mtime.isoformat()
+    return {
+        "url": url,
+        "size": int(info.get("size") or 0),
+        "etag": str(etag).strip('"') if etag is not None else None,
+        "mtime": mtime,
+    }
+
+
+def ranges_of(indices: Iterable[int]) -> list[list[int]]:
+    """Compress a set of ints into sorted ``[start, stop)`` ranges (for small states)."""
+    out: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def indices_of(ranges: Iterable[Sequence[int]]) -> set[int]:
+    """Inverse of :func:`ranges_of`."""
+    return {i for a, b in ranges for i in range(int(a), int(b))}

@@ -1,0 +1,190 @@
+"""Bad input: a clear ShardError naming the shard (and key), or warn-and-count with skip."""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _sources_helpers import make_shards, source
+
+from es_pipe.errors import ShardError
+from es_pipe.sources import ParquetSource, WebDatasetSource
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _good_tar(path, n=10, size=1500):
+    members = []
+    for i in range(n):
+        members += [(f"k{i:03d}.txt", bytes([65 + i % 26]) * size), (f"k{i:03d}.cls", b"%d" % i)]
+    return _tar(path, members)
+
+
+def _offsets(path):
+    with tarfile.open(path) as tf:
+        return [(m.name, m.offset, m.offset_data) for m in tf.getmembers()]
+
+
+def _read(src):
+    return list(src)
+
+
+def test_missing_shard(tmp_path):
+    good = _good_tar(tmp_path / "a.tar")
+    missing = str(tmp_path / "nope.tar")
+    with pytest.raises(ShardError, match=r"nope.tar.*does not exist"):
+        _read(WebDatasetSource([missing, good]))
+    src = WebDatasetSource([missing, good], on_error="skip")
+    with pytest.warns(UserWarning) as rec:
+        got = _read(src)
+    assert len(got) == 10 and src.stats["skipped_shards"] == 1
+    assert any("skipped 0 bad samples and the rest of 1 bad shards" in str(w.message) for w in rec)
+    pq_missing = str(tmp_path / "nope.parquet")
+    with pytest.raises(ShardError, match=r"nope.parquet.*does not exist"):
+        _read(ParquetSource([pq_missing]))
+
+
+def test_truncated_inside_member_data(tmp_path):
+    path = _good_tar(tmp_path / "t.tar")
+    _, _, data_at = _offsets(path)[10]  # k005.txt
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[: data_at + 100])
+    with pytest.raises(ShardError, match=r"t.tar.*truncated or corrupt.*'k005'"):
+        _read(WebDatasetSource([path]))
+
+
+@pytest.mark.parametrize("damage", ["cut_at_header", "garbage_header", "no_end_blocks"])
+def test_truncated_or_corrupt_tar_never_yields_partial_sample(tmp_path, damage):
+    path = _good_tar(tmp_path / "t.tar")
+    other = _good_tar(tmp_path / "u.tar")
+    name, header_at, _ = _offsets(path)[11]  # k005.cls: the 2nd file of sample 5
+    assert name == "k005.cls"
+    raw = bytearray(Path(path).read_bytes())
+    if damage == "cut_at_header":
+        raw = raw[:header_at]
+    elif damage == "garbage_header":
+        raw[header_at : header_at + 512] = b"\x7f" * 512
+    else:
+        last = _offsets(path)[-1][2]
+        raw = raw[: last + 512]  # members intact, end-of-archive blocks gone
+    Path(path).write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=r"t.tar.*end-of-archive"):
+        _read(WebDatasetSource([path]))
+    src = WebDatasetSource([path, other], on_error="skip")
+    with pytest.warns(UserWarning, match=r"t.tar"):
+        got = _read(src)
+    assert all({"txt", "cls"} <= set(s) for s in got)  # never a partial sample
+    from_t = [s["__key__"] for s in got if s["__shard__"] == path]
+    expect = [f"k{i:03d}" for i in range(9 if damage == "no_end_blocks" else 5)]
+    assert from_t == expect
+    assert src.stats["skipped_shards"] == 1 and len(got) == len(expect) + 10
+
+
+def test_not_a_tar(tmp_path):
+    path = tmp_path / "x.tar"
+    path.write_bytes(b"hello world" * 100)
+    with pytest.raises(ShardError, match=r"x.tar"):
+        _read(WebDatasetSource([str(path)]))
+
+
+def test_tar_member_without_key(tmp_path):
+    path = _tar(tmp_path / "a.tar", [("k0.txt", b"a"), ("README", b"b"), ("k1.txt", b"c")])
+    with pytest.raises(ShardError, match=r"a.tar.*'README' has no key"):
+        _read(WebDatasetSource([path]))
+    src = WebDatasetSource([path], on_error="skip")
+    with pytest.warns(UserWarning, match=r"no key"):
+        got = _read(src)
+    assert [s["__key__"] for s in got] == ["k0", "k1"] and src.stats["skipped_samples"] == 1
+
+
+def test_tar_duplicate_keys(tmp_path):
+    path = _tar(
+        tmp_path / "a.tar", [("k0.txt", b"a"), ("k1.txt", b"b"), ("k0.txt", b"c"), ("k2.txt", b"d")]
+    )
+    with pytest.raises(ShardError, match=r"a.tar.*key 'k0' appears twice"):
+        _read(WebDatasetSource([path]))
+    src = WebDatasetSource([path], on_error="skip")
+    with pytest.warns(UserWarning):
+        got = _read(src)
+    assert [(s["__key__"], s["__index__"]) for s in got] == [("k0", 0), ("k1", 1), ("k2", 3)]
+    path2 = _tar(tmp_path / "b.tar", [("k0.txt", b"a"), ("k0.txt", b"b"), ("k1.txt", b"c")])
+    with pytest.raises(ShardError, match=r"b.tar.*'k0' has two 'txt' files"):
+        _read(WebDatasetSource([path2]))
+
+
+def test_parquet_wrong_schema(tmp_path):
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"x": np.arange(3), "y": ["a", "b", "c"]}), a)
+    pq.write_table(pa.table({"x": np.arange(3.0), "y": ["a", "b", "c"]}), b)
+    with pytest.raises(ShardError, match=r"b.parquet.*'x' has type double, expected int64"):
+        _read(ParquetSource([a, b]))
+    assert len(_read(ParquetSource([a, b], columns=["y"]))) == 6  # projection avoids it
+    schema = pa.schema([("x", pa.int32()), ("y", pa.string())])
+    with pytest.raises(ShardError, match=r"a.parquet.*expected int32"):
+        _read(ParquetSource([a], schema=schema))
+    src = ParquetSource([a, b], on_error="skip")
+    with pytest.warns(UserWarning, match=r"b.parquet"):
+        assert len(_read(src)) == 3
+    c = str(tmp_path / "c.parquet")
+    pq.write_table(pa.table({"x": np.arange(3)}), c)
+    with pytest.raises(ShardError, match=r"c.parquet.*no column 'y'"):
+        _read(ParquetSource([a, c]))
+
+
+def test_parquet_null_and_duplicate_keys(tmp_path):
+    a = str(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["r0", None, "r2", "r0", "r4"], "x": np.arange(5)}), a)
+    with pytest.raises(ShardError, match=r"a.parquet.*null key"):
+        _read(ParquetSource([a], key_column="id"))
+    b = str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"id": ["r0", "r1", "r2", "r0"], "x": np.arange(4)}), b)
+    with pytest.raises(ShardError, match=r"b.parquet.*key 'r0' appears more than once"):
+        _read(ParquetSource([b], key_column="id"))
+    src = ParquetSource([a], key_column="id", on_error="skip")
+    with pytest.warns(UserWarning):
+        got = _read(src)
+    assert [(s["__key__"], s["__index__"]) for s in got] == [("r0", 0), ("r2", 2), ("r4", 4)]
+    assert src.stats["skipped_samples"] == 2
+
+
+def test_no_leaked_file_descriptors(tmp_path):
+    fd_dir = "/proc/self/fd"
+    if not os.path.isdir(fd_dir):
+        pytest.skip("no /proc")
+    os.makedirs(tmp_path / "t")
+    os.makedirs(tmp_path / "p")
+    urls_t = make_shards(str(tmp_path / "t"), "tar")
+    urls_p = make_shards(str(tmp_path / "p"), "parquet")
+    bad = _good_tar(tmp_path / "bad.tar")
+    raw = Path(bad).read_bytes()
+    Path(bad).write_bytes(raw[:4000])
+    gc.collect()
+    before = len(os.listdir(fd_dir))
+    for _ in range(3):
+        for fmt, urls in (("tar", urls_t), ("parquet", urls_p)):
+            src = source(fmt, urls, shuffle=True)
+            next(src), next(src)
+            src.reset()  # abandons an open shard
+            list(src)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            list(WebDatasetSource([bad, *urls_t], on_error="skip"))
+        with pytest.raises(ShardError):
+            list(WebDatasetSource([bad]))
+    gc.collect()
+    assert len(os.listdir(fd_dir)) == before
