@@ -64,7 +64,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from es_pipe.errors import ConfigError, ManifestError
+from es_pipe.errors import ConfigError, ManifestError, ShardError
+from es_pipe.sources import shards as shard_files
 
 MARKER_FORMAT = "es_pipe.commit"
 DONE_FORMAT = "es_pipe.done"
@@ -138,29 +139,14 @@ def _check_relative(path: str, where: str) -> str:
 
 
 def fingerprint(url: str) -> dict[str, Any] | None:
-    """The identity of a shard's bytes, ``{"url", "size", "etag", "mtime"}`` from
-    ``fs.info``; ``None`` when ``url`` is not a file (an in-memory source's name)."""
+    """The shard's fingerprint (see ``sources.shards.fingerprint``), or ``None`` when ``url``
+    names no file (an in-memory source's name, a directory)."""
     try:
-        fs, path = fsspec.core.url_to_fs(url)
-        info = fs.info(path)
-    except (FileNotFoundError, ValueError, ImportError, OSError):
+        if shard_files.fingerprint_kind(url) != "file":
+            return None
+        return shard_files.fingerprint(url)
+    except (ShardError, ValueError, ImportError, OSError):
         return None
-    if info.get("type") == "directory":
-        return None
-    etag = info.get("ETag", info.get("etag"))
-    mtime: Any = None
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        if info.get(key) is not None:
-            mtime = info[key]
-            break
-    if isinstance(mtime, datetime):
-        mtime = mtime.isoformat()
-    return {
-        "url": url,
-        "size": int(info.get("size") or 0),
-        "etag": str(etag).strip('"') if etag is not None else None,
-        "mtime": mtime,
-    }
 
 
 def fingerprints_match(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:

@@ -194,6 +194,15 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
     return int(worker), int(num_workers)
 
 
+def fingerprint_kind(url: str) -> str | None:
+    """``"file"``, ``"directory"`` or ``None`` (nothing there) for a URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return fs.info(path).get("type")
+    except FileNotFoundError:
+        return None
+
+
 def fingerprint(url: str) -> dict[str, Any]:
     """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``.
 
