@@ -6,17 +6,26 @@ prefetching workers cannot see it. Everything upstream stays parallel.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torchdata.nodes as tn
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate as torch_collate
 
 from es_pipe.batch import MetaBatch, SubBatch
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampler import Identity, Sampler
 
 LossFn = Callable[[Any], Any]
+
+
+def default_collate(samples: list[Any]) -> Any:
+    """torch's ``default_collate``, quiet about read-only numpy views: sources hand out
+    zero-copy views of Arrow buffers, and collation copies them anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch_collate(samples)
 
 
 class EvolvedSampling(tn.BaseNode):

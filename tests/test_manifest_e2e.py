@@ -1,5 +1,5 @@
 """End to end: a small model trained 4 epochs through EvolvedSampling with prune= and
-manifests=, over real Parquet shards read by a source that honours the pruned-row hook;
+manifests=, over real Parquet shards read by ParquetSource with the sampler's pruned-row hook;
 then `es-pipe inspect` on the run's manifests, PNG included."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torchdata.nodes as tn
 import es_pipe
 from es_pipe.cli import main as cli_main
 from es_pipe.manifest import Manifests
+from es_pipe.sources import ParquetSource
 
 SHARDS, PER, EPOCHS = 3, 96, 4
 
@@ -35,31 +36,6 @@ def _write_shards(folder):
     return urls
 
 
-class Source:
-    """A tiny Parquet reader with the sources' hook: rows pruned this epoch are never
-    decoded (skipped by ordinal before the row is converted)."""
-
-    def __init__(self, urls, pruned):
-        self.urls, self.pruned, self.epoch = urls, pruned, 0
-        self.delivered: list[int] = []
-
-    def __iter__(self):
-        count = 0
-        for url in self.urls:
-            skip = self.pruned(url, self.epoch)
-            skip = set() if skip is None else set(skip.tolist())
-            table = pq.read_table(url)
-            for i in range(table.num_rows):
-                if i in skip:
-                    continue
-                row = table.slice(i, 1).to_pylist()[0]
-                count += 1
-                yield {"x": torch.tensor(row["x"]), "y": torch.tensor(row["y"]),
-                       "__key__": row["key"], "__shard__": url, "__index__": i}
-        self.delivered.append(count)
-        self.epoch += 1
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("e2e")
@@ -72,10 +48,10 @@ def run(tmp_path_factory):
         32, 16, beta1=0.2, beta2=0.8, total_epochs=EPOCHS, seed=3,
         prune=es_pipe.Pruning(ratio=0.5, anneal=0.25), manifests=root,
     )
-    source = Source(urls, sampler.pruned)
+    source = ParquetSource(urls, key_column="key", pruned=sampler.pruned)
     stage = es_pipe.EvolvedSampling(source, sampler)
     loader = tn.Loader(stage)
-    losses, weights_seen = [], []
+    losses, weights_seen, delivered = [], [], []
     for _ in range(EPOCHS):
         for meta in loader:
             with torch.no_grad():
@@ -91,8 +67,9 @@ def run(tmp_path_factory):
             loss.mean().backward()
             opt.step()
             losses.append(float(loss.detach().mean()))
+        delivered.append(source.stats["samples"])
     return {"root": root, "urls": urls, "source": source, "stage": stage, "losses": losses,
-            "weights": weights_seen, "folder": folder}
+            "weights": weights_seen, "folder": folder, "delivered": delivered}
 
 
 def test_manifests_committed_each_epoch_and_pruned_rows_skipped(run):
@@ -102,7 +79,7 @@ def test_manifests_committed_each_epoch_and_pruned_rows_skipped(run):
     pruned = [int(np.sum(m.read_epoch(e, columns=["pruned"]).column("pruned")))
               for e in range(EPOCHS)]
     # epoch 0: everything; epoch e+1 reads exactly what manifest e did not prune
-    assert run["source"].delivered == [total] + [total - p for p in pruned[:-1]]
+    assert run["delivered"] == [total] + [total - p for p in pruned[:-1]]
     assert pruned[0] > 0 and pruned[1] > 0 and pruned[2] == pruned[3] == 0  # anneal: last 1
     assert run["stage"].pruned_by_stage == 0  # the source hook did the skipping
     assert run["weights"] and max(float(w.max()) for w in run["weights"]) > 1.0
