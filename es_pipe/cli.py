@@ -1,19 +1,113 @@
-"""The ``es-pipe`` command. Sub-commands: ``inspect`` (more to come: demo, shard, bench)."""
+"""The ``es-pipe`` command: ``demo``, ``shard``, ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from es_pipe.errors import EsPipeError
 from es_pipe.inspect import add_inspect_parser
+
+EPILOG = """\
+examples:
+  es-pipe demo                                   # the main job, on an embedded corpus
+  es-pipe shard raw/ 'data/train-%06d.tar' --per-shard 10000
+  es-pipe shard table.parquet 'data/train-%06d.parquet' --format parquet --row-group 1000
+  es-pipe inspect runs/17/manifests --plot pruning.png
+
+Run `es-pipe COMMAND --help` for a command's options.
+"""
+
+
+def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "shard",
+        help="write a folder of files or a table into WebDataset or Parquet shards",
+        description=(
+            "Shard data so that es_pipe's sources can stream it. SOURCE is a folder of "
+            "files (files sharing a basename form one sample, the webdataset convention), "
+            "or a table: .parquet, .arrow/.feather (Arrow IPC) or .npz (equal-length "
+            "arrays). An index file (shard URL and sample count per line) is written next "
+            "to the shards; `equalize=` and ShardList.from_index read it."
+        ),
+        epilog=(
+            "examples:\n"
+            "  es-pipe shard photos/ 'data/train-%06d.tar' --per-shard 5000\n"
+            "  es-pipe shard tokens.parquet 's3://bucket/train-%06d.parquet' --format parquet\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="a folder of files, or a .parquet/.arrow/.feather/.npz")
+    parser.add_argument("out", help="output URL pattern with one printf field, e.g. out-%%06d.tar")
+    parser.add_argument(
+        "--format",
+        choices=("tar", "parquet"),
+        default=None,
+        help="shard format (default: from the pattern's extension)",
+    )
+    parser.add_argument(
+        "--per-shard",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="samples per shard (default 10000)",
+    )
+    parser.add_argument(
+        "--row-group",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Parquet row-group rows; smaller groups let pruning skip more bytes",
+    )
+    parser.set_defaults(func=_shard)
+
+
+def _shard(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from es_pipe.shard_writer import samples_from_folder, write_shards
+
+    source = Path(args.source)
+    fmt = args.format or ("parquet" if args.out.endswith(".parquet") else "tar")
+    if source.is_dir():
+        data = tqdm(samples_from_folder(str(source)), desc="samples", unit=" samples")
+    elif source.suffix == ".parquet":
+        data = pq.read_table(source)
+    elif source.suffix in (".arrow", ".feather"):
+        with pa.memory_map(str(source)) as stream:
+            data = pa.ipc.open_file(stream).read_all()
+    elif source.suffix == ".npz":
+        with np.load(source, allow_pickle=False) as arrays:
+            data = {name: arrays[name] for name in arrays.files}
+    elif not source.exists():
+        raise EsPipeError(f"{source} does not exist: give a folder or a table file to shard")
+    else:
+        raise EsPipeError(
+            f"cannot shard {source}: give a folder of files or a .parquet, .arrow, .feather "
+            "or .npz table"
+        )
+    urls = write_shards(data, args.out, fmt, args.per_shard, row_group_rows=args.row_group)
+    print(f"wrote {len(urls)} {fmt} shards: {urls[0]} .. {urls[-1]}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="es-pipe",
-        description="Evolved Sampling (ES/ESWP) for streaming PyTorch data pipelines.",
+        description=(
+            "Evolved Sampling (ES/ESWP) for streaming PyTorch data pipelines: train on the "
+            "samples worth a backward pass, prune the ones that are not worth reading."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_shard_parser(subparsers)
     add_inspect_parser(subparsers)
     return parser
 
@@ -24,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except EsPipeError as error:
+        print(f"es-pipe {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
