@@ -5,6 +5,7 @@ and each method's place against the uniform accuracy-versus-time curve."""
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import statistics
 from collections import defaultdict
@@ -94,7 +95,7 @@ def _against(
     if t > curve[-1][0]:
         expected = curve[-1][1]
     else:
-        for (t0, m0, _), (t1, m1, _) in zip(curve, curve[1:]):
+        for (t0, m0, _), (t1, m1, _) in itertools.pairwise(curve):
             if t0 <= t <= t1:
                 expected = m0 if t1 == t0 else m0 + (m1 - m0) * (t - t0) / (t1 - t0)
                 break
