@@ -34,7 +34,8 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_table_printed_and_written(demo_out: tuple[Path, str]) -> None:
     out, stdout = demo_out
     assert "| uniform |" in stdout and "| es |" in stdout
-    rows = {row["method"]: row for row in csv.DictReader(open(out / "demo.csv"))}
+    with open(out / "demo.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
     assert {"uniform", "es", "es-history"} <= set(rows)
     for row in rows.values():
         for column in ("final_mean", "train_s", "backprop", "time_ratio"):
