@@ -4,6 +4,7 @@ byte-level LM of ``es-pipe demo``."""
 from __future__ import annotations
 
 import gzip
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from es_pipe import harness
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 NOISE_SEED = 12345
 VAL_SIZE = 5000  # the last 5,000 training images: the validation split for tuning
 
