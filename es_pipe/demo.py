@@ -261,7 +261,9 @@ def run_demo(args: argparse.Namespace) -> int:
     window = args.window or (64 if quick else 128)
     batch_size = args.batch_size or (32 if quick else 64)
     meta_batch_size = args.meta_batch_size or 2 * batch_size
-    names = (args.methods or _default_methods()).split(",")
+    names = [name.strip() for name in (args.methods or _default_methods()).split(",")]
+    if "uniform" not in names:
+        names.insert(0, "uniform")  # the baseline every ratio is taken against
     try:
         methods = [harness.method(name.strip()) for name in names if name.strip()]
         for m in methods:
