@@ -33,5 +33,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The side-by-side training benchmark (about 20 minutes on 2 CPU cores). Fashion-MNIST comes
+# from Debian's dataset-fashion-mnist package (installed here with apt-get when missing).
+FMNIST   = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+BENCHOUT ?= benchmarks/results
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+bench: $(STAMP) $(FMNIST)
+	$(BIN)/python benchmarks/bench_stage.py --out $(BENCHOUT)
+	$(BIN)/python benchmarks/bench_train.py --task lm --train-samples 2048 --window 64 \
+		--epochs 3 --seeds 0,1,2 --out $(BENCHOUT) \
+		--methods uniform,uniform@0.34,uniform@0.67,random,sb,es,es-history,es-bf16,es-wide,eswp,infobatch
+	for task in fmnist fmnist-noisy; do \
+		$(BIN)/python benchmarks/bench_train.py --task $$task --tune --lrs 1e-3,3e-3 \
+			--train-samples 6000 --epochs 3 --seeds 0,1,2 --out $(BENCHOUT) \
+			--methods uniform,uniform@0.34,uniform@0.67,random,loss,sb,es,es-history,eswp,infobatch \
+			|| exit 1; \
+	done
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,12 +7,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from es_pipe import __version__
+from es_pipe.demo import add_demo_parser
 from es_pipe.errors import EsPipeError
 from es_pipe.inspect import add_inspect_parser
 
 EPILOG = """\
 examples:
-  es-pipe demo                                   # the main job, on an embedded corpus
+  es-pipe demo                                   # shard the Python stdlib, pretrain a byte LM
+                                                 # with uniform and ES side by side (minutes)
+  es-pipe demo --quick                           # the same in under a minute
   es-pipe shard raw/ 'data/train-%06d.tar' --per-shard 10000
   es-pipe shard table.parquet 'data/train-%06d.parquet' --format parquet --row-group 1000
   es-pipe inspect runs/17/manifests --plot pruning.png
@@ -106,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"es-pipe {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_demo_parser(subparsers)
     add_shard_parser(subparsers)
     add_inspect_parser(subparsers)
     return parser
@@ -119,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args))
+        return int(args.func(args) or 0)
     except EsPipeError as error:
         print(f"es-pipe {args.command}: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,132 @@
+"""Side-by-side training benchmark: uniform (at several budgets), random subset,
+loss-proportional, Selective Backprop, ES, ES history-scored (and ESWP, InfoBatch when
+es_pipe has Pruning), same model, optimizer, epochs and LR schedule, over seeds.
+
+Tasks: ``fmnist`` (small CNN, Fashion-MNIST subset, test accuracy), ``fmnist-noisy``
+(40% of training labels corrupted with a fixed seed), ``lm`` (the demo's byte LM on the
+Python stdlib, held-out loss). Methods run interleaved, seed by seed, so that load on a
+shared machine hits all of them alike; every cost is reported as a ratio to uniform of the
+same seed.
+
+    python benchmarks/bench_train.py --task fmnist --seeds 0,1,2 --out bench-out
+    python benchmarks/bench_train.py --task fmnist --tune          # choose the LR on val
+    python benchmarks/bench_train.py --task lm --train-samples 4096 --epochs 3
+
+Writes ``{task}.csv`` (summary), ``{task}_runs.csv``, ``{task}_curves.csv``, ``{task}.md``
+and ``{task}.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tasks import fmnist_task, lm_task
+
+from es_pipe import harness, report
+
+DEFAULT_METHODS = "uniform,uniform@0.5,uniform@0.75,random,loss,sb,es,es-history,eswp,infobatch"
+
+
+def make_task(args: argparse.Namespace, evaluate_on: str = "test") -> harness.Task:
+    if args.task == "lm":
+        return lm_task(args.out / "lm-shards", samples=args.train_samples, window=args.window)
+    noise = 0.4 if args.task == "fmnist-noisy" else 0.0
+    return fmnist_task(train_samples=args.train_samples, noise=noise, evaluate_on=evaluate_on)
+
+
+def tune(args: argparse.Namespace, cfg: harness.RunConfig) -> float:
+    """The peak LR of uniform with the best validation metric (never the test split)."""
+    task = make_task(args, evaluate_on="val")
+    best = None
+    for lr in (float(v) for v in args.lrs.split(",")):
+        run = harness.train(task, "uniform", harness.RunConfig(**{**cfg.__dict__, "lr": lr}))
+        print(f"  tune: lr={lr:g} -> {task.metric} {run.final:.4f}", flush=True)
+        better = best is None or (
+            run.final > best[1] if task.higher_is_better else run.final < best[1]
+        )
+        if better:
+            best = (lr, run.final)
+    return best[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", choices=["fmnist", "fmnist-noisy", "lm"], default="fmnist")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-samples", type=int, default=10000)
+    parser.add_argument("--window", type=int, default=64, help="lm: bytes per sample")
+    parser.add_argument("--batch-size", type=int, default=64, help="b")
+    parser.add_argument("--meta-batch-size", type=int, default=128, help="B")
+    parser.add_argument("--lr", type=float, default=None, help="peak LR (default: task's)")
+    parser.add_argument("--tune", action="store_true", help="choose the LR on the val split")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="candidates for --tune")
+    parser.add_argument("--evals-per-epoch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+
+    lr = args.lr or (3e-3 if args.task == "lm" else 2e-3)
+    cfg = harness.RunConfig(
+        epochs=args.epochs, batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,
+        lr=lr, threads=args.threads, evals_per_epoch=args.evals_per_epoch,
+    )
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    skipped = [m for m in names if not harness.available(m)]
+    names = [m for m in names if m not in skipped]
+    if "uniform" not in names:
+        names.insert(0, "uniform")
+    for m in skipped:
+        print(f"skipping {m}: {harness.method(m).description}", flush=True)
+    started = time.perf_counter()
+    if args.tune:
+        cfg = harness.RunConfig(**{**cfg.__dict__, "lr": tune(args, cfg)})
+        print(f"chosen on the validation split: lr={cfg.lr:g}", flush=True)
+    task = make_task(args)
+    results = []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:  # interleaved: every method once per seed, back to back
+        for name in names:
+            run = harness.train(
+                task, name, harness.RunConfig(**{**cfg.__dict__, "seed": seed}),
+                progress=args.progress,
+            )
+            results.append(run)
+            print(f"seed {seed} {name:12s} {task.metric} {run.final:.4f} "
+                  f"train {run.train_s:6.1f} s  backprop {run.backprop}  fwd {run.forwarded}",
+                  flush=True)
+    title = f"{task.name}: {args.train_samples} train samples, {args.epochs} epochs"
+    table = report.write_all(results, args.out, args.task, title)
+    notes = [
+        f"command: `python {' '.join(sys.argv)}`",
+        f"machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+        f"{len(seeds)} seeds, b={cfg.batch_size}, B={cfg.meta_batch_size}, lr={cfg.lr:g}"
+        + (" (chosen on the validation split)" if args.tune else " (fixed a priori)"),
+        f"held-out metric: {task.metric}" + (
+            "; 40% of training labels corrupted (symmetric, seed 12345), test labels clean"
+            if args.task == "fmnist-noisy" else ""),
+        "not run (needs es_pipe.Pruning, issue 4): " + (", ".join(skipped) or "none"),
+        f"total benchmark wall-clock {time.perf_counter() - started:.0f} s",
+    ]
+    with open(args.out / f"{args.task}.md", "a") as handle:
+        handle.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    print(table)
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Tables and plots from harness runs: per-method means and spreads over seeds, every cost
+taken as a ratio to uniform *of the same seed in the same run* (the machines are noisy),
+and each method's place against the uniform accuracy-versus-time curve."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from es_pipe.harness import RunResult
+
+BASELINE = "uniform"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return values[0], math.nan
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per method, in first-seen order. Ratios are per seed against ``uniform``."""
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for run in results:
+        by_method[run.method].append(run)
+    base = {run.seed: run for run in by_method.get(BASELINE, [])}
+    curve = _budget_curve(by_method, base)
+    rows = []
+    for name, runs in by_method.items():
+        paired = [(run, base[run.seed]) for run in runs if run.seed in base]
+        final, final_std = _mean_std([run.final for run in runs])
+        ratio, ratio_std = _mean_std([r.train_s / u.train_s for r, u in paired])
+        reach = [r.time_to(u.final) / u.train_s for r, u in paired]
+        reached = [v for v in reach if not math.isnan(v)]
+        row = {
+            "method": name,
+            "seeds": len(runs),
+            "epochs": runs[0].epochs,
+            "metric": runs[0].metric,
+            "final_mean": final,
+            "final_std": final_std,
+            "delta_vs_uniform": _mean_std([r.final - u.final for r, u in paired])[0],
+            "train_s": _mean_std([run.train_s for run in runs])[0],
+            "time_ratio": ratio,
+            "time_ratio_std": ratio_std,
+            "saving": 1.0 - ratio if not math.isnan(ratio) else math.nan,
+            "forwarded": _mean_std([run.forwarded for run in runs])[0],
+            "backprop": _mean_std([run.backprop for run in runs])[0],
+            "backprop_ratio": _mean_std([r.backprop / u.backprop for r, u in paired])[0],
+            "time_to_uniform_quality": statistics.fmean(reached) if reached else math.nan,
+            "reached": f"{len(reached)}/{len(paired)}",
+            "stage_share": _mean_std([run.stage_s / run.train_s for run in runs])[0],
+            "score_share": _mean_std([run.score_s / run.train_s for run in runs])[0],
+        }
+        row["vs_curve"], row["vs_curve_delta"] = _against(row, curve, runs[0].higher_is_better)
+        rows.append(row)
+    return rows
+
+
+def _budget_curve(
+    by_method: dict[str, list[RunResult]], base: dict[int, RunResult]
+) -> list[tuple[float, float, float]]:
+    """(time ratio, mean metric, std) of uniform at each budget, sorted by time."""
+    points = []
+    for name, runs in by_method.items():
+        if name != BASELINE and not name.startswith(BASELINE + "@"):
+            continue
+        ratios = [r.train_s / base[r.seed].train_s for r in runs if r.seed in base]
+        final, std = _mean_std([r.final for r in runs])
+        if ratios:
+            points.append((statistics.fmean(ratios), final, std))
+    return sorted(points)
+
+
+def _against(
+    row: dict[str, Any], curve: list[tuple[float, float, float]], higher: bool
+) -> tuple[str, float]:
+    """Where a method stands against uniform's metric-vs-time curve at its own time."""
+    if row["method"] == BASELINE or row["method"].startswith(BASELINE + "@"):
+        return "(the curve)", math.nan
+    if len(curve) < 2 or math.isnan(row["time_ratio"]):
+        return "n/a: run uniform@F budgets", math.nan
+    t = row["time_ratio"]
+    if t < curve[0][0]:
+        return f"cheaper than the smallest budget ({curve[0][0]:.2f}x)", math.nan
+    if t > curve[-1][0]:
+        expected = curve[-1][1]
+    else:
+        for (t0, m0, _), (t1, m1, _) in itertools.pairwise(curve):
+            if t0 <= t <= t1:
+                expected = m0 if t1 == t0 else m0 + (m1 - m0) * (t - t0) / (t1 - t0)
+                break
+    delta = row["final_mean"] - expected
+    gain = delta if higher else -delta
+    spread = row["final_std"]
+    if math.isnan(spread):
+        return ("above" if gain > 0 else "below") + " (1 seed)", delta
+    if gain > spread:
+        return "above", delta
+    if gain < -spread:
+        return "below", delta
+    return "on (within 1 std)", delta
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    text = _fmt(mean, digits)
+    return text if math.isnan(std) else f"{text} ± {_fmt(std, 2)}"
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary as a Markdown table."""
+    metric = rows[0]["metric"] if rows else "metric"
+    head = [
+        "method",
+        "epochs",
+        f"{metric} (mean ± std)",
+        "Δ vs uniform",
+        "train s",
+        "time vs uniform",
+        "saving",
+        "fwd (scoring)",
+        "back-prop",
+        "back-prop vs uniform",
+        "time to uniform quality",
+        "vs uniform budget curve",
+        "stage share",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        reach = r["time_to_uniform_quality"]
+        reach_text = f"{_fmt(reach, 3)}x ({r['reached']})" if not math.isnan(reach) else (
+            f"not reached ({r['reached']})"
+        )
+        cells = [
+            r["method"],
+            r["epochs"],
+            _pm(r["final_mean"], r["final_std"]),
+            _fmt(r["delta_vs_uniform"], 3),
+            _fmt(r["train_s"], 4),
+            _pm(r["time_ratio"], r["time_ratio_std"], 3),
+            _fmt(r["saving"] * 100, 3) + "%" if not math.isnan(r["saving"]) else "-",
+            f"{r['forwarded']:.0f}",
+            f"{r['backprop']:.0f}",
+            _fmt(r["backprop_ratio"], 3),
+            reach_text,
+            r["vs_curve"],
+            _fmt(r["stage_share"] * 100, 2) + "%",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    keep = ("task", "method", "seed", "epochs", "metric", "final", "train_s", "stage_s")
+    keep += ("score_s", "forwarded", "backprop", "steps")
+    return [{k: getattr(r, k) for k in keep} for r in results]
+
+
+def curve_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    return [
+        {"task": r.task, "method": r.method, "seed": r.seed, **point}
+        for r in results
+        for point in r.curve
+    ]
+
+
+def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
+    """Held-out metric against training wall-clock and against samples back-propagated,
+    mean over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for run in results:
+        by_method[run.method].append(run)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, runs in by_method.items():
+        n = min(len(run.curve) for run in runs)
+        mean = {
+            key: [statistics.fmean(run.curve[i][key] for run in runs) for i in range(n)]
+            for key in ("train_s", "backprop", "metric")
+        }
+        style = "--" if name.startswith(BASELINE + "@") else "-"
+        axes[0].plot(mean["train_s"], mean["metric"], style, marker="o", ms=3, label=name)
+        axes[1].plot(mean["backprop"], mean["metric"], style, marker="o", ms=3, label=name)
+    metric = results[0].metric if results else "metric"
+    for ax, xlabel in zip(axes, ("training wall-clock (s)", "samples back-propagated")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    seeds = len({run.seed for run in results})
+    axes[0].set_title(f"{title} ({seeds} seed{'s' if seeds > 1 else ''}, mean)")
+    axes[1].legend(fontsize=8)
+    if results and not results[0].higher_is_better:
+        for ax in axes:  # the first evaluation (untrained model) would flatten the plot
+            finals = [point["metric"] for run in results for point in run.curve[1:]]
+            if finals:
+                low, high = min(finals), max(finals)
+                ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(results: Sequence[RunResult], out: Path, stem: str, title: str) -> str:
+    """``{stem}.csv`` (summary), ``{stem}_runs.csv``, ``{stem}_curves.csv``, ``{stem}.md``
+    and ``{stem}.png`` in ``out``; returns the Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(results)
+    write_csv(out / f"{stem}.csv", rows)
+    write_csv(out / f"{stem}_runs.csv", run_rows(results))
+    write_csv(out / f"{stem}_curves.csv", curve_rows(results))
+    table = markdown(rows)
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{table}")
+    plot(results, out / f"{stem}.png", title)
+    return table
