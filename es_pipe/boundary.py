@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ from es_pipe import pruning
 from es_pipe.errors import ConfigError, ManifestError
 from es_pipe.manifest import Manifests, fingerprint, fingerprints_match
 from es_pipe.pruning import Decision, Pruning
-from es_pipe.scores import ScoreStore
+from es_pipe.scores import ScoreStore, ShardCodes
 
 OnMismatch = Literal["raise", "fresh"]
 
@@ -76,7 +76,7 @@ class EpochBoundary:
         self.epoch = 0  # the epoch the decisions apply to (the one being read)
         self.decisions: dict[str, Decision] = {}
         self.keys: dict[str, pa.Array] = {}  # key by ordinal, from the last write/restore
-        self._chunks: list[tuple[list[str], np.ndarray, pa.Array]] = []
+        self._chunks: list[tuple[ShardCodes, np.ndarray, pa.Array]] = []
         self._touched: set[str] = set()
         self._checked: set[str] = set()  # shards compared with the manifests this epoch
         self._verify: set[str] = set()  # restored shards whose keys are checked
@@ -153,9 +153,9 @@ class EpochBoundary:
         ordinals = np.flatnonzero(manifest.columns["pruned"]).astype(np.int64)
         return ordinals if len(ordinals) else None
 
-    def admit(self, shards: list[str], keys: list[str], ordinals: np.ndarray | None) -> None:
+    def admit(self, shards: ShardCodes, keys: Sequence[str], ordinals: np.ndarray | None) -> None:
         """A meta-batch arrives: restore its new shards, check and record its keys."""
-        names = set(shards)
+        names = set(shards.names)
         for name in names - self._checked:
             self._restore(name)
         self._touched.update(names)
@@ -169,12 +169,11 @@ class EpochBoundary:
         key_array = pa.array(keys, pa.string())
         if self._verify & names:
             self._check_keys(shards, key_array, ordinals)
-        self._chunks.append((list(shards), np.asarray(ordinals, np.int64), key_array))
+        self._chunks.append((shards, np.asarray(ordinals, np.int64), key_array))
 
-    def _check_keys(self, shards: list[str], keys: pa.Array, ordinals: np.ndarray) -> None:
-        shard_arr = np.asarray(shards, dtype=object)
-        for name in self._verify.intersection(shards):
-            mask = shard_arr == name
+    def _check_keys(self, shards: ShardCodes, keys: pa.Array, ordinals: np.ndarray) -> None:
+        for name in self._verify.intersection(shards.names):
+            mask = shards.mask(name)
             base = self.keys.get(name)
             if base is None:
                 continue
@@ -195,37 +194,30 @@ class EpochBoundary:
                     "Start with a fresh manifests= folder, or restore the original shard"
                 )
 
-    def drop_pruned(self, shards: list[str], ordinals: list[int | None]) -> np.ndarray:
+    def drop_pruned(self, shards: ShardCodes, ordinals: np.ndarray) -> np.ndarray:
         """Mask of the samples to keep (those this epoch does not prune)."""
         keep = np.ones(len(shards), dtype=bool)
         if self.prune is None:
             return keep
-        for name in set(shards):
+        for name in shards.names:
             self._see(name)
-        if not self.decisions:
-            return keep
-        shard_arr = np.asarray(shards, dtype=object)
-        for name in set(shards):
             decision = self.decisions.get(name)
-            if decision is None or not len(decision.pruned):
-                continue
-            mask = shard_arr == name
-            ords = np.asarray([ordinals[i] for i in np.flatnonzero(mask)], dtype=np.int64)
-            keep[mask] = ~decision.is_pruned(ords)
+            if decision is not None and len(decision.pruned):
+                mask = shards.mask(name)
+                keep[mask] = ~decision.is_pruned(ordinals[mask])
         return keep
 
-    def weights(self, shards: list[str], ordinals: np.ndarray | None) -> np.ndarray | None:
+    def weights(self, shards: ShardCodes, ordinals: np.ndarray | None) -> np.ndarray | None:
         """1/keep loss weights of the given samples (``None``: all 1)."""
         if self.prune is None or not self.prune.rescale or ordinals is None:
             return None
-        names = [n for n in set(shards) if n in self.decisions]
+        names = [n for n in shards.names if n in self.decisions]
         if not any(self.decisions[n].factor != 1.0 for n in names):
             return None
         out = np.ones(len(shards), dtype=np.float32)
-        shard_arr = np.asarray(shards, dtype=object)
         for name in names:
-            mask = shard_arr == name
-            out[mask] = self.decisions[name].weights(np.asarray(ordinals)[mask])
+            mask = shards.mask(name)
+            out[mask] = self.decisions[name].weights(ordinals[mask])
         return out
 
     # ------------------------------------------------------------------ epoch end
@@ -299,14 +291,13 @@ class EpochBoundary:
         """Each touched shard's keys by ordinal: this epoch's, else the last known."""
         if not self._chunks:
             return dict(self.keys)
-        shards = [s for chunk in self._chunks for s in chunk[0]]
+        shards = ShardCodes.concat([chunk[0] for chunk in self._chunks])
         ordinals = np.concatenate([chunk[1] for chunk in self._chunks])
         keys = pa.concat_arrays([chunk[2] for chunk in self._chunks])
-        encoded = pa.array(shards, pa.string()).dictionary_encode()
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        codes = shards.codes
         order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
-        for code, name in enumerate(encoded.dictionary.to_pylist()):
+        bounds = np.searchsorted(codes[order], np.arange(len(shards.names) + 1))
+        for code, name in enumerate(shards.names):
             rows = len(self.store.shard(name)["score"])
             picked = order[bounds[code] : bounds[code + 1]]
             base = self.keys.get(name)

@@ -44,6 +44,17 @@ class Identity:
             None if self.ordinals is None else self.ordinals[picked],
         )
 
+    @classmethod
+    def concat(cls, parts: Sequence[Identity]) -> Identity:
+        if len(parts) == 1:
+            return parts[0]
+        ordinals = [part.ordinals for part in parts]
+        return cls(
+            ShardCodes.concat([part.shards for part in parts]),
+            [key for part in parts for key in part.keys],
+            None if any(o is None for o in ordinals) else np.concatenate(ordinals),
+        )
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -231,20 +242,11 @@ class Sampler:
                 "call select(losses) with one loss per member, e.g. "
                 "loss_fn(model(x), y, reduction='none') under torch.no_grad()"
             )
-        loss = None if losses is None else check_losses(losses, n, self._nonnegative)
-        device = torch.device("cpu") if loss is None else loss.device
+        loss = None if losses is None else check_losses(losses, n, self.policy.nonnegative)
         if self.boundary is not None:
-            self.boundary.admit(list(who.shards), list(who.keys), who.ordinals)
-        slots = self.store.locate(who.shards, who.keys, who.ordinals)
-        state = self.store.gather(slots)
-        prior = torch.from_numpy(state["score"]).to(device)
-        seen = torch.from_numpy(state["visits"] > 0).to(device)
-        if loss is not None:
-            prior = torch.where(seen, prior, sampling.initial_prior(loss, self.init))
-        elif bool(seen.any()):
-            prior = torch.where(seen, prior, prior[seen].mean())
-        else:
-            prior = torch.ones(n, device=device)
+            self.boundary.admit(who.shards, who.keys, who.ordinals)
+        slots, prior = self._prior(who, loss)
+        device = prior.device
 
         weights = self.policy.weigh(prior, loss) if phase == "evolve" else None
         generator = torch.Generator(device).manual_seed(sampling.step_seed(self.seed, self.step))
@@ -256,7 +258,7 @@ class Sampler:
         if self.boundary is not None:  # ESWP: 1/keep weights of kept low-score samples
             positions = picked.cpu().numpy()
             ordinals = None if who.ordinals is None else who.ordinals[positions]
-            rescale = self.boundary.weights([who.shards[i] for i in positions], ordinals)
+            rescale = self.boundary.weights(who.shards.take(positions), ordinals)
             if rescale is not None:
                 rescale = torch.from_numpy(rescale).to(device)
                 importance = rescale if importance is None else importance * rescale
@@ -272,17 +274,23 @@ class Sampler:
     def observe(self, who: Identity, losses: Any, step: int) -> None:
         """Update scores from training losses of the samples selected at ``step``
         (history scoring)."""
-        loss = check_losses(losses, len(who.keys), self._nonnegative)
-        slots = self.store.locate(who.shards, who.keys, who.ordinals)
-        state = self.store.gather(slots)
-        prior = torch.from_numpy(state["score"]).to(loss.device)
-        seen = torch.from_numpy(state["visits"] > 0).to(loss.device)
-        prior = torch.where(seen, prior, sampling.initial_prior(loss, self.init))
+        loss = check_losses(losses, len(who.keys), self.policy.nonnegative)
+        slots, prior = self._prior(who, loss)
         self.store.scatter(slots, _host(self.policy.score(prior, loss)), _host(loss), step)
 
-    @property
-    def _nonnegative(self) -> bool:
-        return isinstance(self.policy, (sampling.Evolved, sampling.LossProportional))
+    def _prior(self, who: Identity, loss: Tensor | None) -> tuple[np.ndarray, Tensor]:
+        """Store slots and ``s(t-1)`` of ``who``, on the losses' device. Unseen samples
+        start from ``initial_prior``; without losses, from the mean of the seen ones."""
+        slots = self.store.locate(who.shards, who.keys, who.ordinals)
+        state = self.store.gather(slots, ("score", "visits"))
+        device = torch.device("cpu") if loss is None else loss.device
+        prior = torch.from_numpy(state["score"]).to(device)
+        seen = torch.from_numpy(state["visits"] > 0).to(device)
+        if loss is not None:
+            return slots, torch.where(seen, prior, sampling.initial_prior(loss, self.init))
+        if bool(seen.any()):
+            return slots, torch.where(seen, prior, prior[seen].mean())
+        return slots, torch.ones(len(slots), device=device)
 
     def end_epoch(self) -> None:
         """Close the current epoch: the schedule's epoch clock advances; with ``prune`` /

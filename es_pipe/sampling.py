@@ -38,6 +38,7 @@ class Policy(Protocol):
 
     name: str
     needs_losses: bool  # does selection need a gradient-free forward pass?
+    nonnegative: bool  # are weights proportional to losses (so losses must be >= 0)?
 
     def weigh(self, prior: Tensor, losses: Tensor | None) -> Tensor | None: ...
 
@@ -54,6 +55,7 @@ class Evolved:
     beta2: float = 0.8
     name: str = "es"
     needs_losses: bool = True
+    nonnegative: bool = True
 
     def __post_init__(self) -> None:
         for label, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
@@ -79,6 +81,7 @@ class Uniform:
 
     name: str = "uniform"
     needs_losses: bool = False
+    nonnegative: bool = False
 
     def weigh(self, prior: Tensor, losses: Tensor | None) -> None:
         return None
@@ -100,6 +103,7 @@ class LossProportional:
 
     name: str = "loss"
     needs_losses: bool = True
+    nonnegative: bool = True
 
     def weigh(self, prior: Tensor, losses: Tensor | None) -> Tensor:
         return prior if losses is None else losses
@@ -118,6 +122,7 @@ class SelectiveBackprop:
     beta: float = 1.0
     name: str = "selective_backprop"
     needs_losses: bool = True
+    nonnegative: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):

@@ -43,6 +43,23 @@ class ShardCodes:
     def take(self, picked: np.ndarray) -> ShardCodes:
         return ShardCodes(self.names, self.codes[picked])
 
+    def mask(self, name: str) -> np.ndarray:
+        """Which samples belong to shard ``name``."""
+        if name not in self.names:
+            return np.zeros(len(self.codes), dtype=bool)
+        return self.codes == self.names.index(name)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ShardCodes]) -> ShardCodes:
+        """One encoding of several batches' shards, in order."""
+        index: dict[str, int] = {}
+        codes = [
+            np.asarray([index.setdefault(n, len(index)) for n in part.names], np.int64)[part.codes]
+            for part in parts
+        ]
+        joined = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+        return cls(list(index), joined)
+
     def __len__(self) -> int:
         return len(self.codes)
 
@@ -136,9 +153,11 @@ class ScoreStore:
 
     # ------------------------------------------------------------------ values
 
-    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        """Copies of every column at ``slots``."""
-        return {name: column[slots] for name, column in self._arena.items()}
+    def gather(
+        self, slots: np.ndarray, columns: Sequence[str] = tuple(COLUMNS)
+    ) -> dict[str, np.ndarray]:
+        """Copies of ``columns`` (default: all) at ``slots``."""
+        return {name: self._arena[name][slots] for name in columns}
 
     def scatter(self, slots: np.ndarray, score: np.ndarray, loss: np.ndarray, step: int) -> None:
         """Record new scores and losses of the samples at ``slots`` seen at ``step``."""

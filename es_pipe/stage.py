@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torchdata.nodes as tn
 from torch.utils.data import default_collate as torch_collate
 
@@ -97,18 +98,16 @@ class EvolvedSampling(tn.BaseNode):
         if self._exhausted:
             self._end_epoch()
         position = self._snapshot()
-        samples = []
-        try:
-            while len(samples) < self.sampler.meta_batch_size:
-                samples.append(next(self.source))
-                if len(samples) == self.sampler.meta_batch_size:
-                    samples = self._drop_pruned(samples)
-        except StopIteration:
-            self._exhausted = True
-            samples = self._drop_pruned(samples)
+        samples, parts = [], []
+        while len(samples) < self.sampler.meta_batch_size and not self._exhausted:
+            fresh = self._pull(self.sampler.meta_batch_size - len(samples))
+            if fresh:
+                fresh, who = self._unpruned(fresh, identify(fresh))
+                samples += fresh
+                parts.append(who)
         if not samples:
             self._end_epoch()
-        meta = MetaBatch(self.collate_fn(samples), identify(samples), self.sampler)
+        meta = MetaBatch(self.collate_fn(samples), Identity.concat(parts), self.sampler)
         self._current, self._position = meta, position
         if self.loss_fn is None:
             return meta
@@ -127,23 +126,30 @@ class EvolvedSampling(tn.BaseNode):
             "done": self._done,
         }
 
-    def _drop_pruned(self, samples: list[Any]) -> list[Any]:
+    def _pull(self, n: int) -> list[Any]:
+        """Up to ``n`` samples from the source; fewer when it runs out."""
+        pulled = []
+        for _ in range(n):
+            try:
+                pulled.append(next(self.source))
+            except StopIteration:
+                self._exhausted = True
+                break
+        return pulled
+
+    def _unpruned(self, samples: list[Any], who: Identity) -> tuple[list[Any], Identity]:
         """Leave out samples the sampler prunes this epoch that the source did not skip
         (a source without the ``pruned=sampler.pruned`` hook); counted in
         ``pruned_by_stage``."""
         boundary = self.sampler.boundary
-        if boundary is None or boundary.prune is None or not samples:
-            return samples
-        try:
-            shards = [sample.get("__shard__", "") for sample in samples]
-            ordinals = [sample["__index__"] for sample in samples]
-        except (KeyError, TypeError, AttributeError):
-            return samples
-        keep = boundary.drop_pruned(shards, ordinals)
+        if boundary is None or boundary.prune is None or who.ordinals is None:
+            return samples, who
+        keep = boundary.drop_pruned(who.shards, who.ordinals)
         if keep.all():
-            return samples
+            return samples, who
         self.pruned_by_stage += int((~keep).sum())
-        return [sample for sample, kept in zip(samples, keep) if kept]
+        kept = np.flatnonzero(keep)
+        return [samples[i] for i in kept.tolist()], who.take(kept)
 
     def _end_epoch(self) -> None:
         self.sampler.end_epoch()
