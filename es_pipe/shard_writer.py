@@ -14,6 +14,7 @@ as ``.npy`` bytes (``np.save`` with ``allow_pickle=False``). No pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -140,6 +141,45 @@ def _write_parquet(url: str, table: pa.Table, row_group_rows: int | None) -> Non
         pq.write_table(table, f, row_group_size=row_group_rows)
 
 
+def _write_all(
+    samples_or_table: Any,
+    table: pa.Table | None,
+    pattern: str,
+    format: str,
+    per_shard: int,
+    row_group_rows: int | None,
+    urls: list[str],
+) -> Iterator[int]:
+    """Write the shards, appending each URL to ``urls`` before writing it; yields the
+    shards' sample counts."""
+    if format == "parquet":
+        if table is None:
+            chunks = (pa.Table.from_pylist(c) for c in _chunks(samples_or_table, per_shard))
+        else:
+            chunks = (
+                table.slice(i, per_shard) for i in range(0, max(table.num_rows, 1), per_shard)
+            )
+        for chunk in chunks:
+            urls.append(pattern % len(urls))
+            _write_parquet(urls[-1], chunk, row_group_rows)
+            yield chunk.num_rows
+    else:
+        samples = _table_rows(table) if table is not None else iter(samples_or_table)
+        first = 0
+        for chunk in _chunks(samples, per_shard):
+            urls.append(pattern % len(urls))
+            _write_tar(urls[-1], chunk, first)
+            first += len(chunk)
+            yield len(chunk)
+
+
+def _remove(urls: list[str]) -> None:
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+
+
 def write_shards(
     samples_or_table: Any,
     out_url_pattern: str,
@@ -165,6 +205,9 @@ def write_shards(
 
     Returns:
         The URLs written, in order.
+
+    If writing fails (a bad key, a value that is not bytes, a full disk), every shard this
+    call wrote is removed before the error propagates: no partial shard set is left behind.
     """
     if format not in ("tar", "parquet"):
         raise ConfigError(f"format must be 'tar' or 'parquet', got {format!r}")
@@ -178,29 +221,21 @@ def write_shards(
         ) from exc
     table = _as_table(samples_or_table)
     urls: list[str] = []
-    counts: list[int] = []
-    if format == "parquet":
-        if table is None:
-            chunks = (pa.Table.from_pylist(c) for c in _chunks(samples_or_table, samples_per_shard))
-        else:
-            chunks = (
-                table.slice(i, samples_per_shard)
-                for i in range(0, max(table.num_rows, 1), samples_per_shard)
+    try:
+        counts = list(
+            _write_all(
+                samples_or_table,
+                table,
+                out_url_pattern,
+                format,
+                samples_per_shard,
+                row_group_rows,
+                urls,
             )
-        for chunk in chunks:
-            url = out_url_pattern % len(urls)
-            _write_parquet(url, chunk, row_group_rows)
-            urls.append(url)
-            counts.append(chunk.num_rows)
-    else:
-        samples = _table_rows(table) if table is not None else iter(samples_or_table)
-        first = 0
-        for chunk in _chunks(samples, samples_per_shard):
-            url = out_url_pattern % len(urls)
-            _write_tar(url, chunk, first)
-            first += len(chunk)
-            urls.append(url)
-            counts.append(len(chunk))
+        )
+    except BaseException:
+        _remove(urls)  # nothing half-written stays behind: not this shard, not the earlier ones
+        raise
     if index:
         index_url = (
             index if isinstance(index, str) else out_url_pattern.rsplit("/", 1)[0] + "/index.txt"

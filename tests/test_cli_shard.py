@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import ROOT
 
 from es_pipe.sources import ParquetSource, WebDatasetSource
@@ -52,3 +53,14 @@ def test_shard_refuses_what_it_cannot_read(tmp_path):
 def test_help_teaches():
     out = es_pipe_cli("--help")
     assert out.returncode == 0 and "examples:" in out.stdout and "shard" in out.stdout
+
+
+def test_a_bad_sample_midway_leaves_no_shards_behind(tmp_path):
+    from es_pipe.errors import ConfigError
+    from es_pipe.shard_writer import write_shards
+
+    samples = [{"__key__": f"s{i}", "txt": "ok"} for i in range(7)]
+    samples.append({"__key__": "s7", "txt": object()})  # not writable: fails in shard 3
+    with pytest.raises(ConfigError, match="cannot write"):
+        write_shards(samples, str(tmp_path / "t-%02d.tar"), samples_per_shard=3)
+    assert list(tmp_path.iterdir()) == []
