@@ -25,6 +25,28 @@ Run `es-pipe COMMAND --help` for a command's options.
 """
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1, refused with a message that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
 def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "shard",
@@ -53,14 +75,14 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--per-shard",
-        type=int,
+        type=positive_int,
         default=10_000,
         metavar="N",
         help="samples per shard (default 10000)",
     )
     parser.add_argument(
         "--row-group",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="Parquet row-group rows; smaller groups let pruning skip more bytes",

@@ -106,8 +106,7 @@ def build_corpus(
 def read_shards(urls: Sequence[str], seed: int = 0, pruned: Any = None) -> WebDatasetSource:
     """The demo's shards as a source: shard order and order within a shard (a seeded
     buffer) reshuffled every epoch; ESWP's pruned samples skipped before decoding."""
-    return WebDatasetSource(list(urls), shuffle=True, seed=seed, shuffle_buffer=256,
-                            pruned=pruned)
+    return WebDatasetSource(list(urls), shuffle=True, seed=seed, shuffle_buffer=256, pruned=pruned)
 
 
 def decode(sample: dict[str, Any]) -> dict[str, Any]:
@@ -201,30 +200,51 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 methods: uniform, uniform@F (uniform with F x the epochs, the budget-matched baseline),
 random, loss, sb (Selective Backprop), es, es-history (ES scored from the training losses,
-no extra forward pass), eswp and infobatch (need es_pipe.Pruning).""",
+no extra forward pass), eswp (ES with set-level pruning) and infobatch.""",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"output folder (default: ./{DEFAULT_OUT})")
+    from es_pipe.cli import positive_float, positive_int
+
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
-    parser.add_argument("--samples", type=int, help="training windows (default 8192; quick 1024)")
-    parser.add_argument("--val-samples", type=int, help="held-out windows (default 512)")
-    parser.add_argument("--window", type=int, help="bytes per sample (default 128; quick 64)")
-    parser.add_argument("--epochs", type=int, help="epochs (default 3; quick 2)")
-    parser.add_argument("--methods", help="comma-separated (default: uniform,es,es-history"
-                        "[,eswp])")
+    parser.add_argument(
+        "--samples", type=positive_int, help="training windows (default 8192; quick 1024)"
+    )
+    parser.add_argument("--val-samples", type=positive_int, help="held-out windows (default 512)")
+    parser.add_argument(
+        "--window", type=positive_int, help="bytes per sample (default 128; quick 64)"
+    )
+    parser.add_argument("--epochs", type=positive_int, help="epochs (default 3; quick 2)")
+    parser.add_argument("--methods", help="comma-separated (default: uniform,es,es-history,eswp)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    parser.add_argument("--batch-size", type=int,
-                        help="b, samples back-propagated per step (default 64; quick 32)")
-    parser.add_argument("--meta-batch-size", type=int,
-                        help="B, samples buffered and scored per step (default 2b)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--d-model", type=int, default=64, help="model width (default 64)")
-    parser.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: faster for this tiny model on a shared"
-                        " 2-core machine, measured)")
-    parser.add_argument("--score-bf16", action="store_true",
-                        help="bf16 autocast for the scoring pass (slower on CPUs without AMX)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="b, samples back-propagated per step (default 64; quick 32)",
+    )
+    parser.add_argument(
+        "--meta-batch-size",
+        type=positive_int,
+        help="B, samples buffered and scored per step (default 2b)",
+    )
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--d-model", type=positive_int, default=64, help="model width (default 64)")
+    parser.add_argument(
+        "--layers", type=positive_int, default=2, help="transformer layers (default 2)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (default 1: faster for this tiny model on a shared"
+        " 2-core machine, measured)",
+    )
+    parser.add_argument(
+        "--score-bf16",
+        action="store_true",
+        help="bf16 autocast for the scoring pass (slower on CPUs without AMX)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_demo)
     return parser
@@ -251,11 +271,12 @@ def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     started = time.perf_counter()
     print(f"es-pipe demo: sharding the Python standard library into {out / 'shards'} ...")
-    corpus = build_corpus(out / "shards", samples=samples, val_samples=val_samples,
-                          window=window)
-    print(f"  {len(corpus['train'])} train + {len(corpus['val'])} val WebDataset shards, "
-          f"{samples} + {val_samples} windows of {window} bytes "
-          f"(from {corpus['files']} files; 1 in 10 files held out)")
+    corpus = build_corpus(out / "shards", samples=samples, val_samples=val_samples, window=window)
+    print(
+        f"  {len(corpus['train'])} train + {len(corpus['val'])} val WebDataset shards, "
+        f"{samples} + {val_samples} windows of {window} bytes "
+        f"(from {corpus['files']} files; 1 in 10 files held out)"
+    )
     task = lm_task(corpus, d_model=args.d_model, layers=args.layers)
     cfg = harness.RunConfig(
         epochs=epochs,
@@ -276,11 +297,15 @@ def run_demo(args: argparse.Namespace) -> int:
     table = report.write_all(results, out, "demo", title)
     print()
     print(table)
-    print(f"held-out metric: mean next-byte cross-entropy (nats/byte) on {val_samples} windows "
-          "of held-out files; times are training wall-clock, evaluation excluded; 'fwd' counts "
-          "samples in gradient-free scoring passes")
-    print(f"wrote {out}/demo.md, demo.csv, demo_runs.csv, demo_curves.csv, demo.png "
-          f"({time.perf_counter() - started:.0f} s in all)")
+    print(
+        f"held-out metric: mean next-byte cross-entropy (nats/byte) on {val_samples} windows "
+        "of held-out files; times are training wall-clock, evaluation excluded; 'fwd' counts "
+        "samples in gradient-free scoring passes"
+    )
+    print(
+        f"wrote {out}/demo.md, demo.csv, demo_runs.csv, demo_curves.csv, demo.png "
+        f"({time.perf_counter() - started:.0f} s in all)"
+    )
     return 0
 
 

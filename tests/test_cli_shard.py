@@ -64,3 +64,13 @@ def test_a_bad_sample_midway_leaves_no_shards_behind(tmp_path):
     with pytest.raises(ConfigError, match="cannot write"):
         write_shards(samples, str(tmp_path / "t-%02d.tar"), samples_per_shard=3)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("demo", "--epochs", "0"), ("demo", "--lr", "nan"), ("shard", "x", "o-%d.tar", "--per-shard", "-3")],
+)
+def test_bad_numbers_are_refused_before_any_work(args, tmp_path):
+    out = es_pipe_cli(*args, "--out", str(tmp_path)) if args[0] == "demo" else es_pipe_cli(*args)
+    assert out.returncode == 2 and "must be" in out.stderr
+    assert list(tmp_path.iterdir()) == []
