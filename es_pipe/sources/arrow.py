@@ -18,9 +18,9 @@ rows that are pruned are never paged in either.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import repeat
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -30,8 +30,11 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from es_pipe.errors import ConfigError, ShardError
-from es_pipe.sources.base import PrunedSpec, ShardedSource
+from es_pipe.sources.base import ShardedSource, SourceOptions
 from es_pipe.sources.shards import ShardList
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ArrowSource", "ParquetSource"]
 
@@ -98,32 +101,9 @@ class _ColumnarSource(ShardedSource):
         schema: pa.Schema | None = None,
         shuffle_rows: bool = False,
         batch_rows: int = 8192,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        worker: int | None = None,
-        num_workers: int | None = None,
-        equalize: Literal["drop", "pad"] | None = None,
-        on_error: Literal["raise", "skip"] = "raise",
-        pruned: PrunedSpec = None,
-        num_samples: Mapping[str, int] | None = None,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            urls,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world_size,
-            worker=worker,
-            num_workers=num_workers,
-            equalize=equalize,
-            on_error=on_error,
-            pruned=pruned,
-            num_samples=num_samples,
-        )
+        super().__init__(urls, **options)
         if batch_rows < 1:
             raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
         if schema is not None and not isinstance(schema, pa.Schema):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from torchdata.nodes import BaseNode
@@ -69,6 +69,22 @@ def _empty_stats() -> dict[str, Any]:
         "dropped": 0,
         "errors": [],
     }
+
+
+class SourceOptions(TypedDict, total=False):
+    """The options every source takes (see :class:`ShardedSource` for their meaning)."""
+
+    shuffle: bool
+    seed: int
+    epoch: int
+    rank: int | None
+    world_size: int | None
+    worker: int | None
+    num_workers: int | None
+    equalize: Literal["drop", "pad"] | None
+    on_error: Literal["raise", "skip"]
+    pruned: PrunedSpec
+    num_samples: Mapping[str, int] | None
 
 
 class ShardedSource(BaseNode[dict]):
@@ -239,24 +255,24 @@ class ShardedSource(BaseNode[dict]):
         self._consumed = False
 
     def __next__(self) -> dict:
-        # Fast path: hand out the next sample of the chunk the reader produced last (a
-        # chunk exists only after reset(), so BaseNode's lazy-initialisation is not needed).
-        pos = self._chunk_pos
-        if pos < len(self._chunk) and (self._limit is None or self._yielded < self._limit):
-            self._chunk_pos = pos + 1
-            self._yielded += 1
-            self._cur_count += 1
-            return self._chunk[pos]
-        return super().__next__()
+        # Fast path: a chunk exists only after reset(), so BaseNode's lazy initialisation
+        # is needed only when the chunk is used up.
+        sample = self._from_chunk()
+        return sample if sample is not None else super().__next__()
 
     def next(self) -> dict:
+        sample = self._from_chunk()
+        return sample if sample is not None else self._next_slow()
+
+    def _from_chunk(self) -> dict | None:
+        """The next sample of the chunk the reader produced last, if any is left."""
         pos = self._chunk_pos
         if pos < len(self._chunk) and (self._limit is None or self._yielded < self._limit):
             self._chunk_pos = pos + 1
             self._yielded += 1
             self._cur_count += 1
             return self._chunk[pos]
-        return self._next_slow()
+        return None
 
     def _next_slow(self) -> dict:
         if self._pending_state is not None:

@@ -18,16 +18,19 @@ from __future__ import annotations
 import re
 import tarfile
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, BinaryIO, Literal
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from es_pipe.errors import ConfigError, ShardError
-from es_pipe.sources.base import PrunedSpec, ShardedSource
+from es_pipe.sources.base import ShardedSource, SourceOptions
 from es_pipe.sources.shards import ShardList
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["WebDatasetSource"]
 
@@ -91,33 +94,10 @@ class WebDatasetSource(ShardedSource):
         self,
         urls: str | Sequence[str] | ShardList,
         *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        worker: int | None = None,
-        num_workers: int | None = None,
         shuffle_buffer: int = 0,
-        equalize: Literal["drop", "pad"] | None = None,
-        on_error: Literal["raise", "skip"] = "raise",
-        pruned: PrunedSpec = None,
-        num_samples: Mapping[str, int] | None = None,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            urls,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world_size,
-            worker=worker,
-            num_workers=num_workers,
-            equalize=equalize,
-            on_error=on_error,
-            pruned=pruned,
-            num_samples=num_samples,
-        )
+        super().__init__(urls, **options)
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
