@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: demo test test-slow test-faults lint bench clean data
+.PHONY: demo test test-faults lint bench clean data
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,9 +22,6 @@ demo: $(STAMP)
 test: $(STAMP) data
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
-
-test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow
 
 test-faults: $(STAMP)
 	$(BIN)/pytest -q -m faults

@@ -25,8 +25,9 @@ from es_pipe.scores import ScoreStore
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--root", help="manifest root (default: a temporary folder)")
@@ -41,11 +42,15 @@ def main(argv=None) -> dict:
     store = ScoreStore()
     for shard in shards:
         store.reserve(shard, per)
-        store.load_shard(shard, {
-            "score": gen.random(per, np.float32), "loss": gen.random(per, np.float32),
-            "visits": gen.integers(1, 5, per).astype(np.uint32),
-            "step": gen.integers(0, 10**6, per).astype(np.int32),
-        })
+        store.load_shard(
+            shard,
+            {
+                "score": gen.random(per, np.float32),
+                "loss": gen.random(per, np.float32),
+                "visits": gen.integers(1, 5, per).astype(np.uint32),
+                "step": gen.integers(0, 10**6, per).astype(np.int32),
+            },
+        )
     held, nbytes = store.held, store.nbytes  # arena capacity after incremental growth
     payload = sum(v.nbytes for shard in shards for v in store.shard(shard).values())
     ordinals = pa.array(np.arange(per)).cast(pa.string())
@@ -59,11 +64,18 @@ def main(argv=None) -> dict:
             epoch = attempt
             t0 = time.perf_counter()
             m = Manifests(root)
-            m.write_shards(epoch, (
-                {"shard": shard, "columns": {**store.shard(shard), "state": states[shard]},
-                 "keys": keys[shard], "factor": 1.2}
-                for shard in shards
-            ))
+            m.write_shards(
+                epoch,
+                (
+                    {
+                        "shard": shard,
+                        "columns": {**store.shard(shard), "state": states[shard]},
+                        "keys": keys[shard],
+                        "factor": 1.2,
+                    }
+                    for shard in shards
+                ),
+            )
             m.finish(epoch)
             m.commit(epoch)
             write_s.append(time.perf_counter() - t0)
@@ -97,15 +109,21 @@ def main(argv=None) -> dict:
         print(json.dumps(result, indent=1))
     else:
         print(f"{rows:,} rows in {args.shards} shards, best of {args.repeat}")
-        print(f"write+commit: {result['write_rows_per_s'] / 1e6:6.2f} M rows/s "
-              f"({min(write_s):.2f} s; goal >= 5)")
-        print(f"read+verify : {result['read_rows_per_s'] / 1e6:6.2f} M rows/s "
-              f"({min(read_s):.2f} s; goal >= 5)")
+        print(
+            f"write+commit: {result['write_rows_per_s'] / 1e6:6.2f} M rows/s "
+            f"({min(write_s):.2f} s; goal >= 5)"
+        )
+        print(
+            f"read+verify : {result['read_rows_per_s'] / 1e6:6.2f} M rows/s "
+            f"({min(read_s):.2f} s; goal >= 5)"
+        )
         print(f"on disk     : {result['bytes_on_disk_per_row']:.1f} B/row (lz4 Parquet)")
-        print(f"score store : {result['score_store_bytes_per_sample']:.2f} B/sample held "
-              f"(goal <= 16); arena incl. growth slack "
-              f"{result['score_store_arena_bytes_per_sample']:.2f} B/sample; "
-              "+ 1 B/sample pruning state when prune= is on")
+        print(
+            f"score store : {result['score_store_bytes_per_sample']:.2f} B/sample held "
+            f"(goal <= 16); arena incl. growth slack "
+            f"{result['score_store_arena_bytes_per_sample']:.2f} B/sample; "
+            "+ 1 B/sample pruning state when prune= is on"
+        )
     return result
 
 

@@ -51,8 +51,7 @@ def bench_stage(B: int, shards: int, repeats: int) -> float:
     n = B * repeats
     per = -(-n // shards)
     samples = [
-        {"__key__": str(i), "__shard__": f"shard-{i // per:04d}.tar", "__index__": i % per,
-         "x": i}
+        {"__key__": str(i), "__shard__": f"shard-{i // per:04d}.tar", "__index__": i % per, "x": i}
         for i in range(n)
     ]
     sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
@@ -90,19 +89,26 @@ def main() -> None:
                 "stage_samples_per_s": bench_stage(B, args.shards, max(4, repeats // 2)),
             }
         )
-        print(f"B={B:6d}: Sampler.select {rows[-1]['sampler_samples_per_s'] / 1e6:7.3f} M/s, "
-              f"EvolvedSampling end to end {rows[-1]['stage_samples_per_s'] / 1e6:7.3f} M/s",
-              flush=True)
+        print(
+            f"B={B:6d}: Sampler.select {rows[-1]['sampler_samples_per_s'] / 1e6:7.3f} M/s, "
+            f"EvolvedSampling end to end {rows[-1]['stage_samples_per_s'] / 1e6:7.3f} M/s",
+            flush=True,
+        )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "stage.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        lines = ["| B | b | Sampler.select (M samples/s) | EvolvedSampling end to end (M/s) |",
-                 "|---|---|---|---|"]
-        lines += [f"| {r['B']} | {r['b']} | {r['sampler_samples_per_s'] / 1e6:.3f} | "
-                  f"{r['stage_samples_per_s'] / 1e6:.3f} |" for r in rows]
+        lines = [
+            "| B | b | Sampler.select (M samples/s) | EvolvedSampling end to end (M/s) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['B']} | {r['b']} | {r['sampler_samples_per_s'] / 1e6:.3f} | "
+            f"{r['stage_samples_per_s'] / 1e6:.3f} |"
+            for r in rows
+        ]
         (args.out / "stage.md").write_text("\n".join(lines) + "\n")
 
 

@@ -59,7 +59,8 @@ def tune(args: argparse.Namespace, cfg: harness.RunConfig) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", choices=["fmnist", "fmnist-noisy", "lm"], default="fmnist")
@@ -81,8 +82,12 @@ def main() -> None:
 
     lr = args.lr or (3e-3 if args.task == "lm" else 2e-3)
     cfg = harness.RunConfig(
-        epochs=args.epochs, batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,
-        lr=lr, threads=args.threads, evals_per_epoch=args.evals_per_epoch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        meta_batch_size=args.meta_batch_size,
+        lr=lr,
+        threads=args.threads,
+        evals_per_epoch=args.evals_per_epoch,
     )
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     skipped = [m for m in names if not harness.available(m)]
@@ -101,13 +106,17 @@ def main() -> None:
     for seed in seeds:  # interleaved: every method once per seed, back to back
         for name in names:
             run = harness.train(
-                task, name, harness.RunConfig(**{**cfg.__dict__, "seed": seed}),
+                task,
+                name,
+                harness.RunConfig(**{**cfg.__dict__, "seed": seed}),
                 progress=args.progress,
             )
             results.append(run)
-            print(f"seed {seed} {name:12s} {task.metric} {run.final:.4f} "
-                  f"train {run.train_s:6.1f} s  backprop {run.backprop}  fwd {run.forwarded}",
-                  flush=True)
+            print(
+                f"seed {seed} {name:12s} {task.metric} {run.final:.4f} "
+                f"train {run.train_s:6.1f} s  backprop {run.backprop}  fwd {run.forwarded}",
+                flush=True,
+            )
     title = f"{task.name}: {args.train_samples} train samples, {args.epochs} epochs"
     table = report.write_all(results, args.out, args.task, title)
     notes = [
@@ -116,9 +125,12 @@ def main() -> None:
         f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
         f"{len(seeds)} seeds, b={cfg.batch_size}, B={cfg.meta_batch_size}, lr={cfg.lr:g}"
         + (" (chosen on the validation split)" if args.tune else " (fixed a priori)"),
-        f"held-out metric: {task.metric}" + (
+        f"held-out metric: {task.metric}"
+        + (
             "; 40% of training labels corrupted (symmetric, seed 12345), test labels clean"
-            if args.task == "fmnist-noisy" else ""),
+            if args.task == "fmnist-noisy"
+            else ""
+        ),
         "not run (needs es_pipe.Pruning, issue 4): " + (", ".join(skipped) or "none"),
         f"total benchmark wall-clock {time.perf_counter() - started:.0f} s",
     ]

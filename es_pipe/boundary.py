@@ -79,6 +79,7 @@ class EpochBoundary:
         self._chunks: list[tuple[ShardCodes, np.ndarray, pa.Array]] = []
         self._touched: set[str] = set()
         self._checked: set[str] = set()  # shards compared with the manifests this epoch
+        self._committed: list[int] | None = None  # committed epochs, listed once per epoch
         self._verify: set[str] = set()  # restored shards whose keys are checked
         self._origin: dict[str, str] = {}  # shard -> manifest file it was restored from
         self._written: dict[str, int] = {}  # shard -> last epoch this rank wrote it
@@ -92,7 +93,9 @@ class EpochBoundary:
         self._checked.add(shard)
         if self.manifests is None:
             return
-        epoch = self.manifests.find(shard, before=self.epoch)
+        if self._committed is None:  # one listing per epoch, not one per shard
+            self._committed = self.manifests.committed(refresh=False)
+        epoch = self.manifests.find(shard, before=self.epoch, epochs=self._committed)
         if epoch is None or self._written.get(shard, -1) >= epoch:
             return
         if shard in self.store.shards and shard not in self._written:
@@ -111,8 +114,9 @@ class EpochBoundary:
                     message + ". Restore the original shard, start with a fresh manifests= "
                     "folder, or pass on_mismatch='fresh' to start this shard from scratch"
                 )
-            warnings.warn(message + "; starting this shard fresh (on_mismatch='fresh')",
-                          stacklevel=3)
+            warnings.warn(
+                message + "; starting this shard fresh (on_mismatch='fresh')", stacklevel=3
+            )
             self.stats["fresh"] += 1
             if shard in self.store.shards:
                 self.store.drop(shard)
@@ -183,8 +187,9 @@ class EpochBoundary:
             got = keys.filter(pa.array(mask)).filter(pa.array(inside))
             known = expected.is_valid()
             same = pc.equal(expected, got).fill_null(True)
-            bad = np.flatnonzero(~same.to_numpy(zero_copy_only=False) & known.to_numpy(
-                zero_copy_only=False))
+            bad = np.flatnonzero(
+                ~same.to_numpy(zero_copy_only=False) & known.to_numpy(zero_copy_only=False)
+            )
             if len(bad):
                 i = int(bad[0])
                 raise ManifestError(
@@ -244,14 +249,16 @@ class EpochBoundary:
             else:
                 decisions[name] = pruning.keep_all(rows)
             if self.manifests is not None:
-                items.append({
-                    "shard": name,
-                    "columns": {**view, "state": decisions[name].state},
-                    "keys": keys.get(name),
-                    "factor": decisions[name].factor,
-                    "fingerprint": self.fingerprint_fn(name),
-                    "hyper": {**self.hyper, "step": step},
-                })
+                items.append(
+                    {
+                        "shard": name,
+                        "columns": {**view, "state": decisions[name].state},
+                        "keys": keys.get(name),
+                        "factor": decisions[name].factor,
+                        "fingerprint": self.fingerprint_fn(name),
+                        "hyper": {**self.hyper, "step": step},
+                    }
+                )
                 self._written[name] = ended
                 self.stats["written"] += 1
         if self.manifests is not None:
@@ -269,6 +276,7 @@ class EpochBoundary:
                 self.store.drop(name)
                 self.keys.pop(name, None)
             self._checked = set()  # next epoch: compare with the newest commit again
+            self._committed = None
         self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}
         self._touched = set()
         self._chunks = []
@@ -282,6 +290,7 @@ class EpochBoundary:
         self.epoch = int(epoch)
         self.decisions = {}
         self._checked = set()
+        self._committed = None
         self._verify = set()
         self._chunks = []
         self._touched = set(self.store.shards)
@@ -304,8 +313,9 @@ class EpochBoundary:
             if base is None:
                 base = pa.nulls(0, pa.string())
             base = base.slice(0, min(len(base), rows))
-            combined = pa.concat_arrays([base, keys.take(pa.array(picked)),
-                                         pa.nulls(1, pa.string())])
+            combined = pa.concat_arrays(
+                [base, keys.take(pa.array(picked)), pa.nulls(1, pa.string())]
+            )
             index = np.full(rows, len(combined) - 1, dtype=np.int64)
             index[: len(base)] = np.arange(len(base))
             index[ordinals[picked]] = len(base) + np.arange(len(picked))

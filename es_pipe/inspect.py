@@ -181,14 +181,19 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     tables = reader.tables
     report: dict[str, Any] = {"root": args.root, "committed": committed, "epoch": epoch}
     report["epochs"] = [
-        {"epoch": e, "shards": len(manifests.marker(e)["files"]),
-         "committed_at": manifests.marker(e).get("committed"), **_summary(tables[e])}
+        {
+            "epoch": e,
+            "shards": len(manifests.marker(e)["files"]),
+            "committed_at": manifests.marker(e).get("committed"),
+            **_summary(tables[e]),
+        }
         for e in committed
     ]
     table = tables[epoch]
     if args.shard:
-        names = sorted(set().union(*(set(t.column("shard").unique().to_pylist())
-                                     for t in tables.values())))
+        names = sorted(
+            set().union(*(set(t.column("shard").unique().to_pylist()) for t in tables.values()))
+        )
         shard = _match_shard(names, args.shard)
         report["shard"] = shard
         report["shard_history"] = [
@@ -218,8 +223,9 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         for e in (a, b):
             manifests.marker(e)
         report["diff"] = _diff(tables[a], tables[b], a, b, shard)
-    report["distribution"] = _histogram(table if shard is None else
-                                        table.filter(pc.equal(table.column("shard"), shard)))
+    report["distribution"] = _histogram(
+        table if shard is None else table.filter(pc.equal(table.column("shard"), shard))
+    )
     return report
 
 
@@ -249,11 +255,12 @@ def _diff(ta: pa.Table, tb: pa.Table, a: int, b: int, shard: str | None) -> dict
         tb = tb.filter(pc.equal(tb.column("shard"), shard))
     left = ta.select(["shard", "row", "score", "pruned"])
     right = tb.select(["shard", "row", "score", "pruned"])
-    joined = left.join(right, ["shard", "row"], left_suffix="_a", right_suffix="_b",
-                       join_type="inner")
+    joined = left.join(
+        right, ["shard", "row"], left_suffix="_a", right_suffix="_b", join_type="inner"
+    )
     pa_ = joined.column("pruned_a").to_numpy(zero_copy_only=False).astype(bool)
     pb = joined.column("pruned_b").to_numpy(zero_copy_only=False).astype(bool)
-    delta = (joined.column("score_b").to_numpy() - joined.column("score_a").to_numpy())
+    delta = joined.column("score_b").to_numpy() - joined.column("score_a").to_numpy()
     shards_a = set(ta.column("shard").unique().to_pylist())
     shards_b = set(tb.column("shard").unique().to_pylist())
     return {
@@ -301,38 +308,69 @@ def _fmt(value: Any) -> str:
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(h.rjust(w) for h, w in zip(headers, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
 def _summary_row(s: dict[str, Any]) -> list[Any]:
     q = s["score"]
-    return [s["samples"], s["seen"], s["pruned"], f"{100 * s['pruned_fraction']:.1f}%",
-            q["p10"], q["p50"], q["p90"]]
+    return [
+        s["samples"],
+        s["seen"],
+        s["pruned"],
+        f"{100 * s['pruned_fraction']:.1f}%",
+        q["p10"],
+        q["p50"],
+        q["p90"],
+    ]
 
 
 SUMMARY_HEADERS = ["samples", "seen", "pruned", "pruned%", "score p10", "p50", "p90"]
 
 
 def render(report: dict[str, Any]) -> str:
-    out = [f"manifests: {report['root']}",
-           f"committed epochs: {len(report['committed'])} (newest {report['committed'][-1]}); "
-           "`pruned` = left out of the NEXT epoch", "",
-           "epochs"]
-    out.append(_table(["epoch", "shards", *SUMMARY_HEADERS],
-                      [[e["epoch"], e["shards"], *_summary_row(e)] for e in report["epochs"]]))
+    out = [
+        f"manifests: {report['root']}",
+        f"committed epochs: {len(report['committed'])} (newest {report['committed'][-1]}); "
+        "`pruned` = left out of the NEXT epoch",
+        "",
+        "epochs",
+    ]
+    out.append(
+        _table(
+            ["epoch", "shards", *SUMMARY_HEADERS],
+            [[e["epoch"], e["shards"], *_summary_row(e)] for e in report["epochs"]],
+        )
+    )
     if "shards" in report:
         out += ["", f"shards of epoch {report['epoch']} (most pruned first)"]
-        out.append(_table(["shard", "samples", "pruned", "pruned%", "score mean"],
-                          [[s["shard"], s["samples"], s["pruned"],
-                            f"{100 * s['pruned_fraction']:.1f}%", s["score_mean"]]
-                           for s in report["shards"]]))
+        out.append(
+            _table(
+                ["shard", "samples", "pruned", "pruned%", "score mean"],
+                [
+                    [
+                        s["shard"],
+                        s["samples"],
+                        s["pruned"],
+                        f"{100 * s['pruned_fraction']:.1f}%",
+                        s["score_mean"],
+                    ]
+                    for s in report["shards"]
+                ],
+            )
+        )
     if "shard_history" in report:
         out += ["", f"shard {report['shard']}"]
-        out.append(_table(["epoch", *SUMMARY_HEADERS],
-                          [[h["epoch"], *_summary_row(h)] for h in report["shard_history"]]))
+        out.append(
+            _table(
+                ["epoch", *SUMMARY_HEADERS],
+                [[h["epoch"], *_summary_row(h)] for h in report["shard_history"]],
+            )
+        )
     if "key_history" in report:
         out += ["", f"sample {report['key']!r}"]
         cols = ["epoch", "shard", "row", "score", "loss", "visits", "pruned", "streak", "weight"]
@@ -340,17 +378,44 @@ def render(report: dict[str, Any]) -> str:
     if "diff" in report:
         d = report["diff"]
         out += ["", f"epoch {d['a']} -> {d['b']}"]
-        out.append(_table(
-            ["samples", "pruned A", "pruned B", "newly pruned", "returned", "pruned both",
-             "score change mean", "p10", "p50", "p90"],
-            [[d["samples_both"], d["pruned_a"], d["pruned_b"], d["newly_pruned"],
-              d["returned"], d["pruned_both"], d["score_change_mean"],
-              d["score_change"]["p10"], d["score_change"]["p50"], d["score_change"]["p90"]]]))
+        out.append(
+            _table(
+                [
+                    "samples",
+                    "pruned A",
+                    "pruned B",
+                    "newly pruned",
+                    "returned",
+                    "pruned both",
+                    "score change mean",
+                    "p10",
+                    "p50",
+                    "p90",
+                ],
+                [
+                    [
+                        d["samples_both"],
+                        d["pruned_a"],
+                        d["pruned_b"],
+                        d["newly_pruned"],
+                        d["returned"],
+                        d["pruned_both"],
+                        d["score_change_mean"],
+                        d["score_change"]["p10"],
+                        d["score_change"]["p50"],
+                        d["score_change"]["p90"],
+                    ]
+                ],
+            )
+        )
         for side in ("a", "b"):
             if d[f"shards_only_in_{side}"]:
                 out.append(f"shards only in {d[side]}: {_few(d[f'shards_only_in_{side}'])}")
-    out += ["", f"plain SQL: select epoch, avg(pruned::int) from '{report['root']}/**/*.parquet' "
-            f"where epoch <= {report['committed'][-1]} group by 1 order by 1"]
+    out += [
+        "",
+        f"plain SQL: select epoch, avg(pruned::int) from '{report['root']}/**/*.parquet' "
+        f"where epoch <= {report['committed'][-1]} group by 1 order by 1",
+    ]
     return "\n".join(out)
 
 
@@ -372,10 +437,18 @@ def plot(report: dict[str, Any], path: str) -> None:
     if dist["edges"]:
         edges = np.asarray(dist["edges"])
         widths = np.diff(edges)
-        right.bar(edges[:-1], dist["kept"], width=widths, align="edge", label="kept",
-                  color="tab:blue")
-        right.bar(edges[:-1], dist["pruned"], width=widths, align="edge",
-                  bottom=dist["kept"], label="pruned", color="tab:red")
+        right.bar(
+            edges[:-1], dist["kept"], width=widths, align="edge", label="kept", color="tab:blue"
+        )
+        right.bar(
+            edges[:-1],
+            dist["pruned"],
+            width=widths,
+            align="edge",
+            bottom=dist["kept"],
+            label="pruned",
+            color="tab:red",
+        )
         right.legend()
     right.set_xlabel("score (EMA of loss)")
     right.set_ylabel("samples")

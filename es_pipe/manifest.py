@@ -223,6 +223,7 @@ class Manifests:
         self._token = secrets.token_hex(4)
         self._written: dict[int, list[dict[str, Any]]] = {}
         self._markers: dict[int, dict[str, Any]] = {}
+        self._by_shard: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
 
     def __repr__(self) -> str:
         return f"Manifests({self.url!r}, rank={self.rank}, attempt={self.attempt!r})"
@@ -452,8 +453,9 @@ class Manifests:
             if atomic:
                 os.replace(target, path)
         else:
-            self.fs.pipe_file(path, memoryview(data).tobytes() if isinstance(data, pa.Buffer)
-                              else data)
+            self.fs.pipe_file(
+                path, memoryview(data).tobytes() if isinstance(data, pa.Buffer) else data
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -530,11 +532,19 @@ class Manifests:
 
     def shards(self, epoch: int) -> dict[str, dict[str, Any]]:
         """``shard -> file entry`` of a committed epoch."""
-        return {entry["shard"]: entry for entry in self.marker(epoch)["files"]}
+        marker = self.marker(epoch)
+        cached = self._by_shard.get(epoch)
+        if cached is None or cached[0] is not marker:  # built once per marker read
+            cached = (marker, {entry["shard"]: entry for entry in marker["files"]})
+            self._by_shard[epoch] = cached
+        return cached[1]
 
-    def find(self, shard: str, *, before: int | None = None) -> int | None:
-        """The newest committed epoch (``< before`` if given) that has ``shard``."""
-        for epoch in reversed(self.committed(refresh=False)):
+    def find(
+        self, shard: str, *, before: int | None = None, epochs: list[int] | None = None
+    ) -> int | None:
+        """The newest committed epoch (``< before`` if given) that has ``shard``. Pass
+        ``epochs`` (from :meth:`committed`) to look up many shards with one listing."""
+        for epoch in reversed(self.committed(refresh=False) if epochs is None else epochs):
             if before is not None and epoch >= before:
                 continue
             if shard in self.shards(epoch):
@@ -613,9 +623,7 @@ class Manifests:
             )
         return table, meta, path
 
-    def read_epoch(
-        self, epoch: int | None = None, *, columns: list[str] | None = None
-    ) -> pa.Table:
+    def read_epoch(self, epoch: int | None = None, *, columns: list[str] | None = None) -> pa.Table:
         """Every shard of a committed epoch (default: the newest) as one table, with an
         ``epoch`` column."""
         if epoch is None:
@@ -756,4 +764,3 @@ def _progress(items: list[Any], label: str, progress: bool | None) -> Iterable[A
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=f"reading {label}", unit="file", leave=False)
-

@@ -146,8 +146,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         reach = r["time_to_uniform_quality"]
-        reach_text = f"{_fmt(reach, 3)}x ({r['reached']})" if not math.isnan(reach) else (
-            f"not reached ({r['reached']})"
+        reach_text = (
+            f"{_fmt(reach, 3)}x ({r['reached']})"
+            if not math.isnan(reach)
+            else (f"not reached ({r['reached']})")
         )
         cells = [
             r["method"],

@@ -78,17 +78,28 @@ def main() -> None:
         sampler = es_pipe.Sampler(es_pipe.Uniform(), meta_batch_size=b, batch_size=b)
     else:
         sampler = es_pipe.EvolvedSampler(
-            args.meta_batch_size, args.batch_size, beta1=0.2, beta2=0.8,
-            burn_in=es_pipe.Epochs(0.1 * args.epochs), anneal=es_pipe.Epochs(0.1 * args.epochs),
+            args.meta_batch_size,
+            args.batch_size,
+            beta1=0.2,
+            beta2=0.8,
+            burn_in=es_pipe.Epochs(0.1 * args.epochs),
+            anneal=es_pipe.Epochs(0.1 * args.epochs),
             total_epochs=args.epochs,
             scoring="history" if args.method == "es-history" else "forward",
         )
     loader = es_pipe.evolve(Epochs(), sampler, collate_fn=collate)
 
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     steps = args.epochs * -(-len(train_x) // sampler.meta_batch_size)
@@ -117,8 +128,10 @@ def main() -> None:
         model.eval()
         with torch.inference_mode():
             acc = (model(test_x).argmax(1) == test_y).float().mean().item()
-        print(f"epoch {epoch + 1}: test accuracy {acc:.4f}, {trained} samples back-propagated, "
-              f"{time.perf_counter() - start:.1f} s")
+        print(
+            f"epoch {epoch + 1}: test accuracy {acc:.4f}, {trained} samples back-propagated, "
+            f"{time.perf_counter() - start:.1f} s"
+        )
 
 
 if __name__ == "__main__":

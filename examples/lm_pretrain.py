@@ -48,15 +48,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="b: trained per step")
     parser.add_argument("--meta-batch-size", type=int, default=128, help="B: scored per step")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--history", action="store_true",
-                        help="score from training losses: no extra forward pass")
+    parser.add_argument(
+        "--history", action="store_true", help="score from training losses: no extra forward pass"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
     # 1. Sources: WebDataset shards, reshuffled every epoch.
-    corpus = build_corpus(args.out / "shards", samples=args.samples, val_samples=256,
-                          window=args.window)
+    corpus = build_corpus(
+        args.out / "shards", samples=args.samples, val_samples=256, window=args.window
+    )
     source = WebDatasetSource(corpus["train"], shuffle=True, seed=0, shuffle_buffer=256)
     # 2. Decode (put a tn.ParallelMapper here for heavier decoding).
     decoded = tn.Mapper(source, decode)
@@ -108,12 +110,16 @@ def main() -> None:
             t = time.perf_counter()
         with torch.inference_mode():
             val = per_sample_loss(model, held_out).mean().item()
-        print(f"epoch {epoch + 1}: held-out loss {val:.4f} nats/byte "
-              f"({sampler.step} steps, {sampler.store.held} samples scored)")
+        print(
+            f"epoch {epoch + 1}: held-out loss {val:.4f} nats/byte "
+            f"({sampler.step} steps, {sampler.store.held} samples scored)"
+        )
     total = sum(clock.values())
     print("time: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.1f}%)" for k, v in clock.items()))
-    print(f"ES stage (selection + score update): {1e3 * clock['stage'] / sampler.step:.2f} ms "
-          f"per step, {100 * clock['stage'] / total:.2f}% of a training step")
+    print(
+        f"ES stage (selection + score update): {1e3 * clock['stage'] / sampler.step:.2f} ms "
+        f"per step, {100 * clock['stage'] / total:.2f}% of a training step"
+    )
 
 
 if __name__ == "__main__":

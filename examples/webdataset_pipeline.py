@@ -73,8 +73,9 @@ def main() -> None:
             trained = correct = 0
             for meta in pipeline:  # one epoch per iteration of the pipeline
                 with torch.inference_mode():
-                    losses = F.cross_entropy(model(meta.data["x"]), meta.data["y"],
-                                             reduction="none")
+                    losses = F.cross_entropy(
+                        model(meta.data["x"]), meta.data["y"], reduction="none"
+                    )
                 sub = meta.select(losses)
                 logits = model(sub.data["x"])
                 loss = F.cross_entropy(logits, sub.data["y"])
@@ -83,9 +84,11 @@ def main() -> None:
                 optimizer.step()
                 trained += len(sub)
                 correct += int((logits.argmax(1) == sub.data["y"]).sum())
-            print(f"epoch {epoch + 1}: trained on {trained} of {args.samples} samples, "
-                  f"train accuracy on them {correct / trained:.3f}, "
-                  f"{sampler.store.held} samples scored")
+            print(
+                f"epoch {epoch + 1}: trained on {trained} of {args.samples} samples, "
+                f"train accuracy on them {correct / trained:.3f}, "
+                f"{sampler.store.held} samples scored"
+            )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from es_pipe.sources import ParquetSource, WebDatasetSource
 
 
 def es_pipe_cli(*args):
-    return subprocess.run([sys.executable, "-m", "es_pipe.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "es_pipe.cli", *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_shard_a_folder_into_tars(tmp_path):
@@ -23,7 +24,9 @@ def test_shard_a_folder_into_tars(tmp_path):
     for i in range(7):
         (raw / f"s{i}.txt").write_text(f"text {i}")
         (raw / f"s{i}.cls").write_text(str(i % 2))
-    out = es_pipe_cli("shard", str(raw), str(tmp_path / "out" / "train-%03d.tar"), "--per-shard", "3")
+    out = es_pipe_cli(
+        "shard", str(raw), str(tmp_path / "out" / "train-%03d.tar"), "--per-shard", "3"
+    )
     assert out.returncode == 0, out.stderr
     assert "wrote 3 tar shards" in out.stdout
     samples = list(WebDatasetSource(str(tmp_path / "out" / "train-{000..002}.tar")))
@@ -68,7 +71,11 @@ def test_a_bad_sample_midway_leaves_no_shards_behind(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [("demo", "--epochs", "0"), ("demo", "--lr", "nan"), ("shard", "x", "o-%d.tar", "--per-shard", "-3")],
+    [
+        ("demo", "--epochs", "0"),
+        ("demo", "--lr", "nan"),
+        ("shard", "x", "o-%d.tar", "--per-shard", "-3"),
+    ],
 )
 def test_bad_numbers_are_refused_before_any_work(args, tmp_path):
     out = es_pipe_cli(*args, "--out", str(tmp_path)) if args[0] == "demo" else es_pipe_cli(*args)

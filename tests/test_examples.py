@@ -17,7 +17,10 @@ def run(script: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -29,8 +32,17 @@ def test_webdataset_pipeline() -> None:
 
 
 def test_lm_pretrain(tmp_path: Path) -> None:
-    out = run("lm_pretrain.py", "--samples", "256", "--epochs", "1", "--window", "64",
-              "--out", str(tmp_path))
+    out = run(
+        "lm_pretrain.py",
+        "--samples",
+        "256",
+        "--epochs",
+        "1",
+        "--window",
+        "64",
+        "--out",
+        str(tmp_path),
+    )
     assert "epoch 1: held-out loss" in out and "% of a training step" in out
     assert list((tmp_path / "shards").glob("train-*.tar"))
 
@@ -45,7 +57,10 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path: Path) -> None:
     env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "fashion_mnist.py")],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "apt-get install -y dataset-fashion-mnist" in proc.stderr

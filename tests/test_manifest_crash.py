@@ -27,7 +27,10 @@ def _kill_at(root: Path, point: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     proc = subprocess.run(
         [sys.executable, str(HERE / "crash_child.py"), str(root), "1", point],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == -9, proc.stderr  # it really was killed
 

@@ -28,8 +28,7 @@ def _write_shards(folder):
     for s in range(SHARDS):
         x = gen.normal(size=(PER, 8)).astype(np.float32)
         y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
-        table = pa.table({"key": [f"s{s}-{i:04d}" for i in range(PER)],
-                          "x": list(x), "y": y})
+        table = pa.table({"key": [f"s{s}-{i:04d}" for i in range(PER)], "x": list(x), "y": y})
         path = folder / f"train-{s:03d}.parquet"
         pq.write_table(table, path, row_group_size=16)
         urls.append(str(path))
@@ -45,8 +44,14 @@ def run(tmp_path_factory):
     model = torch.nn.Linear(8, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = es_pipe.EvolvedSampler(
-        32, 16, beta1=0.2, beta2=0.8, total_epochs=EPOCHS, seed=3,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0.25), manifests=root,
+        32,
+        16,
+        beta1=0.2,
+        beta2=0.8,
+        total_epochs=EPOCHS,
+        seed=3,
+        prune=es_pipe.Pruning(ratio=0.5, anneal=0.25),
+        manifests=root,
     )
     source = ParquetSource(urls, key_column="key", pruned=sampler.pruned)
     stage = es_pipe.EvolvedSampling(source, sampler)
@@ -56,10 +61,12 @@ def run(tmp_path_factory):
         for meta in loader:
             with torch.no_grad():
                 scored = torch.nn.functional.cross_entropy(
-                    model(meta.data["x"]), meta.data["y"], reduction="none")
+                    model(meta.data["x"]), meta.data["y"], reduction="none"
+                )
             sub = meta.select(scored)
             loss = torch.nn.functional.cross_entropy(
-                model(sub.data["x"]), sub.data["y"], reduction="none")
+                model(sub.data["x"]), sub.data["y"], reduction="none"
+            )
             if sub.weights is not None:
                 weights_seen.append(sub.weights)
                 loss = loss * sub.weights
@@ -68,16 +75,25 @@ def run(tmp_path_factory):
             opt.step()
             losses.append(float(loss.detach().mean()))
         delivered.append(source.stats["samples"])
-    return {"root": root, "urls": urls, "source": source, "stage": stage, "losses": losses,
-            "weights": weights_seen, "folder": folder, "delivered": delivered}
+    return {
+        "root": root,
+        "urls": urls,
+        "source": source,
+        "stage": stage,
+        "losses": losses,
+        "weights": weights_seen,
+        "folder": folder,
+        "delivered": delivered,
+    }
 
 
 def test_manifests_committed_each_epoch_and_pruned_rows_skipped(run):
     m = Manifests(run["root"])
     assert m.committed() == list(range(EPOCHS))
     total = SHARDS * PER
-    pruned = [int(np.sum(m.read_epoch(e, columns=["pruned"]).column("pruned")))
-              for e in range(EPOCHS)]
+    pruned = [
+        int(np.sum(m.read_epoch(e, columns=["pruned"]).column("pruned"))) for e in range(EPOCHS)
+    ]
     # epoch 0: everything; epoch e+1 reads exactly what manifest e did not prune
     assert run["delivered"] == [total] + [total - p for p in pruned[:-1]]
     assert pruned[0] > 0 and pruned[1] > 0 and pruned[2] == pruned[3] == 0  # anneal: last 1
@@ -98,8 +114,23 @@ def test_inspect_on_a_real_run(run, capsys, tmp_path):
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (1000, 400) and len(data) > 10_000
 
-    assert cli_main(["inspect", root, "--json", "--diff", "0", "1", "--shard", "train-001",
-                     "--key", "s1-0005"]) == 0
+    assert (
+        cli_main(
+            [
+                "inspect",
+                root,
+                "--json",
+                "--diff",
+                "0",
+                "1",
+                "--shard",
+                "train-001",
+                "--key",
+                "s1-0005",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     m = Manifests(root)
     first = m.read_epoch(0)
@@ -119,9 +150,16 @@ def test_inspect_on_a_real_run(run, capsys, tmp_path):
 
 
 def test_restart_restores_from_manifests(run):
-    sampler = es_pipe.EvolvedSampler(32, 16, total_epochs=EPOCHS, seed=3,
-                                     prune=es_pipe.Pruning(ratio=0.5, anneal=0.25),
-                                     manifests=run["root"], rank=0, world_size=1)
+    sampler = es_pipe.EvolvedSampler(
+        32,
+        16,
+        total_epochs=EPOCHS,
+        seed=3,
+        prune=es_pipe.Pruning(ratio=0.5, anneal=0.25),
+        manifests=run["root"],
+        rank=0,
+        world_size=1,
+    )
     assert sampler.epoch == EPOCHS
     m = Manifests(run["root"])
     for url in run["urls"]:

@@ -35,8 +35,13 @@ def _columns(n, seed=0):
 def _commit(root, epoch, shards, rank=0, **kw):
     m = Manifests(str(root), rank=rank, **kw)
     for i, shard in enumerate(shards):
-        m.write_shard(epoch, shard, _columns(50, i + 10 * epoch),
-                      keys=pa.array([f"{shard}/k{j}" for j in range(50)]), factor=1.25)
+        m.write_shard(
+            epoch,
+            shard,
+            _columns(50, i + 10 * epoch),
+            keys=pa.array([f"{shard}/k{j}" for j in range(50)]),
+            factor=1.25,
+        )
     m.finish(epoch)
     return m
 
@@ -48,8 +53,10 @@ def test_written_schema_is_exactly_the_schema_file(tmp_path):
     written = pq.read_schema(path)
     assert written.remove_metadata().equals(arrow_schema(), check_metadata=False)
     spec = schema_spec()
-    types = {"float32": "float", "dictionary<int32,string>":
-             "dictionary<values=string, indices=int32, ordered=0>"}
+    types = {
+        "float32": "float",
+        "dictionary<int32,string>": "dictionary<values=string, indices=int32, ordered=0>",
+    }
     assert [(f.name, str(f.type), f.nullable) for f in written] == [
         (f["name"], types.get(f["type"], f["type"]), f["nullable"]) for f in spec["fields"]
     ]
@@ -63,8 +70,15 @@ def test_round_trip_is_exact(tmp_path):
     cols = _columns(1000)
     keys = pa.array([None if i % 97 == 0 else f"k{i}" for i in range(1000)], pa.string())
     fp = {"url": "x", "size": 3, "etag": None, "mtime": 1.5}
-    m.write_shard(4, "s3://bucket/dir/train-01.tar", cols, keys=keys, factor=1.75,
-                  fingerprint=fp, hyper={"beta1": 0.2})
+    m.write_shard(
+        4,
+        "s3://bucket/dir/train-01.tar",
+        cols,
+        keys=keys,
+        factor=1.75,
+        fingerprint=fp,
+        hyper={"beta1": 0.2},
+    )
     m.finish(4)
     m.commit(4)
     got = Manifests(str(tmp_path)).read_shard("s3://bucket/dir/train-01.tar")
@@ -100,8 +114,19 @@ def test_plain_readers_see_one_table_of_committed_data(tmp_path):
     assert Manifests(str(tmp_path)).latest() == 1
 
 
-@pytest.mark.parametrize("shard", ["../../x", "/etc/passwd", "s3://b/../../..", "..", "a/b\\..\\c",
-                                   "x" * 500, "ünï cödé?*.tar", ""])
+@pytest.mark.parametrize(
+    "shard",
+    [
+        "../../x",
+        "/etc/passwd",
+        "s3://b/../../..",
+        "..",
+        "a/b\\..\\c",
+        "x" * 500,
+        "ünï cödé?*.tar",
+        "",
+    ],
+)
 def test_file_names_never_leave_the_root(tmp_path, shard):
     root = tmp_path / "root"
     m = Manifests(str(root))
@@ -147,8 +172,9 @@ def test_recommit_replaces_later_epochs(tmp_path):
         _commit(tmp_path, 1, ["b.tar"]).commit(1)
     m = Manifests(str(tmp_path))
     assert m.committed() == [0, 1] and set(m.shards(1)) == {"b.tar"}
-    assert [p.name for p in (tmp_path / "epoch=1").iterdir()] == [m.shards(1)["b.tar"]["path"]
-                                                                  .split("/")[-1]]
+    assert [p.name for p in (tmp_path / "epoch=1").iterdir()] == [
+        m.shards(1)["b.tar"]["path"].split("/")[-1]
+    ]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -247,9 +273,14 @@ def _write_shards(tmp_path, n_shards=2, per=40):
 
 def _samples(urls, per=40, key="k"):
     return [
-        {"x": torch.tensor([float((i * 31) % 11)]), "__key__": f"{key}{i}", "__shard__": url,
-         "__index__": i}
-        for url in urls for i in range(per)
+        {
+            "x": torch.tensor([float((i * 31) % 11)]),
+            "__key__": f"{key}{i}",
+            "__shard__": url,
+            "__index__": i,
+        }
+        for url in urls
+        for i in range(per)
     ]
 
 
@@ -267,8 +298,9 @@ def test_sampler_resumes_scores_and_decisions_exactly(tmp_path):
     prune = es_pipe.Pruning(ratio=0.5, anneal=0)
     first = _run(tmp_path / "m", _samples(urls), 2, prune=prune)
     assert Manifests(str(tmp_path / "m")).committed() == [0, 1]
-    again = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1, prune=prune,
-                                   rank=0, world_size=1)
+    again = es_pipe.EvolvedSampler(
+        8, 4, manifests=str(tmp_path / "m"), seed=1, prune=prune, rank=0, world_size=1
+    )
     assert (again.epoch, again.step) == (first.epoch, first.step)
     for url in urls:
         expected = first.pruned(url)
@@ -287,8 +319,9 @@ def test_fingerprint_mismatch(tmp_path):
     fresh = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1)
     with pytest.raises(ManifestError, match=r"shard-0\.bin.*fingerprint.*on_mismatch='fresh'"):
         fresh.pruned(urls[0])
-    lenient = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1,
-                                     on_mismatch="fresh")
+    lenient = es_pipe.EvolvedSampler(
+        8, 4, manifests=str(tmp_path / "m"), seed=1, on_mismatch="fresh"
+    )
     with pytest.warns(UserWarning, match="starting this shard fresh"):
         assert lenient.pruned(urls[0]) is None
     assert urls[0] not in lenient.store.shards

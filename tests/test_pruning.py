@@ -118,9 +118,14 @@ def test_schedule_and_config():
 
 def _samples(n_shards=4, per=64):
     return [
-        {"x": torch.tensor([float((i * 7919) % 13)]), "__key__": f"k{i:04d}",
-         "__shard__": f"s{s}", "__index__": i}
-        for s in range(n_shards) for i in range(per)
+        {
+            "x": torch.tensor([float((i * 7919) % 13)]),
+            "__key__": f"k{i:04d}",
+            "__shard__": f"s{s}",
+            "__index__": i,
+        }
+        for s in range(n_shards)
+        for i in range(per)
     ]
 
 
@@ -139,7 +144,11 @@ def test_sampler_prunes_only_outside_burn_in_and_anneal(burn_in):
 
     total = 6
     sampler = es_pipe.EvolvedSampler(
-        16, 8, burn_in=burn_in, anneal=es_pipe.Epochs(1), total_epochs=total,
+        16,
+        8,
+        burn_in=burn_in,
+        anneal=es_pipe.Epochs(1),
+        total_epochs=total,
         prune=Pruning(ratio=0.5, anneal=0.34),
     )
     stage = es_pipe.EvolvedSampling(_samples(), sampler)
@@ -159,8 +168,9 @@ def test_sampler_prunes_only_outside_burn_in_and_anneal(burn_in):
 def test_rescale_weights_reach_the_sub_batch():
     import torchdata.nodes as tn
 
-    sampler = es_pipe.EvolvedSampler(16, 16, total_epochs=3, reweight=True,
-                                     prune=Pruning(ratio=0.5, anneal=0))
+    sampler = es_pipe.EvolvedSampler(
+        16, 16, total_epochs=3, reweight=True, prune=Pruning(ratio=0.5, anneal=0)
+    )
     loader = tn.Loader(es_pipe.EvolvedSampling(_samples(2), sampler))
     _epoch(None, loader, [])
     decisions = dict(sampler.boundary.decisions)  # for epoch 1
