@@ -73,6 +73,7 @@ class EpochBoundary:
         self.on_mismatch = on_mismatch
         self.commit_timeout = commit_timeout
         self.fingerprint_fn = fingerprint_fn
+        self._fingerprints: dict[str, dict[str, Any] | None] = {}
         self.epoch = 0  # the epoch the decisions apply to (the one being read)
         self.decisions: dict[str, Decision] = {}
         self.keys: dict[str, pa.Array] = {}  # key by ordinal, from the last write/restore
@@ -102,7 +103,7 @@ class EpochBoundary:
             return  # restored from a checkpoint (state_dict): it is authoritative
         manifest = self.manifests.read_shard(shard, epoch)
         stored = manifest.meta.get("fingerprint")
-        current = self.fingerprint_fn(shard)
+        current = self._fingerprint(shard)
         if not fingerprints_match(stored, current):
             message = (
                 f"manifest {manifest.path} was written for shard {shard!r} with fingerprint "
@@ -135,6 +136,13 @@ class EpochBoundary:
             self.decisions[shard] = pruning.from_state(state, manifest.meta.get("factor", 1.0))
         else:
             self.decisions.pop(shard, None)
+
+    def _fingerprint(self, shard: str) -> dict[str, Any] | None:
+        """The shard's fingerprint, looked up once per run: shards are immutable, and an
+        object store charges a request per lookup."""
+        if shard not in self._fingerprints:
+            self._fingerprints[shard] = self.fingerprint_fn(shard)
+        return self._fingerprints[shard]
 
     def _see(self, shard: str) -> None:
         if shard not in self._checked:
@@ -255,7 +263,7 @@ class EpochBoundary:
                         "columns": {**view, "state": decisions[name].state},
                         "keys": keys.get(name),
                         "factor": decisions[name].factor,
-                        "fingerprint": self.fingerprint_fn(name),
+                        "fingerprint": self._fingerprint(name),
                         "hyper": {**self.hyper, "step": step},
                     }
                 )
@@ -275,6 +283,7 @@ class EpochBoundary:
             for name in set(self.store.shards) - self._touched:
                 self.store.drop(name)
                 self.keys.pop(name, None)
+            self.store.compact()
             self._checked = set()  # next epoch: compare with the newest commit again
             self._committed = None
         self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}

@@ -199,9 +199,11 @@ class ScoreStore:
         self._lengths.pop(name, None)
         self._keys.pop(name, None)
         if self.held * 2 < self._end:
-            self._compact()
+            self.compact()
 
-    def _compact(self) -> None:
+    def compact(self) -> None:
+        """Repack the held shards end to end with no spare capacity (16 bytes per sample
+        held). The arena grows by doubling; the sampler compacts at epoch boundaries."""
         arena = {name: np.zeros(self.held, dtype) for name, dtype in COLUMNS.items()}
         cursor = 0
         for shard, (offset, _) in list(self._blocks.items()):
