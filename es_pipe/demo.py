@@ -237,8 +237,7 @@ no extra forward pass), eswp (ES with set-level pruning) and infobatch.""",
         "--threads",
         type=positive_int,
         default=1,
-        help="torch threads (default 1: faster for this tiny model on a shared"
-        " 2-core machine, measured)",
+        help="torch threads (default 1)",
     )
     parser.add_argument(
         "--score-bf16",

@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from es_pipe.errors import ConfigError, ManifestError, ShardError
+from es_pipe.errors import ConfigError, ManifestError
 from es_pipe.sources import shards as shard_files
 
 MARKER_FORMAT = "es_pipe.commit"
@@ -142,11 +142,11 @@ def fingerprint(url: str) -> dict[str, Any] | None:
     """The shard's fingerprint (see ``sources.shards.fingerprint``), or ``None`` when ``url``
     names no file (an in-memory source's name, a directory)."""
     try:
-        if shard_files.fingerprint_kind(url) != "file":
-            return None
-        return shard_files.fingerprint(url)
-    except (ShardError, ValueError, ImportError, OSError):
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except (FileNotFoundError, ValueError, ImportError, OSError):
         return None
+    return shard_files.fingerprint_of(url, info) if info.get("type") == "file" else None
 
 
 def fingerprints_match(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:

@@ -194,15 +194,6 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
     return int(worker), int(num_workers)
 
 
-def fingerprint_kind(url: str) -> str | None:
-    """``"file"``, ``"directory"`` or ``None`` (nothing there) for a URL."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        return fs.info(path).get("type")
-    except FileNotFoundError:
-        return None
-
-
 def fingerprint(url: str) -> dict[str, Any]:
     """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``.
 
@@ -215,6 +206,11 @@ def fingerprint(url: str) -> dict[str, Any]:
         info = fs.info(path)
     except FileNotFoundError as exc:
         raise ShardError(f"shard {url!r} does not exist; check the shard list") from exc
+    return fingerprint_of(url, info)
+
+
+def fingerprint_of(url: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint from an ``fs.info`` answer already at hand."""
     etag = info.get("ETag", info.get("etag"))
     mtime: Any = None
     for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
