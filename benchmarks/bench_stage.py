@@ -37,7 +37,8 @@ def bench_sampler(B: int, shards: int, repeats: int) -> float:
     times = []
     for r in range(repeats + 2):
         pos = order[(r % 8) * B : (r % 8 + 1) * B]
-        who = Identity([names[p // per] for p in pos], [str(p) for p in pos], pos % per)
+        # shard names are encoded while buffering, as EvolvedSampling does (identify)
+        who = Identity.of([names[p // per] for p in pos], [str(p) for p in pos], pos % per)
         losses = torch.rand(B)
         t = time.perf_counter()
         sampler.select(who, losses, B)
