@@ -90,12 +90,8 @@ def main() -> None:
         evals_per_epoch=args.evals_per_epoch,
     )
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    skipped = [m for m in names if not harness.available(m)]
-    names = [m for m in names if m not in skipped]
     if "uniform" not in names:
         names.insert(0, "uniform")
-    for m in skipped:
-        print(f"skipping {m}: {harness.method(m).description}", flush=True)
     started = time.perf_counter()
     if args.tune:
         cfg = harness.RunConfig(**{**cfg.__dict__, "lr": tune(args, cfg)})
@@ -131,7 +127,6 @@ def main() -> None:
             if args.task == "fmnist-noisy"
             else ""
         ),
-        "not run (needs es_pipe.Pruning, issue 4): " + (", ".join(skipped) or "none"),
         f"total benchmark wall-clock {time.perf_counter() - started:.0f} s",
     ]
     with open(args.out / f"{args.task}.md", "a") as handle:

@@ -179,11 +179,7 @@ def lm_task(corpus: dict[str, Any], *, d_model: int = 64, layers: int = 2) -> ha
 # --------------------------------------------------------------------------- cli
 
 
-def _default_methods() -> str:
-    methods = ["uniform", "es", "es-history"]
-    if harness.available("eswp"):
-        methods.append("eswp")
-    return ",".join(methods)
+DEFAULT_METHODS = "uniform,es,es-history,eswp"
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -257,7 +253,7 @@ def run_demo(args: argparse.Namespace) -> int:
     window = args.window or (64 if quick else 128)
     batch_size = args.batch_size or (32 if quick else 64)
     meta_batch_size = args.meta_batch_size or 2 * batch_size
-    names = [name.strip() for name in (args.methods or _default_methods()).split(",")]
+    names = [name.strip() for name in (args.methods or DEFAULT_METHODS).split(",")]
     if "uniform" not in names:
         names.insert(0, "uniform")  # the baseline every ratio is taken against
     try:

@@ -149,15 +149,8 @@ def _es(cfg: RunConfig, scoring: str = "forward", **options: Any) -> Sampler:
     )
 
 
-def _pruning(cfg: RunConfig) -> Any:
-    pruning = getattr(es_pipe, "Pruning", None)
-    if pruning is None:
-        raise ConfigError(
-            "this method needs es_pipe.Pruning (issue 4: ESWP set-level pruning), which this "
-            "build of es_pipe does not have yet; run the other methods, e.g. "
-            "--methods uniform,es,es-history"
-        )
-    return pruning(ratio=cfg.prune_ratio, anneal=es_pipe.Epochs(cfg.anneal * cfg.epochs))
+def _pruning(cfg: RunConfig) -> es_pipe.Pruning:
+    return es_pipe.Pruning(ratio=cfg.prune_ratio, anneal=es_pipe.Epochs(cfg.anneal * cfg.epochs))
 
 
 def _manifests(cfg: RunConfig, method: str) -> dict[str, Any]:
@@ -214,8 +207,12 @@ METHODS: dict[str, Method] = {
             lambda c: _es(replace(c, meta_batch_size=4 * c.batch_size)),
             "ES with B = 4b: a larger scoring batch, a stronger selection",
         ),
-        Method("eswp", _eswp, "ES + set-level pruning (needs es_pipe.Pruning)"),
-        Method("infobatch", _infobatch, "InfoBatch (needs es_pipe.Pruning)"),
+        Method("eswp", _eswp, "ES + set-level pruning (ESWP)"),
+        Method(
+            "infobatch",
+            _infobatch,
+            "InfoBatch (set-level pruning of the last losses, full data at the end)",
+        ),
     ]
 }
 
@@ -236,15 +233,6 @@ def method(name: str) -> Method:
         f"unknown method {name!r}; choose from {', '.join(METHODS)} or uniform@F "
         "(uniform with a fraction F of the epochs, e.g. uniform@0.5)"
     )
-
-
-def available(name: str) -> bool:
-    """Whether ``name`` can run with this build of es_pipe."""
-    try:
-        method(name).build(RunConfig())
-    except ConfigError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- schedule
