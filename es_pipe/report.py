@@ -220,7 +220,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     seeds = len({run.seed for run in results})
-    axes[0].set_title(f"{title} ({seeds} seed{'s' if seeds > 1 else ''}, mean)")
+    fig.suptitle(f"{title} ({seeds} seed{'s' if seeds > 1 else ''}, mean)")
     axes[1].legend(fontsize=8)
     if results and not results[0].higher_is_better:
         for ax in axes:  # the first evaluation (untrained model) would flatten the plot
