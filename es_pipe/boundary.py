@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -84,6 +85,7 @@ class EpochBoundary:
         self._verify: set[str] = set()  # restored shards whose keys are checked
         self._origin: dict[str, str] = {}  # shard -> manifest file it was restored from
         self._written: dict[str, int] = {}  # shard -> last epoch this rank wrote it
+        self._inherited: set[str] = set()  # held from a merged checkpoint, see rewind
         self.stats = {"restored": 0, "written": 0, "fresh": 0}
 
     # ------------------------------------------------------------------ restore
@@ -94,13 +96,11 @@ class EpochBoundary:
         self._checked.add(shard)
         if self.manifests is None:
             return
-        if self._committed is None:  # one listing per epoch, not one per shard
-            self._committed = self.manifests.committed(refresh=False)
-        epoch = self.manifests.find(shard, before=self.epoch, epochs=self._committed)
+        epoch = self.manifests.find(shard, before=self.epoch, epochs=self._committed_epochs())
         if epoch is None or self._written.get(shard, -1) >= epoch:
             return
-        if shard in self.store.shards and shard not in self._written:
-            return  # restored from a checkpoint (state_dict): it is authoritative
+        # a shard restored from a checkpoint (state_dict) keeps its scores: they are newer
+        held = shard in self.store.shards and shard not in self._written
         manifest = self.manifests.read_shard(shard, epoch)
         stored = manifest.meta.get("fingerprint")
         current = self._fingerprint(shard)
@@ -125,17 +125,24 @@ class EpochBoundary:
             self.keys.pop(shard, None)
             return
         columns = manifest.columns
-        self.store.load_shard(shard, columns)
+        if not held:
+            self.store.load_shard(shard, columns)
+            self.stats["restored"] += 1
         self.keys[shard] = manifest.keys
         self._verify.add(shard)
         self._origin[shard] = manifest.path
-        self.stats["restored"] += 1
         if epoch + 1 == self.epoch:
             state = columns["streak"].astype(np.uint8)
             state[columns["weight"] != 1.0] |= pruning.UPWEIGHT
             self.decisions[shard] = pruning.from_state(state, manifest.meta.get("factor", 1.0))
         else:
             self.decisions.pop(shard, None)
+
+    def _committed_epochs(self) -> list[int]:
+        """The committed epochs, listed once per epoch, not once per shard."""
+        if self._committed is None:
+            self._committed = self.manifests.committed(refresh=False)
+        return self._committed
 
     def _fingerprint(self, shard: str) -> dict[str, Any] | None:
         """The shard's fingerprint, looked up once per run: shards are immutable, and an
@@ -156,7 +163,7 @@ class EpochBoundary:
             self._see(shard)
             decision = self.decisions.get(shard)
             return None if decision is None or not len(decision.pruned) else decision.pruned
-        if self.manifests is None or epoch < 1 or epoch - 1 not in self.manifests.committed():
+        if self.manifests is None or epoch < 1 or epoch - 1 not in self._committed_epochs():
             return None
         entry = self.manifests.shards(epoch - 1).get(shard)
         if entry is None:
@@ -164,6 +171,23 @@ class EpochBoundary:
         manifest = self.manifests.read_shard(shard, epoch - 1)
         ordinals = np.flatnonzero(manifest.columns["pruned"]).astype(np.int64)
         return ordinals if len(ordinals) else None
+
+    def pruned_count(self, shard: str, epoch: int) -> int:
+        """How many samples of ``shard`` ``epoch`` skips, the same answer on every rank and
+        without loading the shard's scores: from the commit marker of ``epoch - 1`` (which
+        every rank waited for), else from the decisions this rank holds."""
+        if self.prune is None:
+            return 0
+        if self.manifests is None or epoch < 1 or epoch - 1 not in self._committed_epochs():
+            decision = self.decisions.get(shard) if epoch == self.epoch else None
+            return 0 if decision is None else len(decision.pruned)
+        entry = self.manifests.shards(epoch - 1).get(shard)
+        if entry is None:
+            return 0
+        if "pruned" in entry:
+            return int(entry["pruned"])
+        ordinals = self.pruned(shard, epoch)  # a marker from before counts were recorded
+        return 0 if ordinals is None else len(ordinals)
 
     def admit(self, shards: ShardCodes, keys: Sequence[str], ordinals: np.ndarray | None) -> None:
         """A meta-batch arrives: restore its new shards, check and record its keys."""
@@ -242,7 +266,14 @@ class EpochBoundary:
         keys = self._merge_keys() if self.manifests is not None else {}
         decisions: dict[str, Decision] = {}
         items: list[dict[str, Any]] = []
-        for name in sorted(self._touched):
+        # inherited from another topology's checkpoint and not read here since: a fallback
+        # copy by one rank, in case no rank read it after the restore (it was done)
+        fallback = {
+            name
+            for name in self._inherited - self._touched
+            if shard_owner(name, self.world_size) == rank
+        }
+        for name in sorted(self._touched | fallback):
             view = self.store.shard(name)
             rows = len(view["score"])
             previous = self.decisions.get(name)
@@ -265,10 +296,14 @@ class EpochBoundary:
                         "factor": decisions[name].factor,
                         "fingerprint": self._fingerprint(name),
                         "hyper": {**self.hyper, "step": step},
+                        "fallback": name in fallback,
                     }
                 )
-                self._written[name] = ended
+                if name not in fallback:  # a fallback may lose: restore it from the commit
+                    self._written[name] = ended
                 self.stats["written"] += 1
+        for name in fallback:
+            decisions.pop(name)
         if self.manifests is not None:
             self.manifests.write_shards(ended, items)
             self.manifests.finish(ended)
@@ -279,6 +314,10 @@ class EpochBoundary:
                     timeout=self.commit_timeout,
                     hyper={**self.hyper, "step": step},
                 )
+            else:  # the barrier: the next epoch reads what this commit publishes
+                self.manifests.wait_committed(
+                    ended, ranks=self.world_size, timeout=self.commit_timeout
+                )
             # shards not read this epoch live in the manifests, not in this rank's memory
             for name in set(self.store.shards) - self._touched:
                 self.store.drop(name)
@@ -288,21 +327,27 @@ class EpochBoundary:
             self._committed = None
         self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}
         self._touched = set()
+        self._inherited = set()
         self._chunks = []
         self._verify = set()
         self.epoch = nxt
 
-    def rewind(self, epoch: int) -> None:
+    def rewind(self, epoch: int, *, merged: bool = False) -> None:
         """The sampler was restored to ``epoch`` (a checkpoint): forget the decisions held
-        and restore every shard again from the manifests committed before ``epoch``; the
-        shards the checkpoint holds count as read this epoch."""
+        and restore every shard again from the manifests committed before ``epoch``.
+
+        The shards the checkpoint holds count as read this epoch by this rank, unless the
+        checkpoint was ``merged`` from all ranks of a topology (elastic resume): then the
+        rank that reads a shard again writes its manifest, and a shard nobody reads again
+        (it was done) is written by its :func:`shard_owner`."""
         self.epoch = int(epoch)
         self.decisions = {}
         self._checked = set()
         self._committed = None
         self._verify = set()
         self._chunks = []
-        self._touched = set(self.store.shards)
+        held = set(self.store.shards)
+        self._touched, self._inherited = (set(), held) if merged else (held, set())
         self._written = {}
 
     def _merge_keys(self) -> dict[str, pa.Array]:
@@ -330,6 +375,11 @@ class EpochBoundary:
             index[ordinals[picked]] = len(base) + np.arange(len(picked))
             self.keys[name] = combined.take(pa.array(index))
         return dict(self.keys)
+
+
+def shard_owner(shard: str, world_size: int) -> int:
+    """The rank that writes a shard nobody reads in an elastically resumed epoch."""
+    return zlib.crc32(shard.encode()) % world_size
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -61,6 +61,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -71,7 +72,9 @@ MARKER_FORMAT = "es_pipe.commit"
 DONE_FORMAT = "es_pipe.done"
 COMMITS = "_commits"
 STAGING = "_staging"
+MARKER_FIELDS = ("shard", "path", "rows", "pruned", "size", "crc32")
 _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
+_DONE_RE = re.compile(r"^rank=(\d+)\.json$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _TYPES = {
     "string": pa.string(),
@@ -243,10 +246,15 @@ class Manifests:
         factor: float = 1.0,
         fingerprint: dict[str, Any] | None = None,
         hyper: Mapping[str, Any] | None = None,
+        fallback: bool = False,
     ) -> dict[str, Any]:
         """Stage one shard's manifest for ``epoch``. ``columns`` holds per-ordinal
         ``score, loss, visits, step`` and the uint8 pruning ``state`` (see
-        :mod:`es_pipe.pruning`); ``keys`` the samples' keys by ordinal (or None)."""
+        :mod:`es_pipe.pruning`); ``keys`` the samples' keys by ordinal (or None).
+
+        ``fallback`` marks a copy written only in case no rank that read the shard this
+        epoch writes it (a shard inherited from a checkpoint of another topology): the
+        commit prefers any other rank's file of the shard."""
         table = build_table(shard, columns, keys=keys, factor=factor)
         meta = {
             "schema_version": schema_version(),
@@ -269,8 +277,10 @@ class Manifests:
             "staged": staged,
             "path": f"epoch={int(epoch)}/{name}.parquet",
             "rows": table.num_rows,
+            "pruned": int(pc.sum(table.column("pruned")).as_py() or 0),
             "size": data.size,
             "crc32": _crc(data),
+            "fallback": bool(fallback),
         }
         self._written.setdefault(int(epoch), []).append(entry)
         return entry
@@ -319,20 +329,7 @@ class Manifests:
         epoch = int(epoch)
         ranks = sorted(range(expected_ranks) if isinstance(expected_ranks, int) else expected_ranks)
         dones = self._wait_for_ranks(epoch, ranks, timeout, poll)
-        files: list[dict[str, Any]] = []
-        owner: dict[str, int] = {}
-        for rank in ranks:
-            for entry in dones[rank]["files"]:
-                if entry["shard"] in owner:
-                    raise ManifestError(
-                        f"epoch {epoch}: ranks {owner[entry['shard']]} and {rank} both wrote "
-                        f"a manifest for shard {entry['shard']!r}; each shard must be read by "
-                        "one rank per epoch (check the sources' rank split)"
-                    )
-                owner[entry["shard"]] = rank
-                _check_relative(entry["staged"], f"the done-file of rank {rank}")
-                _check_relative(entry["path"], f"the done-file of rank {rank}")
-                files.append(entry)
+        files = _pick_files(epoch, dones)
         # 1. later and equal markers become stale: the epoch is re-run from here.
         for stale in sorted((e for e in self.committed(refresh=True) if e >= epoch), reverse=True):
             warnings.warn(
@@ -363,7 +360,7 @@ class Manifests:
             "hyper": dict(hyper or {}),
             "rows": int(sum(entry["rows"] for entry in files)),
             "files": [
-                {k: entry[k] for k in ("shard", "path", "rows", "size", "crc32")}
+                {k: entry[k] for k in MARKER_FIELDS if k in entry}
                 for entry in sorted(files, key=lambda e: e["path"])
             ],
         }
@@ -404,6 +401,38 @@ class Manifests:
                     f"{timeout:.0f} s; the previous epoch stays the committed one. Check that "
                     "those ranks are alive and call finish(epoch), that every rank uses the "
                     "same attempt id (ES_PIPE_ATTEMPT), or raise timeout="
+                )
+            time.sleep(poll)
+
+    def wait_committed(self, epoch: int, *, ranks: int, timeout: float, poll: float = 0.2) -> None:
+        """Block until ``epoch`` is committed (by rank 0): the barrier a rank passes before
+        it reads the next epoch's scores and pruning decisions. Files, not collectives: no
+        process group is needed, and a dead rank shows up as a named missing done-file."""
+        epoch = int(epoch)
+        deadline = time.monotonic() + timeout
+        while epoch not in self.committed():
+            if time.monotonic() >= deadline:
+                done_dir = self._path(STAGING, f"epoch={epoch}", "_done")
+                try:
+                    names = self.fs.ls(done_dir, detail=False)
+                except FileNotFoundError:
+                    names = []
+                finished = {
+                    int(m.group(1))
+                    for m in (_DONE_RE.match(n.rstrip("/").rsplit("/", 1)[-1]) for n in names)
+                    if m
+                }
+                missing = [r for r in range(ranks) if r not in finished]
+                who = (
+                    f"ranks {missing} have not written their done-files"
+                    if missing
+                    else "every rank finished; rank 0 did not commit (is it alive?)"
+                )
+                raise ManifestError(
+                    f"epoch {epoch} of {self.url} was not committed within {timeout:.0f} s: "
+                    f"{who}. A rank that died or fell behind stops the epoch; restart the job "
+                    "from its last checkpoint (the previous epoch stays the committed one), or "
+                    "raise commit_timeout="
                 )
             time.sleep(poll)
 
@@ -731,6 +760,30 @@ def _check_version(version: Any, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _pick_files(epoch: int, dones: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One file per shard from the ranks' done-files: a rank's regular file wins over
+    another rank's fallback copy; two regular files of one shard are an error."""
+    chosen: dict[str, tuple[int, dict[str, Any]]] = {}
+    for rank in sorted(dones):
+        for entry in dones[rank]["files"]:
+            _check_relative(entry["staged"], f"the done-file of rank {rank}")
+            _check_relative(entry["path"], f"the done-file of rank {rank}")
+            shard = entry["shard"]
+            if shard not in chosen:
+                chosen[shard] = (rank, entry)
+                continue
+            other_rank, other = chosen[shard]
+            if other.get("fallback") and not entry.get("fallback"):
+                chosen[shard] = (rank, entry)
+            elif not other.get("fallback") and not entry.get("fallback"):
+                raise ManifestError(
+                    f"epoch {epoch}: ranks {other_rank} and {rank} both wrote a manifest for "
+                    f"shard {shard!r}; each shard must be read by one rank per epoch (check "
+                    "the sources' rank split)"
+                )
+    return [entry for _, entry in chosen.values()]
 
 
 def _version() -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from es_pipe import sampling
+from es_pipe.boundary import resolve_rank
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.pruning import Pruning
 from es_pipe.sampling import Phase, Policy, Schedule, Span
@@ -154,19 +155,26 @@ class Sampler:
         self.epoch = 0
         self._steps_in_epoch = 0
         self._steps_last_epoch = 0
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        if prune is not None and manifests is None and self.world_size > 1:
+            raise ConfigError(
+                f"prune= on {self.world_size} ranks needs manifests=: a rank learns the "
+                "pruning decisions of the shards it reads next epoch from the manifests the "
+                "other ranks committed. Pass manifests='s3://bucket/run/manifests' (any "
+                "folder every rank can reach)"
+            )
         self.boundary = None
         if prune is not None or manifests is not None:
             self.boundary = self._make_boundary(
-                prune, manifests, rank, world_size, on_mismatch, commit_timeout, total_epochs
+                prune, manifests, on_mismatch, commit_timeout, total_epochs
             )
             if resume:
                 self._resume_from_manifests()
 
-    def _make_boundary(self, prune, manifests, rank, world_size, on_mismatch, timeout, total):
-        from es_pipe.boundary import EpochBoundary, resolve_rank
+    def _make_boundary(self, prune, manifests, on_mismatch, timeout, total):
+        from es_pipe.boundary import EpochBoundary
         from es_pipe.manifest import Manifests
 
-        self.rank, self.world_size = resolve_rank(rank, world_size)
         if manifests is not None and not isinstance(manifests, Manifests):
             manifests = Manifests(manifests, rank=self.rank)
         return EpochBoundary(
@@ -249,7 +257,8 @@ class Sampler:
         device = prior.device
 
         weights = self.policy.weigh(prior, loss) if phase == "evolve" else None
-        generator = torch.Generator(device).manual_seed(sampling.step_seed(self.seed, self.step))
+        seed = sampling.step_seed(self.seed, self.step, self.rank)
+        generator = torch.Generator(device).manual_seed(seed)
         picked = sampling.draw(weights, k, generator, replacement=self.replacement, n=n)
         importance = None
         if self.reweight:
@@ -308,12 +317,12 @@ class Sampler:
             )
             self.boundary.close_epoch(ended, active=active, rank=self.rank, step=self.step)
 
-    def pruned(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
-        """Sorted int64 ordinals of ``shard`` to skip in ``epoch`` (default: the current
-        one), or ``None``: the hook for the sources, ``Source(..., pruned=sampler.pruned)``."""
-        if self.boundary is None:
-            return None
-        return self.boundary.pruned(shard, epoch)
+    @property
+    def pruned(self) -> PrunedHook:
+        """The hook for the sources, ``Source(..., pruned=sampler.pruned)``:
+        ``sampler.pruned(shard, epoch=None)`` gives the sorted int64 ordinals of ``shard``
+        to skip in ``epoch`` (default: the current one), or ``None``."""
+        return PrunedHook(self)
 
     # ------------------------------------------------------------------ state
 
@@ -325,19 +334,31 @@ class Sampler:
             "epoch": self.epoch,
             "steps_in_epoch": self._steps_in_epoch,
             "steps_last_epoch": self._steps_last_epoch,
+            "world_size": self.world_size,
         }
 
     def load_state(self, state: dict[str, int]) -> None:
+        """Restore ``get_state()``'s position: this rank's own, or, on another number of
+        ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``."""
         if state["seed"] != self.seed:
             raise ConfigError(
                 f"checkpoint was taken with seed={state['seed']}, this sampler has "
                 f"seed={self.seed}: construct the sampler with the checkpoint's seed"
             )
+        merged = bool(state.get("merged"))
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size and not merged:
+            raise ConfigError(
+                f"this checkpoint is one rank's of {saved_world}, and it is restored on "
+                f"{self.world_size} ranks: merge the checkpoints of all {saved_world} old "
+                "ranks with es_pipe.merge_checkpoints(...) (and their score tables with "
+                "es_pipe.merge_scores(...)) and restore the merged ones on every new rank"
+            )
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
-        if self.boundary is not None and self.boundary.epoch != self.epoch:
-            self.boundary.rewind(self.epoch)
+        if self.boundary is not None and (self.boundary.epoch != self.epoch or merged):
+            self.boundary.rewind(self.epoch, merged=merged)
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
@@ -346,6 +367,22 @@ class Sampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.store.load_state_dict(state["scores"])
+
+
+class PrunedHook:
+    """``Source(..., pruned=sampler.pruned)``: which ordinals of a shard an epoch skips
+    (called for the shards a stream reads), and how many (``count``, for ``equalize=``,
+    asked for every shard by every rank: answered from the commit marker, so no rank loads
+    the scores of shards it does not read)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._boundary = sampler.boundary
+
+    def __call__(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
+        return None if self._boundary is None else self._boundary.pruned(shard, epoch)
+
+    def count(self, shard: str, epoch: int) -> int:
+        return 0 if self._boundary is None else self._boundary.pruned_count(shard, epoch)
 
 
 class EvolvedSampler(Sampler):

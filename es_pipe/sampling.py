@@ -282,9 +282,12 @@ class Schedule:
 # --------------------------------------------------------------------------- rng
 
 
-def step_seed(seed: int, step: int) -> int:
-    """A 63-bit seed for meta-batch ``step``: SplitMix64 of (seed, step), the same in every
-    process and interpreter, so the RNG state is just ``(seed, step)``."""
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for meta-batch ``step`` of ``rank``: SplitMix64 of (seed, step), the
+    same in every process and interpreter, so the RNG state is just ``(seed, step)``. Each
+    rank draws from its own stream (rank 0 keeps the single-process one)."""
+    if rank:
+        seed = step_seed(seed, -1 - rank)
     mask = (1 << 64) - 1
     z = (seed * 0x9E3779B97F4A7C15 + step + 1) & mask
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):

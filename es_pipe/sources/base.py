@@ -114,7 +114,8 @@ class ShardedSource(BaseNode[dict]):
         pruned: ``None``, a mapping ``url -> sorted int64 ordinals`` or a callable
             ``(url, epoch) -> ordinals | None``: samples to leave out this epoch, dropped
             before their bytes are decoded (and, where the format allows, before they are
-            read).
+            read). A callable with a ``count(url, epoch) -> int`` method (a sampler's
+            ``sampler.pruned``) is asked only for counts of the shards other streams read.
         num_samples: optional mapping ``url -> number of samples`` (used by ``equalize``).
     """
 
@@ -396,10 +397,13 @@ class ShardedSource(BaseNode[dict]):
                 if counted is None:
                     return None
                 self._sizes[i] = int(counted)
+        count = getattr(self.pruned, "count", None)
         kept = []
         for url, n in zip(self.shards.urls, self._sizes, strict=True):
-            p = self._pruned_for(url)
-            kept.append(n - int(np.searchsorted(p, n)))
+            if count is not None:  # no need to load the pruning of shards others read
+                kept.append(n - min(n, int(count(url, self._epoch))))
+            else:
+                kept.append(n - int(np.searchsorted(self._pruned_for(url), n)))
         return kept
 
     def _start_epoch(
