@@ -1,6 +1,7 @@
 """es_pipe: Evolved Sampling (ES/ESWP) as a stage of streaming PyTorch data pipelines."""
 
 from es_pipe.batch import MetaBatch, SubBatch
+from es_pipe.elastic import merge_checkpoints, merge_scores
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError, ManifestError, ShardError
 from es_pipe.manifest import Manifests
 from es_pipe.pruning import InfoBatch, Pruning
@@ -42,4 +43,6 @@ __all__ = [
     "SubBatch",
     "Uniform",
     "evolve",
+    "merge_checkpoints",
+    "merge_scores",
 ]

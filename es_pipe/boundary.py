@@ -263,9 +263,6 @@ class EpochBoundary:
         """Decide the next epoch's pruning for every shard read in ``ended``, write their
         manifests, commit (rank 0)."""
         nxt = ended + 1
-        keys = self._merge_keys() if self.manifests is not None else {}
-        decisions: dict[str, Decision] = {}
-        items: list[dict[str, Any]] = []
         # inherited from another topology's checkpoint and not read here since: a fallback
         # copy by one rank, in case no rank read it after the restore (it was done)
         fallback = {
@@ -273,6 +270,11 @@ class EpochBoundary:
             for name in self._inherited - self._touched
             if shard_owner(name, self.world_size) == rank
         }
+        for name in fallback:
+            self._see(name)  # its keys and its decision for this epoch, from the manifests
+        keys = self._merge_keys() if self.manifests is not None else {}
+        decisions: dict[str, Decision] = {}
+        items: list[dict[str, Any]] = []
         for name in sorted(self._touched | fallback):
             view = self.store.shard(name)
             rows = len(view["score"])
