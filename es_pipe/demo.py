@@ -55,13 +55,21 @@ def _windows(files: Sequence[Path], window: int) -> list[bytes]:
 
 
 def build_corpus(
-    out: Path, *, samples: int, val_samples: int, window: int, seed: int = 0
+    out: Path,
+    *,
+    samples: int,
+    val_samples: int,
+    window: int,
+    seed: int = 0,
+    shard_size: int = SHARD_SIZE,
 ) -> dict[str, Any]:
     """Write ``train-*.tar`` and ``val-*.tar`` shards of ``window``-byte samples under
     ``out``; one file in ten (by a hash of its path) is held out for validation. Reuses
-    shards written earlier with the same parameters."""
+    shards written earlier with the same parameters. ``meta["train_counts"]`` holds the
+    shards' sample counts."""
     out.mkdir(parents=True, exist_ok=True)
     spec = {"samples": samples, "val_samples": val_samples, "window": window, "seed": seed}
+    spec["shard_size"] = shard_size
     index = out / "corpus.json"
     if index.exists():
         known = json.loads(index.read_text())
@@ -87,14 +95,17 @@ def build_corpus(
                 f"standard library has {len(pool)}; lower --samples or --window"
             )
         chosen = rng.choice(len(pool), size=wanted, replace=False)
-        urls = []
-        for start in range(0, wanted, SHARD_SIZE):
-            url = out / f"{split}-{start // SHARD_SIZE:05d}.tar"
+        urls, counts = [], []
+        for start in range(0, wanted, shard_size):
+            url = out / f"{split}-{start // shard_size:05d}.tar"
+            members = chosen[start : start + shard_size]
             with wds.TarWriter(str(url)) as sink:
-                for i in chosen[start : start + SHARD_SIZE]:
+                for i in members:
                     sink.write({"__key__": f"{int(i):08d}", "bin": pool[int(i)]})
             urls.append(str(url))
+            counts.append(len(members))
         meta[split] = urls
+        meta[f"{split}_counts"] = counts
         meta[f"{split}_pool"] = len(pool)
     index.write_text(json.dumps(meta, indent=1))
     return meta
@@ -117,7 +128,8 @@ def decode(sample: dict[str, Any]) -> dict[str, Any]:
 
 def load_tokens(urls: Sequence[str]) -> Tensor:
     """All samples of ``urls`` as one ``[n, window]`` tensor (the held-out set)."""
-    return torch.stack([decode(s)["tokens"] for s in WebDatasetSource(list(urls))])
+    every = WebDatasetSource(list(urls), rank=0, world_size=1)  # on every rank, all of it
+    return torch.stack([decode(s)["tokens"] for s in every])
 
 
 # --------------------------------------------------------------------------- model

@@ -65,3 +65,20 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "apt-get install -y dataset-fashion-mnist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_lm_on_two_ranks_then_resumed_on_one(tmp_path: Path) -> None:
+    def torchrun(n: int, *args: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={n}", str(ROOT / "examples" / "torchrun_lm.py")]
+        cmd += ["--samples", "1024", "--window", "32", "--out", str(tmp_path), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = torchrun(2, "--epochs", "2")
+    assert "epoch 1: held-out loss" in out and "on 2 ranks, 1024 samples read (0 repeated" in out
+    assert "epoch 2: held-out loss" in out and "512 scores held per rank" in out
+    out = torchrun(1, "--epochs", "3", "--resume")
+    assert "epoch 1:" not in out and "epoch 3: held-out loss" in out and "on 1 ranks" in out
