@@ -4,6 +4,7 @@ from es_pipe.batch import MetaBatch, SubBatch
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError, ManifestError, ShardError
 from es_pipe.manifest import Manifests
 from es_pipe.pruning import InfoBatch, Pruning
+from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler
 from es_pipe.sampling import (
     Epochs,
@@ -34,6 +35,7 @@ __all__ = [
     "MetaBatch",
     "Pruning",
     "RandomSubset",
+    "Retry",
     "Sampler",
     "ScoreStore",
     "SelectiveBackprop",

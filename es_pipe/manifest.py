@@ -38,6 +38,12 @@ one whose publication crashed): filter ``epoch <= newest committed``
 
 Schema: ``es_pipe/schemas/manifest.json`` is the single source of truth; the code builds
 the Arrow schema from it and refuses files of another schema version. No pickle.
+
+Every filesystem call (``cat_file``, ``pipe_file``, ``ls``, ``info``, ``copy``, ``rm``) is
+retried after transient errors under the ``retry=`` policy (:class:`es_pipe.Retry`) and
+counted in :attr:`Manifests.retries`; a write that fails for good removes what it may have
+left half-written (a filesystem without atomic writes can leave a prefix), so a failed
+commit never leaves a truncated marker behind.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 import warnings
 import zlib
@@ -65,8 +72,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from es_pipe.errors import ConfigError, ManifestError
+from es_pipe.retry import Retry
 from es_pipe.sources import shards as shard_files
 
+_FINGERPRINT_RETRY = Retry()
 MARKER_FORMAT = "es_pipe.commit"
 DONE_FORMAT = "es_pipe.done"
 COMMITS = "_commits"
@@ -143,7 +152,7 @@ def fingerprint(url: str) -> dict[str, Any] | None:
     names no file (an in-memory source's name, a directory)."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        info = fs.info(path)
+        info = _FINGERPRINT_RETRY.call(fs.info, path, what=f"info {url}")
     except (FileNotFoundError, ValueError, ImportError, OSError):
         return None
     return shard_files.fingerprint_of(url, info) if info.get("type") == "file" else None
@@ -201,6 +210,17 @@ class Manifests:
             ``"local"``.
         storage_options: passed to fsspec.
         progress: show a tqdm bar when reading many files (``None``: when > 16 files).
+        retry: how filesystem calls are retried after transient errors (a reset
+            connection, a timeout): an :class:`es_pipe.Retry`, an int number of attempts
+            (``1``: no retry) or ``None`` for ``Retry()`` (3 attempts, 0.2 s then 0.4 s of
+            backoff, with jitter). Every retry counts in :attr:`retries`. A call that keeps
+            failing raises :class:`ManifestError`; errors that another try cannot fix
+            (a missing file, a permission error, a full disk) propagate at once. Either
+            way a failed ``write_shard``, ``finish`` or ``commit`` leaves the committed
+            epochs as they were, and calling it again once the storage is back completes it.
+
+    Attributes:
+        retries: filesystem calls retried so far by this object.
     """
 
     def __init__(
@@ -211,6 +231,7 @@ class Manifests:
         attempt: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         progress: bool | None = False,
+        retry: Retry | int | None = None,
     ) -> None:
         if not isinstance(root, str) or not root:
             raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
@@ -221,6 +242,9 @@ class Manifests:
         self.attempt = attempt or _default_attempt()
         self.progress = progress
         self._token = secrets.token_hex(4)
+        self.retry = Retry.of(retry)
+        self.retries = 0
+        self._retry_lock = threading.Lock()
         self._written: dict[int, list[dict[str, Any]]] = {}
         self._markers: dict[int, dict[str, Any]] = {}
         self._by_shard: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
@@ -230,6 +254,36 @@ class Manifests:
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def _io(self, what: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, a filesystem call retried under :attr:`retry`."""
+
+        def count(_: int, __: BaseException) -> None:
+            with self._retry_lock:
+                self.retries += 1
+
+        def give_up(exc: BaseException, attempts: int) -> ManifestError:
+            return ManifestError(
+                f"{what} failed {attempts} times in a row ({type(exc).__name__}: {exc}); the "
+                f"storage of {self.url} kept failing. Check it (or the network) and call again "
+                "(a failed commit leaves the previous epoch committed), or allow more attempts "
+                "with retry=es_pipe.Retry(attempts=...)"
+            )
+
+        return self.retry.call(fn, *args, what=what, on_retry=count, exhausted=give_up)
+
+    def _exists(self, path: str) -> bool:
+        # not fs.exists: it answers False for any error, a transient one included
+        try:
+            self._io(f"info {path}", self.fs.info, path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _rm(self, path: str, *, recursive: bool = False) -> None:
+        """Remove ``path``; already gone is fine (a retried remove may find it so)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._io(f"rm {path}", self.fs.rm, path, recursive)
 
     # ------------------------------------------------------------------ writing
 
@@ -340,17 +394,20 @@ class Manifests:
                 f"{stale} (the run went back to an earlier checkpoint)",
                 stacklevel=2,
             )
-            self.fs.rm(self._marker_path(stale))
+            self._rm(self._marker_path(stale))
             self._markers.pop(stale, None)
         # 2. publish: every named file to its committed place.
         for entry in files:
             self._publish(entry)
         keep = {entry["path"].rsplit("/", 1)[-1] for entry in files}
         epoch_dir = self._path(f"epoch={epoch}")
-        if self.fs.exists(epoch_dir):
-            for other in self.fs.ls(epoch_dir, detail=False):
-                if other.rstrip("/").rsplit("/", 1)[-1] not in keep:
-                    self.fs.rm(other, recursive=True)
+        try:
+            present = self._io(f"ls {epoch_dir}", self.fs.ls, epoch_dir, False)
+        except FileNotFoundError:
+            present = []
+        for other in present:
+            if other.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                self._rm(other, recursive=True)
         # 3. the marker, last.
         marker = {
             "format": MARKER_FORMAT,
@@ -385,7 +442,7 @@ class Manifests:
                     continue
                 path = self._path(STAGING, f"epoch={epoch}", "_done", f"rank={rank}.json")
                 try:
-                    done = json.loads(self.fs.cat_file(path))
+                    done = json.loads(self._io(f"read {path}", self.fs.cat_file, path))
                 except FileNotFoundError:
                     continue
                 except ValueError as exc:
@@ -410,7 +467,7 @@ class Manifests:
     def _publish(self, entry: dict[str, Any]) -> None:
         src, dst = self._path(entry["staged"]), self._path(entry["path"])
         try:
-            size = self.fs.size(src)
+            size = self._io(f"size {src}", self.fs.size, src)
         except FileNotFoundError:
             size = None
         if size is None:  # published by an earlier, interrupted commit of this attempt?
@@ -429,33 +486,48 @@ class Manifests:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.replace(src, dst)
         else:
-            self.fs.copy(src, dst)
+            self._io(f"copy {src} to {dst}", self.fs.copy, src, dst)
 
     def _file_ok(self, path: str, entry: dict[str, Any]) -> bool:
         try:
-            data = self.fs.cat_file(path)
+            data = self._io(f"read {path}", self.fs.cat_file, path)
         except FileNotFoundError:
             return False
         return len(data) == entry["size"] and _crc(data) == entry["crc32"]
 
     def _put(self, path: str, data: bytes | pa.Buffer, *, atomic: bool) -> None:
         """Write ``data`` whole, in one PUT (object stores); on a local disk through a
-        hidden temporary name and ``os.replace`` when ``atomic``."""
+        hidden temporary name and ``os.replace`` when ``atomic``. Retried after transient
+        errors; a write that fails removes what it wrote (a filesystem without atomic
+        writes may keep a prefix), so no half-written file is left under its name."""
+        self._io(f"write {path}", self._put_once, path, data, atomic)
+
+    def _put_once(self, path: str, data: bytes | pa.Buffer, atomic: bool) -> None:
         if isinstance(self.fs, LocalFileSystem):
             directory, name = os.path.split(path)
             os.makedirs(directory, exist_ok=True)
             target = os.path.join(directory, f".{name}.{self._token}.tmp") if atomic else path
-            with open(target, "wb") as handle:
-                handle.write(data)
+            try:
+                with open(target, "wb") as handle:
+                    handle.write(data)
+                    if atomic:
+                        handle.flush()
+                        os.fsync(handle.fileno())
                 if atomic:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            if atomic:
-                os.replace(target, path)
+                    os.replace(target, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(target)
+                raise
         else:
-            self.fs.pipe_file(
-                path, memoryview(data).tobytes() if isinstance(data, pa.Buffer) else data
-            )
+            try:
+                self.fs.pipe_file(
+                    path, memoryview(data).tobytes() if isinstance(data, pa.Buffer) else data
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(path)
+                raise
 
     # ------------------------------------------------------------------ reading
 
@@ -465,7 +537,7 @@ class Manifests:
     def committed(self, *, refresh: bool = True) -> list[int]:
         """Committed epochs, oldest first."""
         try:
-            names = self.fs.ls(self._path(COMMITS), detail=False)
+            names = self._io("list the commit markers", self.fs.ls, self._path(COMMITS), False)
         except FileNotFoundError:
             return []
         epochs = []
@@ -487,7 +559,7 @@ class Manifests:
         return None
 
     def _no_epochs(self) -> str:
-        staged = self.fs.exists(self._path(STAGING))
+        staged = self._exists(self._path(STAGING))
         hint = (
             " (there are uncommitted files in _staging/: a run crashed or is still writing "
             "its first epoch)"
@@ -506,12 +578,12 @@ class Manifests:
             return self._markers[epoch]
         path = self._marker_path(epoch)
         try:
-            raw = self.fs.cat_file(path)
+            raw = self._io(f"read {path}", self.fs.cat_file, path)
         except FileNotFoundError:
             committed = self.committed()
             if not committed:
                 raise ManifestError(self._no_epochs()) from None
-            staged = self.fs.exists(self._path(STAGING, f"epoch={epoch}"))
+            staged = self._exists(self._path(STAGING, f"epoch={epoch}"))
             raise ManifestError(
                 f"epoch {epoch} of {self.url} is not committed"
                 + (" (its files are staged, but no commit marker was written)" if staged else "")
@@ -521,7 +593,11 @@ class Manifests:
         try:
             marker = json.loads(raw)
         except ValueError as exc:
-            raise ManifestError(f"commit marker {path} is not valid JSON: {exc}") from exc
+            raise ManifestError(
+                f"commit marker {path} is not valid JSON ({exc}): it was edited, or written "
+                "half by a filesystem without atomic writes that crashed during the commit. "
+                "Delete it to fall back to the previous epoch"
+            ) from exc
         if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
             raise ManifestError(f"{path} is not an es_pipe commit marker")
         _check_version(marker.get("schema_version"), path)
@@ -596,7 +672,7 @@ class Manifests:
     ) -> tuple[pa.Table, dict[str, Any], str]:
         path = self._path(entry["path"])
         try:
-            data = self.fs.cat_file(path)
+            data = self._io(f"read {path}", self.fs.cat_file, path)
         except FileNotFoundError:
             raise ManifestError(
                 f"{path} is named by the commit of epoch {epoch} but missing; the manifest "
