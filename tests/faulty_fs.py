@@ -68,7 +68,7 @@ class Faults:
         self.reads = 0
         self.writes = 0
         self.injected: Counter[str] = Counter()
-        self.written: list[str] = []  # the mutating calls, in order ("pipe /x", "rm /y")
+        self.written: list[tuple[str, str, int]] = []  # mutating calls: (what, path, bytes)
         self._full = False
         self._dead = False
         self._streak: Counter[str] = Counter()
@@ -103,7 +103,7 @@ class Faults:
         """A mutating call: inject its fault, or do it (``data`` None: remove ``path``)."""
         n = self.writes
         self.writes += 1
-        self.written.append(f"{what} {path}")
+        self.written.append((what, path, 0 if data is None else len(data)))
         if data is not None and self._full:
             self.injected["disk_full_again"] += 1
             raise OSError(errno.ENOSPC, f"injected: no space left writing {path}")
