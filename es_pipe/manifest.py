@@ -82,6 +82,7 @@ COMMITS = "_commits"
 STAGING = "_staging"
 _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _TYPES = {
     "string": pa.string(),
     "dictionary<int32,string>": pa.dictionary(pa.int32(), pa.string()),
@@ -134,14 +135,38 @@ def safe_name(shard: str) -> str:
 
 
 def _check_relative(path: str, where: str) -> str:
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+    if (
+        not isinstance(path, str)
+        or path.startswith("/")
+        or any(p in ("", ".", "..") for p in path.split("/"))
+        or "\\" in path
+    ):
         raise ManifestError(
             f"{where} names the file {path!r}, which is not a plain path inside the "
             "manifest root; the marker was not written by es_pipe or was edited: "
             "delete it to fall back to the previous epoch"
         )
     return path
+
+
+def _check_entry(entry: Mapping[str, Any], epoch: int, where: str) -> None:
+    """A file entry of a done-file or marker names files where es_pipe puts them, and
+    nowhere else: ``epoch=N/NAME.parquet`` (and ``_staging/epoch=N/NAME.part``), NAME a
+    :func:`safe_name`. Anything else (``..``, an absolute path, a URL, another epoch's
+    folder, a commit marker) was not written by es_pipe and is refused before any file
+    is read, copied or written."""
+    for field, folder, suffix in (("path", "", ".parquet"), ("staged", STAGING, ".parquet.part")):
+        if field not in entry or (field == "staged" and entry[field] is None):
+            continue
+        path = _check_relative(entry[field], where)
+        head = f"{folder}/epoch={int(epoch)}/" if folder else f"epoch={int(epoch)}/"
+        name = path[len(head) :]
+        if not (path.startswith(head) and name.endswith(suffix) and _NAME_RE.match(name)):
+            raise ManifestError(
+                f"{where} names the file {path!r} for epoch {epoch}; es_pipe puts it at "
+                f"{head}NAME{suffix}. The file was not written by es_pipe or was edited: "
+                "delete it to fall back to the previous epoch"
+            )
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -384,8 +409,7 @@ class Manifests:
                         "one rank per epoch (check the sources' rank split)"
                     )
                 owner[entry["shard"]] = rank
-                _check_relative(entry["staged"], f"the done-file of rank {rank}")
-                _check_relative(entry["path"], f"the done-file of rank {rank}")
+                _check_entry(entry, epoch, f"the done-file of rank {rank}")
                 files.append(entry)
         # 1. later and equal markers become stale: the epoch is re-run from here.
         for stale in sorted((e for e in self.committed(refresh=True) if e >= epoch), reverse=True):
@@ -602,7 +626,7 @@ class Manifests:
             raise ManifestError(f"{path} is not an es_pipe commit marker")
         _check_version(marker.get("schema_version"), path)
         for entry in marker["files"]:
-            _check_relative(entry["path"], f"commit marker {path}")
+            _check_entry(entry, epoch, f"commit marker {path}")
         self._markers[epoch] = marker
         return marker
 
