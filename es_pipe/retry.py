@@ -128,6 +128,12 @@ class Retry:
             "attempts (1 = no retry), or None for the default"
         )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy sent to a DataLoader worker draws its own jitter unless a seed was given.
+        self.__dict__.update(state)
+        if self.seed is None:
+            self._rng = random.Random()
+
     def __repr__(self) -> str:
         return (
             f"Retry(attempts={self.attempts}, backoff={self.backoff}, "
