@@ -158,21 +158,24 @@ class Retry:
         what: str | None = None,
         on_retry: Callable[[int, BaseException], None] | None = None,
         exhausted: Callable[[BaseException, int], BaseException] | None = None,
+        failed: BaseException | None = None,
     ) -> T:
         """``fn(*args)``, tried up to ``attempts`` times while it raises transient errors.
+
         ``on_retry(k, exc)`` is called before retry ``k``; when the tries run out, the error
         that ``exhausted(last_exc, attempts)`` builds is raised (default: the last error
         itself). Other errors propagate at once, unchanged. ``what`` names the call in the
-        log message of each retry (logger ``es_pipe``, level WARNING)."""
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return fn(*args)
-            except BaseException as exc:
+        log message of each retry (logger ``es_pipe``, level WARNING). ``failed``: the
+        error the first try already raised (a caller's fast path made it): only the
+        retries are left."""
+        exc, attempt = failed, 1 if failed is not None else 0
+        while True:
+            if exc is not None:
                 if not self.is_transient(exc):
-                    raise
-                if attempt == self.attempts:
+                    raise exc
+                if attempt >= self.attempts:
                     if exhausted is None:
-                        raise
+                        raise exc
                     raise exhausted(exc, attempt) from exc
                 if on_retry is not None:
                     on_retry(attempt, exc)
@@ -186,7 +189,11 @@ class Retry:
                     wait,
                 )
                 time.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+            attempt += 1
+            try:
+                return fn(*args)
+            except BaseException as error:  # judged at the top of the loop
+                exc = error
 
 
 def _describe(exc: BaseException) -> str:
@@ -222,9 +229,10 @@ class RetryingFile:
         self._f = self._call("open", lambda: self._f)
         self._seekable = bool(getattr(self._f, "seekable", lambda: False)())
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], failed: BaseException | None = None) -> T:
         """``fn()`` on the open file, retried: a failed try closes the file, the next one
-        reopens it at the position where the failed call began."""
+        reopens it at the position where the failed call began. ``failed``: the error of
+        a first try already made."""
 
         def again(_: int, exc: BaseException) -> None:
             if self._on_retry is not None:
@@ -258,12 +266,15 @@ class RetryingFile:
             )
 
         return self.retry.call(
-            attempt, what=f"{what} {self.url}", on_retry=again, exhausted=give_up
+            attempt, what=f"{what} {self.url}", on_retry=again, exhausted=give_up, failed=failed
         )
 
     # -- the file protocol (what tarfile, pyarrow and fsspec's decompressors use) -------
     def read(self, n: int = -1) -> bytes:
-        data = self._call("read", lambda: self._f.read(n))
+        try:  # the fast path: one plain read
+            data = self._f.read(n)
+        except Exception as exc:
+            data = self._call("read", lambda: self._f.read(n), failed=exc)
         self._pos += len(data)
         return data
 
@@ -273,7 +284,10 @@ class RetryingFile:
         return len(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = self._call("seek", lambda: self._f.seek(offset, whence))
+        try:
+            self._pos = self._f.seek(offset, whence)
+        except Exception as exc:
+            self._pos = self._call("seek", lambda: self._f.seek(offset, whence), failed=exc)
         if self._pos is None:  # some file objects return None
             self._pos = self._f.tell()
         return self._pos
