@@ -5,6 +5,7 @@ from es_pipe.elastic import merge_checkpoints, merge_scores
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError, ManifestError, ShardError
 from es_pipe.manifest import Manifests
 from es_pipe.pruning import InfoBatch, Pruning
+from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler
 from es_pipe.sampling import (
     Epochs,
@@ -35,6 +36,7 @@ __all__ = [
     "MetaBatch",
     "Pruning",
     "RandomSubset",
+    "Retry",
     "Sampler",
     "ScoreStore",
     "SelectiveBackprop",

@@ -38,6 +38,12 @@ one whose publication crashed): filter ``epoch <= newest committed``
 
 Schema: ``es_pipe/schemas/manifest.json`` is the single source of truth; the code builds
 the Arrow schema from it and refuses files of another schema version. No pickle.
+
+Every filesystem call (``cat_file``, ``pipe_file``, ``ls``, ``info``, ``copy``, ``rm``) is
+retried after transient errors under the ``retry=`` policy (:class:`es_pipe.Retry`) and
+counted in :attr:`Manifests.retries`; a write that fails for good removes what it may have
+left half-written (a filesystem without atomic writes can leave a prefix), so a failed
+commit never leaves a truncated marker behind.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 import warnings
 import zlib
@@ -66,8 +73,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from es_pipe.errors import ConfigError, ManifestError
+from es_pipe.retry import Retry
 from es_pipe.sources import shards as shard_files
 
+_FINGERPRINT_RETRY = Retry()
 MARKER_FORMAT = "es_pipe.commit"
 DONE_FORMAT = "es_pipe.done"
 COMMITS = "_commits"
@@ -76,6 +85,7 @@ MARKER_FIELDS = ("shard", "path", "rows", "pruned", "size", "crc32")
 _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
 _DONE_RE = re.compile(r"^rank=(\d+)\.json$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _TYPES = {
     "string": pa.string(),
     "dictionary<int32,string>": pa.dictionary(pa.int32(), pa.string()),
@@ -128,14 +138,38 @@ def safe_name(shard: str) -> str:
 
 
 def _check_relative(path: str, where: str) -> str:
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+    if (
+        not isinstance(path, str)
+        or path.startswith("/")
+        or any(p in ("", ".", "..") for p in path.split("/"))
+        or "\\" in path
+    ):
         raise ManifestError(
             f"{where} names the file {path!r}, which is not a plain path inside the "
             "manifest root; the marker was not written by es_pipe or was edited: "
             "delete it to fall back to the previous epoch"
         )
     return path
+
+
+def _check_entry(entry: Mapping[str, Any], epoch: int, where: str) -> None:
+    """A file entry of a done-file or marker names files where es_pipe puts them, and
+    nowhere else: ``epoch=N/NAME.parquet`` (and ``_staging/epoch=N/NAME.part``), NAME a
+    :func:`safe_name`. Anything else (``..``, an absolute path, a URL, another epoch's
+    folder, a commit marker) was not written by es_pipe and is refused before any file
+    is read, copied or written."""
+    for field, folder, suffix in (("path", "", ".parquet"), ("staged", STAGING, ".parquet.part")):
+        if field not in entry or (field == "staged" and entry[field] is None):
+            continue
+        path = _check_relative(entry[field], where)
+        head = f"{folder}/epoch={int(epoch)}/" if folder else f"epoch={int(epoch)}/"
+        name = path[len(head) :]
+        if not (path.startswith(head) and name.endswith(suffix) and _NAME_RE.match(name)):
+            raise ManifestError(
+                f"{where} names the file {path!r} for epoch {epoch}; es_pipe puts it at "
+                f"{head}NAME{suffix}. The file was not written by es_pipe or was edited: "
+                "delete it to fall back to the previous epoch"
+            )
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -146,7 +180,7 @@ def fingerprint(url: str) -> dict[str, Any] | None:
     names no file (an in-memory source's name, a directory)."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        info = fs.info(path)
+        info = _FINGERPRINT_RETRY.call(fs.info, path, what=f"info {url}")
     except (FileNotFoundError, ValueError, ImportError, OSError):
         return None
     return shard_files.fingerprint_of(url, info) if info.get("type") == "file" else None
@@ -204,6 +238,17 @@ class Manifests:
             ``"local"``.
         storage_options: passed to fsspec.
         progress: show a tqdm bar when reading many files (``None``: when > 16 files).
+        retry: how filesystem calls are retried after transient errors (a reset
+            connection, a timeout): an :class:`es_pipe.Retry`, an int number of attempts
+            (``1``: no retry) or ``None`` for ``Retry()`` (3 attempts, 0.2 s then 0.4 s of
+            backoff, with jitter). Every retry counts in :attr:`retries`. A call that keeps
+            failing raises :class:`ManifestError`; errors that another try cannot fix
+            (a missing file, a permission error, a full disk) propagate at once. Either
+            way a failed ``write_shard``, ``finish`` or ``commit`` leaves the committed
+            epochs as they were, and calling it again once the storage is back completes it.
+
+    Attributes:
+        retries: filesystem calls retried so far by this object.
     """
 
     def __init__(
@@ -214,6 +259,7 @@ class Manifests:
         attempt: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         progress: bool | None = False,
+        retry: Retry | int | None = None,
     ) -> None:
         if not isinstance(root, str) or not root:
             raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
@@ -224,6 +270,9 @@ class Manifests:
         self.attempt = attempt or _default_attempt()
         self.progress = progress
         self._token = secrets.token_hex(4)
+        self.retry = Retry.of(retry)
+        self.retries = 0
+        self._retry_lock = threading.Lock()
         self._written: dict[int, list[dict[str, Any]]] = {}
         self._markers: dict[int, dict[str, Any]] = {}
         self._by_shard: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
@@ -233,6 +282,36 @@ class Manifests:
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def _io(self, what: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, a filesystem call retried under :attr:`retry`."""
+
+        def count(_: int, __: BaseException) -> None:
+            with self._retry_lock:
+                self.retries += 1
+
+        def give_up(exc: BaseException, attempts: int) -> ManifestError:
+            return ManifestError(
+                f"{what} failed {attempts} times in a row ({type(exc).__name__}: {exc}); the "
+                f"storage of {self.url} kept failing. Check it (or the network) and call again "
+                "(a failed commit leaves the previous epoch committed), or allow more attempts "
+                "with retry=es_pipe.Retry(attempts=...)"
+            )
+
+        return self.retry.call(fn, *args, what=what, on_retry=count, exhausted=give_up)
+
+    def _exists(self, path: str) -> bool:
+        # not fs.exists: it answers False for any error, a transient one included
+        try:
+            self._io(f"info {path}", self.fs.info, path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _rm(self, path: str, *, recursive: bool = False) -> None:
+        """Remove ``path``; already gone is fine (a retried remove may find it so)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._io(f"rm {path}", self.fs.rm, path, recursive)
 
     # ------------------------------------------------------------------ writing
 
@@ -337,17 +416,20 @@ class Manifests:
                 f"{stale} (the run went back to an earlier checkpoint)",
                 stacklevel=2,
             )
-            self.fs.rm(self._marker_path(stale))
+            self._rm(self._marker_path(stale))
             self._markers.pop(stale, None)
         # 2. publish: every named file to its committed place.
         for entry in files:
             self._publish(entry)
         keep = {entry["path"].rsplit("/", 1)[-1] for entry in files}
         epoch_dir = self._path(f"epoch={epoch}")
-        if self.fs.exists(epoch_dir):
-            for other in self.fs.ls(epoch_dir, detail=False):
-                if other.rstrip("/").rsplit("/", 1)[-1] not in keep:
-                    self.fs.rm(other, recursive=True)
+        try:
+            present = self._io(f"ls {epoch_dir}", self.fs.ls, epoch_dir, False)
+        except FileNotFoundError:
+            present = []
+        for other in present:
+            if other.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                self._rm(other, recursive=True)
         # 3. the marker, last.
         marker = {
             "format": MARKER_FORMAT,
@@ -382,7 +464,7 @@ class Manifests:
                     continue
                 path = self._path(STAGING, f"epoch={epoch}", "_done", f"rank={rank}.json")
                 try:
-                    done = json.loads(self.fs.cat_file(path))
+                    done = json.loads(self._io(f"read {path}", self.fs.cat_file, path))
                 except FileNotFoundError:
                     continue
                 except ValueError as exc:
@@ -414,7 +496,7 @@ class Manifests:
             if time.monotonic() >= deadline:
                 done_dir = self._path(STAGING, f"epoch={epoch}", "_done")
                 try:
-                    names = self.fs.ls(done_dir, detail=False)
+                    names = self._io(f"ls {done_dir}", self.fs.ls, done_dir, False)
                 except FileNotFoundError:
                     names = []
                 finished = {
@@ -439,7 +521,7 @@ class Manifests:
     def _publish(self, entry: dict[str, Any]) -> None:
         src, dst = self._path(entry["staged"]), self._path(entry["path"])
         try:
-            size = self.fs.size(src)
+            size = self._io(f"size {src}", self.fs.size, src)
         except FileNotFoundError:
             size = None
         if size is None:  # published by an earlier, interrupted commit of this attempt?
@@ -458,33 +540,48 @@ class Manifests:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.replace(src, dst)
         else:
-            self.fs.copy(src, dst)
+            self._io(f"copy {src} to {dst}", self.fs.copy, src, dst)
 
     def _file_ok(self, path: str, entry: dict[str, Any]) -> bool:
         try:
-            data = self.fs.cat_file(path)
+            data = self._io(f"read {path}", self.fs.cat_file, path)
         except FileNotFoundError:
             return False
         return len(data) == entry["size"] and _crc(data) == entry["crc32"]
 
     def _put(self, path: str, data: bytes | pa.Buffer, *, atomic: bool) -> None:
         """Write ``data`` whole, in one PUT (object stores); on a local disk through a
-        hidden temporary name and ``os.replace`` when ``atomic``."""
+        hidden temporary name and ``os.replace`` when ``atomic``. Retried after transient
+        errors; a write that fails removes what it wrote (a filesystem without atomic
+        writes may keep a prefix), so no half-written file is left under its name."""
+        self._io(f"write {path}", self._put_once, path, data, atomic)
+
+    def _put_once(self, path: str, data: bytes | pa.Buffer, atomic: bool) -> None:
         if isinstance(self.fs, LocalFileSystem):
             directory, name = os.path.split(path)
             os.makedirs(directory, exist_ok=True)
             target = os.path.join(directory, f".{name}.{self._token}.tmp") if atomic else path
-            with open(target, "wb") as handle:
-                handle.write(data)
+            try:
+                with open(target, "wb") as handle:
+                    handle.write(data)
+                    if atomic:
+                        handle.flush()
+                        os.fsync(handle.fileno())
                 if atomic:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            if atomic:
-                os.replace(target, path)
+                    os.replace(target, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(target)
+                raise
         else:
-            self.fs.pipe_file(
-                path, memoryview(data).tobytes() if isinstance(data, pa.Buffer) else data
-            )
+            try:
+                self.fs.pipe_file(
+                    path, memoryview(data).tobytes() if isinstance(data, pa.Buffer) else data
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(path)
+                raise
 
     # ------------------------------------------------------------------ reading
 
@@ -494,7 +591,7 @@ class Manifests:
     def committed(self, *, refresh: bool = True) -> list[int]:
         """Committed epochs, oldest first."""
         try:
-            names = self.fs.ls(self._path(COMMITS), detail=False)
+            names = self._io("list the commit markers", self.fs.ls, self._path(COMMITS), False)
         except FileNotFoundError:
             return []
         epochs = []
@@ -516,7 +613,7 @@ class Manifests:
         return None
 
     def _no_epochs(self) -> str:
-        staged = self.fs.exists(self._path(STAGING))
+        staged = self._exists(self._path(STAGING))
         hint = (
             " (there are uncommitted files in _staging/: a run crashed or is still writing "
             "its first epoch)"
@@ -535,12 +632,12 @@ class Manifests:
             return self._markers[epoch]
         path = self._marker_path(epoch)
         try:
-            raw = self.fs.cat_file(path)
+            raw = self._io(f"read {path}", self.fs.cat_file, path)
         except FileNotFoundError:
             committed = self.committed()
             if not committed:
                 raise ManifestError(self._no_epochs()) from None
-            staged = self.fs.exists(self._path(STAGING, f"epoch={epoch}"))
+            staged = self._exists(self._path(STAGING, f"epoch={epoch}"))
             raise ManifestError(
                 f"epoch {epoch} of {self.url} is not committed"
                 + (" (its files are staged, but no commit marker was written)" if staged else "")
@@ -550,12 +647,16 @@ class Manifests:
         try:
             marker = json.loads(raw)
         except ValueError as exc:
-            raise ManifestError(f"commit marker {path} is not valid JSON: {exc}") from exc
+            raise ManifestError(
+                f"commit marker {path} is not valid JSON ({exc}): it was edited, or written "
+                "half by a filesystem without atomic writes that crashed during the commit. "
+                "Delete it to fall back to the previous epoch"
+            ) from exc
         if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
             raise ManifestError(f"{path} is not an es_pipe commit marker")
         _check_version(marker.get("schema_version"), path)
         for entry in marker["files"]:
-            _check_relative(entry["path"], f"commit marker {path}")
+            _check_entry(entry, epoch, f"commit marker {path}")
         self._markers[epoch] = marker
         return marker
 
@@ -625,7 +726,7 @@ class Manifests:
     ) -> tuple[pa.Table, dict[str, Any], str]:
         path = self._path(entry["path"])
         try:
-            data = self.fs.cat_file(path)
+            data = self._io(f"read {path}", self.fs.cat_file, path)
         except FileNotFoundError:
             raise ManifestError(
                 f"{path} is named by the commit of epoch {epoch} but missing; the manifest "
@@ -768,8 +869,7 @@ def _pick_files(epoch: int, dones: Mapping[int, Mapping[str, Any]]) -> list[dict
     chosen: dict[str, tuple[int, dict[str, Any]]] = {}
     for rank in sorted(dones):
         for entry in dones[rank]["files"]:
-            _check_relative(entry["staged"], f"the done-file of rank {rank}")
-            _check_relative(entry["path"], f"the done-file of rank {rank}")
+            _check_entry(entry, epoch, f"the done-file of rank {rank}")
             shard = entry["shard"]
             if shard not in chosen:
                 chosen[shard] = (rank, entry)

@@ -129,6 +129,11 @@ def _write_tar(url: str, samples: list[dict[str, Any]], first: int) -> None:
             for field, value in sample.items():
                 if field.startswith("__") and field.endswith("__"):
                     continue
+                if not field or "/" in field or "\\" in field:
+                    raise ConfigError(
+                        f"sample {key!r}: field {field!r} cannot name a tar member "
+                        "(KEY.FIELD); use a field name without slashes"
+                    )
                 data = _to_bytes(value)
                 info = tarfile.TarInfo(f"{key}.{field}")
                 info.size = len(data)

@@ -214,13 +214,14 @@ class _ColumnarSource(ShardedSource):
     # -- file access -----------------------------------------------------------------
     @contextlib.contextmanager
     def _open_bytes(self, url: str, memory_map: bool = False) -> Iterator[Any]:
-        """Open a shard for reading; native file for local paths, fsspec otherwise."""
+        """Open a shard for reading; native file for local paths, fsspec (with retried
+        reads) otherwise."""
         fs, path = fsspec.core.url_to_fs(url)
         try:
             if isinstance(fs, LocalFileSystem):
                 f = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
             else:
-                f = fs.open(path, "rb")
+                f = self._open_file(url)  # reads retried after transient errors
         except FileNotFoundError as exc:
             raise ShardError(
                 f"shard {url!r} does not exist; fix the shard list or restore the file"

@@ -27,6 +27,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from es_pipe.errors import ConfigError, ShardError
+from es_pipe.retry import Retry
 
 __all__ = [
     "ShardList",
@@ -131,7 +132,7 @@ def _glob(pattern: str) -> list[str]:
     """List a glob, spelling each match the way the pattern spells its fixed prefix
     (``memory://d/x-*`` lists ``memory://d/x-0``, a relative pattern stays relative)."""
     fs, path = fsspec.core.url_to_fs(pattern)
-    found = sorted(fs.glob(path))
+    found = sorted(Retry().call(fs.glob, path, what=f"glob {pattern}"))
     cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
     head = pattern[:cut].rsplit("/", 1)[0] + "/" if "/" in pattern[:cut] else ""
     stripped = fs._strip_protocol(head).rstrip("/") + "/" if head else ""
@@ -203,7 +204,7 @@ def fingerprint(url: str) -> dict[str, Any]:
     """
     fs, path = fsspec.core.url_to_fs(url)
     try:
-        info = fs.info(path)
+        info = Retry().call(fs.info, path, what=f"info {url}")
     except FileNotFoundError as exc:
         raise ShardError(f"shard {url!r} does not exist; check the shard list") from exc
     return fingerprint_of(url, info)

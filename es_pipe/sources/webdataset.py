@@ -8,21 +8,29 @@ purpose: the member bytes of a pruned or already-delivered sample are never extr
 (tarfile steps over them), and a shard that ends early, a member without a key or a key
 that appears twice is an error rather than a silently shorter or merged sample.
 
-Shards are opened with ``fsspec.open(url, "rb", compression="infer")`` (so any fsspec URL
-works, and ``.tar.gz`` is decompressed) inside a ``with`` block: the file is closed when
-the shard ends, fails, or the node is reset.
+Shards are opened on their fsspec filesystem (so any fsspec URL works; ``.tar.gz`` and the
+other compressions fsspec infers from the name are decompressed) with reads retried after
+transient errors (``retry=``), inside a ``with`` block: the file is closed when the shard
+ends, fails, or the node is reset.
+
+Nothing is decoded: every member arrives as its raw bytes. In particular no member is
+ever unpickled or ``torch.load``-ed, whatever its extension (``.pyd``, ``.pickle``,
+``.pth``, which webdataset's default decoders would execute); decode in your own map
+step with safe decoders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tarfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import fsspec
 import numpy as np
+from fsspec.compression import compr
+from fsspec.utils import infer_compression
 from webdataset.tariterators import base_plus_ext
 
 from es_pipe.errors import ConfigError, ShardError
@@ -129,14 +137,16 @@ class WebDatasetSource(ShardedSource):
     def _samples(self, url: str, start: int, pruned: np.ndarray) -> Iterator[dict[str, Any]]:
         """Samples of one tar in tar order, minus pruned ones and the first ``start`` kept."""
         pruned_set = set(pruned.tolist())
-        try:
-            opener = fsspec.open(url, "rb", compression="infer")
-            f = opener.open()
-        except FileNotFoundError as exc:
-            raise ShardError(
-                f"shard {url!r} does not exist; fix the shard list or restore the file"
-            ) from exc
-        with f:
+        with contextlib.ExitStack() as stack:
+            try:
+                f: BinaryIO = stack.enter_context(self._open_file(url))  # type: ignore[arg-type]
+            except FileNotFoundError as exc:
+                raise ShardError(
+                    f"shard {url!r} does not exist; fix the shard list or restore the file"
+                ) from exc
+            compression = infer_compression(url)
+            if compression is not None:  # the decompressor does not close f: the stack does
+                f = stack.enter_context(compr[compression](f, mode="rb"))
             tail = _TailReader(f)
             try:
                 tf = tarfile.open(fileobj=tail, mode="r|")  # noqa: SIM115 (f is closed by `with`)
