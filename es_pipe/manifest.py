@@ -486,10 +486,14 @@ class Manifests:
                 )
             time.sleep(poll)
 
-    def wait_committed(self, epoch: int, *, ranks: int, timeout: float, poll: float = 0.2) -> None:
+    def wait_committed(
+        self, epoch: int, *, ranks: int, timeout: float, poll: float = 0.2, max_poll: float = 2.0
+    ) -> None:
         """Block until ``epoch`` is committed (by rank 0): the barrier a rank passes before
         it reads the next epoch's scores and pruning decisions. Files, not collectives: no
-        process group is needed, and a dead rank shows up as a named missing done-file."""
+        process group is needed, and a dead rank shows up as a named missing done-file.
+        The polling interval grows from ``poll`` to ``max_poll``, so that thousands of
+        waiting ranks do not flood an object store with listings."""
         epoch = int(epoch)
         deadline = time.monotonic() + timeout
         while epoch not in self.committed():
@@ -516,7 +520,8 @@ class Manifests:
                     "from its last checkpoint (the previous epoch stays the committed one), or "
                     "raise commit_timeout="
                 )
-            time.sleep(poll)
+            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+            poll = min(max_poll, poll * 1.5)
 
     def _publish(self, entry: dict[str, Any]) -> None:
         src, dst = self._path(entry["staged"]), self._path(entry["path"])
