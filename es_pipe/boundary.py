@@ -16,7 +16,6 @@ The math is in :mod:`es_pipe.pruning`, the files in :mod:`es_pipe.manifest`.
 
 from __future__ import annotations
 
-import os
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -382,21 +381,3 @@ class EpochBoundary:
 def shard_owner(shard: str, world_size: int) -> int:
     """The rank that writes a shard nobody reads in an elastically resumed epoch."""
     return zlib.crc32(shard.encode()) % world_size
-
-
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``(rank, world_size)``: explicit, else torch.distributed, else RANK/WORLD_SIZE."""
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None:
-            raise ConfigError("give both rank= and world_size=, or neither")
-    else:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank = int(os.environ.get("RANK", 0))
-            world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return int(rank), int(world_size)

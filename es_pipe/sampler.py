@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from es_pipe import sampling
-from es_pipe.boundary import resolve_rank
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.pruning import Pruning
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
+from es_pipe.sources.shards import resolve_rank
 
 
 @dataclass(frozen=True)
