@@ -343,8 +343,15 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             rank, world_size = dist.get_rank(), dist.get_world_size()
         else:
-            rank = int(os.environ.get("RANK", 0))
-            world_size = int(os.environ.get("WORLD_SIZE", 1))
+            try:
+                rank = int(os.environ.get("RANK", 0))
+                world_size = int(os.environ.get("WORLD_SIZE", 1))
+            except ValueError as exc:
+                raise ConfigError(f"RANK/WORLD_SIZE in the environment: {exc}") from None
+    if not all(isinstance(v, (int, np.integer)) for v in (rank, world_size)) or isinstance(
+        rank, bool
+    ):
+        raise ConfigError(f"rank={rank!r} and world_size={world_size!r} must be ints")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from es_pipe.errors import ConfigError
-from es_pipe.sampling import Epochs
+from es_pipe.sampling import Epochs, _is_real
 
 UPWEIGHT = np.uint8(0x80)
 STREAK = np.uint8(0x7F)
@@ -86,7 +86,7 @@ class Pruning:
             raise ConfigError(f"Pruning ratio={self.ratio!r} must be in [0, 1), e.g. 0.3")
         anneal = self.anneal
         if isinstance(anneal, Epochs):
-            if not (math.isfinite(anneal.n) and anneal.n >= 0):
+            if not (_is_real(anneal.n) and math.isfinite(anneal.n) and anneal.n >= 0):
                 raise ConfigError(f"Pruning anneal={anneal!r} must be a non-negative length")
         elif not (isinstance(anneal, (int, float)) and 0.0 <= anneal <= 1.0):
             raise ConfigError(

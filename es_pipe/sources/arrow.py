@@ -104,8 +104,14 @@ class _ColumnarSource(ShardedSource):
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
-        if batch_rows < 1:
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
             raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
+        if columns is not None and (
+            isinstance(columns, (str, bytes)) or not all(isinstance(c, str) for c in columns)
+        ):
+            raise ConfigError(f"columns={columns!r} must be a list of column names")
+        if key_column is not None and not isinstance(key_column, str):
+            raise ConfigError(f"key_column={key_column!r} must be a column name")
         if schema is not None and not isinstance(schema, pa.Schema):
             raise ConfigError("schema must be a pyarrow.Schema")
         self.columns = list(columns) if columns is not None else None
@@ -263,7 +269,8 @@ class ParquetSource(_ColumnarSource):
     def _open(self, url: str) -> Iterator[pq.ParquetFile]:
         with self._open_bytes(url) as f:
             try:
-                pf = pq.ParquetFile(f)
+                # Page CRCs (write_shards writes them) catch flipped bits in the data.
+                pf = pq.ParquetFile(f, page_checksum_verification=True)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise ShardError(
                     f"shard {url!r} is not a readable Parquet file ({exc}); re-create it"
@@ -391,6 +398,7 @@ class ArrowSource(_ColumnarSource):
                 self._check_schema(url, reader.schema)
                 parts = [b.column(self.key_column) for b in self._batches(reader)]
             col = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+            col.validate(full=True)  # IPC is not checked on read: corrupt offsets crash
             keys, bad = self._bad_key_rows(url, col)
             drop = np.union1d(drop, bad)
         rng = np.random.default_rng(rng_seed) if self.shuffle_rows else None
@@ -413,6 +421,9 @@ class ArrowSource(_ColumnarSource):
                 skipped = start
                 if cols is not None:
                     batch = batch.select(cols)
+                # IPC buffers are not checked on read: corrupt offsets or lengths abort the
+                # process in the conversion below. ArrowInvalid becomes a ShardError.
+                batch.validate(full=True)
                 if rng is None and local.size == m:
                     yield self._rows(url, batch, ords, keys)
                 else:

@@ -98,6 +98,8 @@ class WebDatasetSource(ShardedSource):
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int):
+            raise ConfigError(f"shuffle_buffer={shuffle_buffer!r} must be an int")
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
