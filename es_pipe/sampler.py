@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from es_pipe import sampling
-from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.errors import ConfigError, FeedbackError, ManifestError
 from es_pipe.pruning import Pruning
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
@@ -205,6 +205,11 @@ class Sampler:
         if latest is None:
             return
         step = manifests.marker(latest).get("hyper", {}).get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ManifestError(
+                f"the commit marker of epoch {latest} under {manifests.url} records step "
+                f"{step!r}, not a step count; restore the marker or start with resume=False"
+            )
         self.epoch = self.boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
 
