@@ -215,7 +215,10 @@ class Manifests:
         if not isinstance(root, str) or not root:
             raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
         self.url = root
-        self.fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        try:
+            self.fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        except (ValueError, ImportError) as exc:  # an unknown protocol, a missing backend
+            raise ConfigError(f"manifests={root!r}: {exc}; give a folder or fsspec URL") from None
         self.root = path.rstrip("/") or "/"
         self.rank = int(rank)
         self.attempt = attempt or _default_attempt()
@@ -466,7 +469,7 @@ class Manifests:
         """Committed epochs, oldest first."""
         try:
             names = self.fs.ls(self._path(COMMITS), detail=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing committed (or a file)
             return []
         epochs = []
         for name in names:
