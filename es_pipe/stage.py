@@ -117,7 +117,7 @@ class EvolvedSampling(tn.BaseNode):
             self._end_epoch()
         try:
             data = self.collate_fn(samples)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(
                 f"collate_fn could not batch the {len(samples)} samples of this meta-batch "
                 f"({type(exc).__name__}: {exc}); give every sample the same fields, of equal "

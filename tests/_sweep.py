@@ -114,3 +114,16 @@ def dump_report() -> None:
         with open(path, "w") as f:
             json.dump(old, f, indent=1, sort_keys=True)
     COUNTS.clear()
+
+
+@st.composite
+def few_faults(draw, valid: dict, bad: dict, required: tuple = ()):
+    """Keyword arguments: valid values for a random subset of ``valid``'s keys (and every
+    ``required`` one), then 0 to 3 of them replaced by values from ``bad`` (single and
+    double faults are the ones that slip past validation)."""
+    out = {k: draw(s) for k, s in valid.items() if k in required or draw(st.booleans())}
+    faults = draw(st.sampled_from([0, 1, 1, 1, 2, 3]))
+    if faults:
+        for key in draw(st.lists(st.sampled_from(sorted(bad)), max_size=faults, unique=True)):
+            out[key] = draw(bad[key])
+    return out

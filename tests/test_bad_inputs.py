@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchdata.nodes as tn
-from _sweep import SCALES, dump_report, es_error_or_ok, outcome_of, sweep
+from _sweep import SCALES, dump_report, es_error_or_ok, few_faults, outcome_of, sweep
 from hypothesis import strategies as st
 
 import es_pipe
@@ -284,30 +284,70 @@ def test_sampler_hyper_parameters(n, tmp_path):
                         sub.report(torch.rand(len(sub)))
         return outcome_of(error)
 
-    strategy = st.fixed_dictionaries(
-        {
-            "policy": st.one_of(_policy(), st.just(es_pipe.Evolved())),
-            "meta_batch_size": st.one_of(small, st.just(8)),
-            "batch_size": st.one_of(small, st.just(3)),
-        },
-        optional={
-            "burn_in": spans,
-            "anneal": spans,
-            "total_steps": st.one_of(small, st.integers(1, 30)),
-            "total_epochs": st.one_of(fractions, st.integers(1, 5)),
-            "replacement": st.one_of(st.booleans(), weird_scalars),
-            "reweight": st.one_of(st.booleans(), weird_scalars),
-            "init": st.sampled_from(["loss", "mean", "x", None, 1]),
-            "scoring": st.sampled_from(["forward", "history", "x", None]),
-            "seed": st.one_of(small, st.integers(0, 2**64)),
-            "prune": _pruning(),
-            "manifests": st.booleans(),
-            "rank": st.one_of(st.none(), small, st.just(0)),
-            "world_size": st.one_of(st.none(), small, st.just(1)),
-            "on_mismatch": st.sampled_from(["raise", "fresh", "x", None]),
-            "commit_timeout": st.one_of(fractions, st.floats(0.1, 5)),
-        },
+    span_ok = st.one_of(
+        st.integers(0, 4),
+        st.builds(es_pipe.Steps, st.integers(0, 4)),
+        st.builds(es_pipe.Epochs, st.floats(0, 2)),
     )
+    valid = {
+        "policy": st.sampled_from(
+            [
+                es_pipe.Evolved(),
+                es_pipe.Evolved(0.0, 0.9),
+                es_pipe.Uniform(),
+                es_pipe.RandomSubset(),
+                es_pipe.LossProportional(),
+                es_pipe.SelectiveBackprop(2.0),
+            ]
+        ),
+        "meta_batch_size": st.integers(1, 10),
+        "batch_size": st.integers(1, 10),
+        "burn_in": span_ok,
+        "anneal": span_ok,
+        "total_steps": st.integers(1, 30),
+        "total_epochs": st.one_of(st.integers(1, 5), st.floats(0.5, 5)),
+        "replacement": st.booleans(),
+        "reweight": st.booleans(),
+        "init": st.sampled_from(["loss", "mean"]),
+        "scoring": st.sampled_from(["forward", "history"]),
+        "seed": st.integers(0, 2**64),
+        "prune": st.one_of(
+            st.none(),
+            st.builds(
+                es_pipe.Pruning,
+                ratio=st.floats(0, 0.9),
+                anneal=st.one_of(st.just(0), st.floats(0, 1)),
+                burn_in=st.integers(1, 3),
+                max_streak=st.one_of(st.none(), st.integers(1, 3)),
+            ),
+            st.builds(es_pipe.InfoBatch, st.floats(0, 0.9), st.floats(0, 1)),
+        ),
+        "manifests": st.booleans(),
+        "rank": st.just(0),
+        "world_size": st.just(1),
+        "on_mismatch": st.sampled_from(["raise", "fresh"]),
+        "commit_timeout": st.floats(0.1, 5),
+    }
+    bad = {
+        "policy": _policy(),
+        "meta_batch_size": small,
+        "batch_size": small,
+        "burn_in": spans,
+        "anneal": spans,
+        "total_steps": small,
+        "total_epochs": fractions,
+        "replacement": weird_scalars,
+        "reweight": weird_scalars,
+        "init": st.sampled_from(["x", None, 1, "LOSS"]),
+        "scoring": st.sampled_from(["x", None, "forward "]),
+        "seed": small,
+        "prune": _pruning(),
+        "rank": st.one_of(st.none(), small),
+        "world_size": st.one_of(st.none(), small),
+        "on_mismatch": st.sampled_from(["x", None]),
+        "commit_timeout": fractions,
+    }
+    strategy = few_faults(valid, bad, required=("policy", "meta_batch_size", "batch_size"))
 
     def guarded(case):
         try:
@@ -413,8 +453,23 @@ def test_stage_sample_dicts(n):
             assert all(any(k is g or k == g for g in given) for k in keys)
         return outcome_of(error)
 
-    good = st.builds(lambda i: _samples(i + 1)[i], st.integers(0, 30))
-    sweep("sample dicts: EvolvedSampling", st.lists(st.one_of(sample, good), max_size=9), check, n)
+    @st.composite
+    def batches(draw):
+        samples = _samples(draw(st.integers(0, 9)))
+        for _ in range(draw(st.sampled_from([0, 1, 1, 2]))):
+            if not samples:
+                break
+            i = draw(st.integers(0, len(samples) - 1))
+            field = draw(st.sampled_from(sorted(field_values)))
+            if draw(st.booleans()):
+                samples[i].pop(field, None)
+            else:
+                samples[i][field] = draw(field_values[field])
+        if draw(st.integers(0, 9)) == 0:
+            samples.append(draw(sample))
+        return samples
+
+    sweep("sample dicts: EvolvedSampling", batches(), check, n)
 
 
 # --------------------------------------------------------------------------- sources
@@ -471,54 +526,63 @@ def test_source_options(n, shard_sets):
             assert len(set(ids)) == len(ids) or kw.get("equalize") == "pad"
         return outcome_of(error)
 
-    options = st.fixed_dictionaries(
-        {},
-        optional={
-            "shuffle": st.one_of(st.booleans(), weird_scalars),
-            "seed": st.one_of(small, st.integers(0, 2**64)),
-            "epoch": small,
-            "rank": st.one_of(st.none(), small, st.just(0)),
-            "world_size": st.one_of(st.none(), small, st.just(1)),
-            "worker": st.one_of(st.none(), small),
-            "num_workers": st.one_of(st.none(), small),
-            "equalize": st.sampled_from([None, "drop", "pad", "x", 1, []]),
-            "on_error": st.sampled_from(["raise", "skip", "x", None, ["raise"]]),
-            "pruned": st.one_of(
-                st.none(),
-                weird_scalars,
-                st.just({}),
-                st.lists(st.integers(-2, 6), max_size=4).map(lambda v: lambda u, e: np.array(v)),
-                st.lists(st.integers(0, 6), max_size=4, unique=True).map(
-                    lambda v: lambda u, e: np.array(sorted(v), dtype=np.int64)
-                ),
-                st.lists(weird_scalars, max_size=3).map(lambda v: lambda u, e: v),
-            ),
-            "num_samples": st.one_of(
-                st.none(),
-                weird_scalars,
-                st.just("right"),
-                st.dictionaries(st.text(max_size=3), weird_scalars, max_size=2),
-            ),
-        },
+    pruned_ok = st.lists(st.integers(0, 6), max_size=4, unique=True).map(
+        lambda v: lambda u, e: np.array(sorted(v), dtype=np.int64)
     )
-    tar_options = st.fixed_dictionaries(
-        {}, optional={"shuffle_buffer": st.one_of(small, st.integers(0, 8))}
+    valid = {
+        "shuffle": st.booleans(),
+        "seed": st.integers(0, 2**64),
+        "epoch": st.integers(0, 5),
+        "rank": st.just(0),
+        "world_size": st.just(1),
+        "worker": st.just(0),
+        "num_workers": st.just(1),
+        "equalize": st.sampled_from([None, "drop", "pad"]),
+        "on_error": st.sampled_from(["raise", "skip"]),
+        "pruned": st.one_of(st.none(), pruned_ok),
+        "num_samples": st.just("right"),
+        "shuffle_buffer": st.integers(0, 8),
+        "columns": st.sampled_from([None, ["x"], ["id", "x"]]),
+        "key_column": st.sampled_from([None, "id"]),
+        "batch_rows": st.integers(1, 5),
+        "shuffle_rows": st.booleans(),
+    }
+    bad = {
+        "shuffle": weird_scalars,
+        "seed": small,
+        "epoch": small,
+        "rank": st.one_of(st.none(), small),
+        "world_size": st.one_of(st.none(), small),
+        "worker": st.one_of(st.none(), small),
+        "num_workers": st.one_of(st.none(), small),
+        "equalize": st.sampled_from(["x", 1, [], "DROP"]),
+        "on_error": st.sampled_from(["x", None, ["raise"]]),
+        "pruned": st.one_of(
+            weird_scalars,
+            st.lists(st.integers(-2, 6), max_size=4).map(lambda v: lambda u, e: np.array(v)),
+            st.lists(weird_scalars, max_size=3).map(lambda v: lambda u, e: v),
+            st.lists(st.integers(-2, 6), max_size=3).map(lambda v: {"x": v}),
+        ),
+        "num_samples": st.one_of(
+            weird_scalars, st.dictionaries(st.text(max_size=3), weird_scalars, max_size=2)
+        ),
+        "shuffle_buffer": small,
+        "columns": st.one_of(
+            weird_scalars, st.just(["nope"]), st.just("x"), st.lists(weird_scalars, max_size=2)
+        ),
+        "key_column": st.one_of(weird_scalars, st.just("x"), st.just("nope")),
+        "batch_rows": small,
+        "shuffle_rows": weird_scalars,
+    }
+    tar_only = ("shuffle_buffer",)
+    columnar_only = ("columns", "key_column", "batch_rows", "shuffle_rows")
+    options = few_faults(
+        {k: v for k, v in valid.items() if k not in tar_only + columnar_only},
+        {k: v for k, v in bad.items() if k not in tar_only + columnar_only},
     )
-    columnar_options = st.fixed_dictionaries(
-        {},
-        optional={
-            "columns": st.one_of(
-                st.none(),
-                weird_scalars,
-                st.just(["x"]),
-                st.just(["nope"]),
-                st.just("x"),
-                st.lists(weird_scalars, max_size=2),
-            ),
-            "key_column": st.one_of(st.none(), weird_scalars, st.just("id"), st.just("x")),
-            "batch_rows": st.one_of(small, st.integers(1, 5)),
-            "shuffle_rows": st.one_of(st.booleans(), weird_scalars),
-        },
+    tar_options = few_faults({k: valid[k] for k in tar_only}, {k: bad[k] for k in tar_only})
+    columnar_options = few_faults(
+        {k: valid[k] for k in columnar_only}, {k: bad[k] for k in columnar_only}
     )
     fmts = st.sampled_from(list(SOURCE_CLASSES))
     sweep("source options", st.tuples(fmts, options, tar_options, columnar_options), check, n)
@@ -925,7 +989,7 @@ def test_cli_arguments(n, cli_files, tmp_path):
             assert "es-pipe" in err.getvalue() or not argv, (argv, err.getvalue())
         return f"exit {rc}"
 
-    strategy = st.one_of(shard.map(lambda t: (t[0], t[1], t[2], t[3])), inspect, other)
+    strategy = st.one_of(shard, shard, inspect, inspect, other)
     sweep("CLI arguments", strategy, check, n)
 
 

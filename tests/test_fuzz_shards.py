@@ -272,12 +272,11 @@ def _check(fmt: str, orig: dict, expected: list[dict], base, mutation) -> str:
         reference = expected
         # Arrow IPC: values may change only where batch bodies changed (or were shifted by
         # bytes inserted or deleted inside them)
-        where = changed if changed is not None else {mutation[1][0]}
-        payload_only = (
-            fmt == "arrow"
-            and mutation[0] != "truncate"
-            and any(a <= p < b for a, b in orig["bodies"] for p in where)
-        )
+        if changed is not None:
+            where = changed
+        else:
+            where = set() if mutation[0] == "truncate" else {mutation[1][0]}
+        payload_only = fmt == "arrow" and any(a <= p < b for a, b in orig["bodies"] for p in where)
 
     def correct(samples: list[dict]) -> bool:
         if payload_only:
