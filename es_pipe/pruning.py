@@ -105,6 +105,8 @@ class Pruning:
             raise ConfigError(
                 f"Pruning max_streak={self.max_streak!r} must be None or an int in [1, 127]"
             )
+        if not isinstance(self.rescale, (bool, np.bool_)):
+            raise ConfigError(f"Pruning rescale={self.rescale!r} must be True or False")
         if self.score not in ("score", "loss"):
             raise ConfigError(f"Pruning score={self.score!r}: use 'score' or 'loss'")
         if self.draw not in ("exact", "bernoulli"):

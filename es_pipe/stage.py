@@ -14,7 +14,7 @@ import numpy as np
 import torchdata.nodes as tn
 from torch.utils.data import default_collate as torch_collate
 
-from es_pipe.batch import MetaBatch, SubBatch
+from es_pipe.batch import MetaBatch, SubBatch, check_rows
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampler import Identity, Sampler
 
@@ -124,6 +124,7 @@ class EvolvedSampling(tn.BaseNode):
                 "shapes and collatable types (tensors, arrays, numbers, str), or pass a "
                 "collate_fn that handles them"
             ) from exc
+        check_rows(data, len(samples))  # before any score changes, not in select()
         meta = MetaBatch(data, Identity.concat(parts), self.sampler)
         self._current, self._position = meta, position
         if self.loss_fn is None:
@@ -199,8 +200,15 @@ def identify(samples: list[Any]) -> Identity:
         )
     if None in ordinals:
         return Identity.of(shards, keys, None)
-    array = np.asarray(ordinals)
-    if array.dtype.kind not in "iu" or (array.size and not 0 <= array.min() <= array.max() < 2**31):
+    try:
+        array = np.asarray(ordinals)
+    except ValueError:  # ragged sequences
+        array = np.asarray(ordinals, dtype=object)
+    if (
+        array.ndim != 1
+        or array.dtype.kind not in "iu"
+        or (array.size and not 0 <= array.min() <= array.max() < 2**31)
+    ):
         raise ConfigError(
             "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
             f"got {ordinals[:3]}"

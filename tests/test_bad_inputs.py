@@ -389,33 +389,59 @@ def test_policy_pruning_schedule_constructors(n):
     """Evolved, SelectiveBackprop, Pruning, InfoBatch, Steps/Epochs through Schedule."""
 
     def check(case):
-        kind, args = case
+        kind, kw = case
         builders = {
-            "evolved": lambda: es_pipe.Evolved(*args),
-            "sb": lambda: es_pipe.SelectiveBackprop(args[0]),
-            "pruning": lambda: es_pipe.Pruning(*args),
-            "infobatch": lambda: es_pipe.InfoBatch(*args[:2]),
-            "schedule": lambda: es_pipe.sampling.Schedule(*args),
+            "evolved": es_pipe.Evolved,
+            "sb": es_pipe.SelectiveBackprop,
+            "pruning": es_pipe.Pruning,
+            "infobatch": es_pipe.InfoBatch,
+            "schedule": es_pipe.sampling.Schedule,
         }
-        built, error = es_error_or_ok(builders[kind], (ConfigError,))
+        built, error = es_error_or_ok(lambda: builders[kind](**kw), (ConfigError,))
         if error is None and kind == "pruning":
-            built.active(3, 10.0)
-            built.describe()
+            assert built.active(3, 10.0) in (True, False)
+            json.dumps(built.describe())
         if error is None and kind == "schedule":
             for step in (0, 5, 100):
                 assert built.phase(step, step / 10) in ("burn_in", "evolve", "anneal")
         return outcome_of(error)
 
-    values = st.one_of(
-        weird_scalars,
-        st.floats(-2, 2),
-        st.integers(-2, 10),
-        st.builds(es_pipe.Epochs, weird_scalars),
-        st.builds(es_pipe.Steps, weird_scalars),
+    bad = st.one_of(weird_scalars, st.floats(-2, 2), st.integers(-2, 200))
+    bad_span = st.one_of(bad, st.builds(es_pipe.Epochs, bad), st.builds(es_pipe.Steps, bad))
+    span_ok = st.one_of(
+        st.integers(0, 4),
+        st.builds(es_pipe.Steps, st.integers(0, 4)),
+        st.builds(es_pipe.Epochs, st.floats(0, 2)),
     )
-    strategy = st.tuples(
-        st.sampled_from(["evolved", "sb", "pruning", "infobatch", "schedule"]),
-        st.lists(values, min_size=4, max_size=4),
+    unit = st.floats(0, 1)
+    valid = {
+        "evolved": {"beta1": unit, "beta2": unit},
+        "sb": {"beta": st.floats(0.1, 5)},
+        "pruning": {
+            "ratio": st.floats(0, 0.99),
+            "anneal": st.one_of(unit, st.builds(es_pipe.Epochs, st.floats(0, 3))),
+            "burn_in": st.integers(1, 3),
+            "rescale": st.booleans(),
+            "max_streak": st.one_of(st.none(), st.integers(1, 127)),
+            "score": st.sampled_from(["score", "loss"]),
+            "draw": st.sampled_from(["exact", "bernoulli"]),
+        },
+        "infobatch": {"ratio": st.floats(0, 0.99), "delta": unit},
+        "schedule": {
+            "burn_in": span_ok,
+            "anneal": span_ok,
+            "total_steps": st.integers(1, 50),
+            "total_epochs": st.floats(0.5, 5),
+        },
+    }
+    strategy = st.one_of(
+        *[
+            st.tuples(
+                st.just(kind),
+                few_faults(fields, {k: bad_span if kind == "schedule" else bad for k in fields}),
+            )
+            for kind, fields in valid.items()
+        ]
     )
     sweep("hyper-parameters: policies, Pruning, Schedule", strategy, check, n)
 
@@ -823,11 +849,11 @@ def test_manifest_folders(n, manifest_root, tmp_path):
                 marker_path.write_text(json.dumps(marker))
 
         result, error = es_error_or_ok(lambda: _read_everything(str(root)), (EsPipeError,))
-        if error is not None:
+        if error is not None:  # inspect reads less than the API: it may still work
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = cli_main(["inspect", str(root), "--no-progress"])
-            assert rc == 2 and "es-pipe inspect: error:" in err.getvalue(), err.getvalue()
+            assert rc == 0 or (rc == 2 and "es-pipe inspect: error:" in err.getvalue())
         else:
             assert result.startswith("0:"), result
         return outcome_of(error)
@@ -957,7 +983,7 @@ def test_cli_arguments(n, cli_files, tmp_path):
     )
 
     def check(case):
-        if case and case[0] in ("shard", "inspect"):
+        if isinstance(case, tuple):  # shard or inspect, with paths
             argv = [case[0], case[1]]
             if case[0] == "shard":
                 out = case[2]

@@ -18,7 +18,7 @@ rows that are pruned are never paged in either.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +107,9 @@ class _ColumnarSource(ShardedSource):
         if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
             raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
         if columns is not None and (
-            isinstance(columns, (str, bytes)) or not all(isinstance(c, str) for c in columns)
+            isinstance(columns, (str, bytes))
+            or not isinstance(columns, Iterable)
+            or not all(isinstance(c, str) for c in columns)
         ):
             raise ConfigError(f"columns={columns!r} must be a list of column names")
         if key_column is not None and not isinstance(key_column, str):
@@ -362,7 +364,16 @@ class ArrowSource(_ColumnarSource):
             f.seek(0)
             try:
                 if head == _ARROW_MAGIC:
-                    yield pa.ipc.open_file(f)
+                    reader = pa.ipc.open_file(f)
+                    # the schema is stored twice, at the start and in the footer: a flipped
+                    # bit in either would rename or retype a column silently
+                    f.seek(8)
+                    if not pa.ipc.read_schema(pa.ipc.read_message(f)).equals(reader.schema):
+                        raise ShardError(
+                            f"shard {url!r}: the schema in its header and in its footer "
+                            "differ; the file is corrupt, re-create it"
+                        )
+                    yield reader
                 else:
                     yield pa.ipc.open_stream(f)
             except (pa.ArrowInvalid, OSError) as exc:
