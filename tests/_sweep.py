@@ -48,17 +48,22 @@ def outcome_of(exc: BaseException | None) -> str:
 
 
 def sweep(
-    category: str, strategy: st.SearchStrategy, check: Callable[[Any], str | None], n: int
+    category: str,
+    strategy: st.SearchStrategy,
+    check: Callable[[Any], str | None],
+    n: int,
+    times: int = 1,
 ) -> None:
-    """Run ``check`` on ``n`` examples of ``strategy``; count its outcomes under ``category``.
+    """Run ``check`` on ``n * times`` examples of ``strategy`` (``n``: the scale, DEFAULT or
+    FAULTS; ``times``: more for cheap categories); count its outcomes under ``category``.
 
     ``check`` returns an outcome label (``"ok"``, an es_pipe error name, ...) and raises
     ``AssertionError`` for a wrong result or any exception that is not an es_pipe error.
     """
-    SCALE_OF[category] = "faults" if n > DEFAULT else "default"
+    SCALE_OF[category] = "default" if n == DEFAULT else "faults"
 
     @settings(
-        max_examples=n,
+        max_examples=n * times,
         deadline=None,
         derandomize=True,
         database=None,

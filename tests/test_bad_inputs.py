@@ -534,9 +534,11 @@ def test_source_options(n, shard_sets):
     the equalized count); the others raise a ConfigError at construction or reset."""
 
     def check(case):
-        fmt, kw, tar_kw, col_kw = case
+        fmt, kw = case
         urls = shard_sets[fmt]
-        kw = {**kw, **(tar_kw if fmt == "tar" else col_kw)}
+        other = ("columns", "key_column", "batch_rows", "shuffle_rows")
+        other = other if fmt == "tar" else ("shuffle_buffer",)
+        kw = {k: v for k, v in kw.items() if k not in other}
         if kw.get("num_samples") == "right":
             kw["num_samples"] = dict.fromkeys(urls, 4)
 
@@ -600,18 +602,10 @@ def test_source_options(n, shard_sets):
         "batch_rows": small,
         "shuffle_rows": weird_scalars,
     }
-    tar_only = ("shuffle_buffer",)
-    columnar_only = ("columns", "key_column", "batch_rows", "shuffle_rows")
-    options = few_faults(
-        {k: v for k, v in valid.items() if k not in tar_only + columnar_only},
-        {k: v for k, v in bad.items() if k not in tar_only + columnar_only},
-    )
-    tar_options = few_faults({k: valid[k] for k in tar_only}, {k: bad[k] for k in tar_only})
-    columnar_options = few_faults(
-        {k: valid[k] for k in columnar_only}, {k: bad[k] for k in columnar_only}
-    )
+    options = few_faults(valid, bad)  # keys a format does not take are dropped in check
+
     fmts = st.sampled_from(list(SOURCE_CLASSES))
-    sweep("source options", st.tuples(fmts, options, tar_options, columnar_options), check, n)
+    sweep("source options", st.tuples(fmts, options), check, n)
 
 
 @pytest.mark.parametrize("n", SCALES)
@@ -893,6 +887,13 @@ def cli_files(tmp_path_factory, manifest_root):
     return d, manifest_root
 
 
+def _options(pairs):
+    """Well-formed option lists: 0 to 3 options from ``pairs``, flattened."""
+    return st.lists(st.sampled_from(pairs), max_size=3).map(
+        lambda chosen: [token for option in chosen for token in option]
+    )
+
+
 @pytest.mark.parametrize("n", SCALES)
 def test_cli_arguments(n, cli_files, tmp_path):
     """``es_pipe.cli.main`` with random and invalid arguments: an exit status (argparse's
@@ -937,41 +938,57 @@ def test_cli_arguments(n, cli_files, tmp_path):
                 "",
             ]
         ),
-        st.lists(
-            st.one_of(
-                st.sampled_from(
-                    ["--format", "--per-shard", "--row-group", "tar", "parquet", "json"]
-                ),
-                text,
+        st.one_of(
+            _options(
+                [("--format", "tar"), ("--format", "parquet"), ("--format", "json")]
+                + [(o, v) for o in ("--per-shard", "--row-group") for v in ("0", "-2", "1", "x")]
             ),
-            max_size=4,
+            st.lists(
+                st.one_of(
+                    st.sampled_from(
+                        ["--format", "--per-shard", "--row-group", "tar", "parquet", "json"]
+                    ),
+                    text,
+                ),
+                max_size=4,
+            ),
         ),
     )
     inspect = st.tuples(
         st.just("inspect"),
         st.sampled_from(paths),
-        st.lists(
-            st.one_of(
-                st.sampled_from(
-                    [
-                        "--epoch",
-                        "--shard",
-                        "--key",
-                        "--diff",
-                        "--json",
-                        "--top",
-                        "--plot",
-                        "--no-progress",
-                        "0",
-                        "1",
-                        "a.tar",
-                        "k3",
-                        "7",
-                    ]
-                ),
-                text,
+        st.one_of(
+            _options(
+                [("--epoch", e) for e in ("0", "1", "7", "-1")]
+                + [("--shard", v) for v in ("a.tar", "tar", "zzz", "")]
+                + [("--key", v) for v in ("k3", "nope", "")]
+                + [("--diff", "0", "1"), ("--diff", "1", "9"), ("--json",), ("--no-progress",)]
+                + [("--top", v) for v in ("-1", "0", "3")]
+                + [("--plot",)]
             ),
-            max_size=5,
+            st.lists(
+                st.one_of(
+                    st.sampled_from(
+                        [
+                            "--epoch",
+                            "--shard",
+                            "--key",
+                            "--diff",
+                            "--json",
+                            "--top",
+                            "--plot",
+                            "--no-progress",
+                            "0",
+                            "1",
+                            "a.tar",
+                            "k3",
+                            "7",
+                        ]
+                    ),
+                    text,
+                ),
+                max_size=5,
+            ),
         ),
     )
     other = st.lists(

@@ -337,7 +337,8 @@ def test_mutated_shard_bytes(fmt, n, originals, tmp_path):
         f"shard bytes: {fmt}",
         mutations(len(orig["bytes"]), orig["headers"]),
         lambda m: _check(fmt, orig, expected, base, m),
-        n * 5,  # cheap: 5x the examples of a bad-input category
+        n,
+        times=5,  # cheap: 5x the examples of a bad-input category
     )
 
 
