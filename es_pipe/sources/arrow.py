@@ -89,6 +89,19 @@ def _sorted_member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
     return sorted_values[pos] == x
 
 
+def _header_schema(f: Any) -> pa.Schema:
+    """The schema message at the start of an Arrow IPC file (after the 8-byte magic)."""
+    f.seek(len(_ARROW_MAGIC) + 2)
+    prefix = f.read(8)
+    if len(prefix) < 8 or prefix[:4] != b"\xff\xff\xff\xff":
+        raise pa.ArrowInvalid("no schema message after the magic bytes")
+    size = int.from_bytes(prefix[4:], "little", signed=True)
+    body = f.read(size) if 0 < size < (1 << 24) else b""
+    if len(body) != size:
+        raise pa.ArrowInvalid(f"schema message of {size} bytes does not fit the file")
+    return pa.ipc.read_schema(pa.py_buffer(prefix + body))
+
+
 class _ColumnarSource(ShardedSource):
     """Shared logic of Parquet and Arrow sources: projection, schema, keys, rows."""
 
@@ -364,11 +377,12 @@ class ArrowSource(_ColumnarSource):
             f.seek(0)
             try:
                 if head == _ARROW_MAGIC:
-                    reader = pa.ipc.open_file(f)
                     # the schema is stored twice, at the start and in the footer: a flipped
                     # bit in either would rename or retype a column silently
-                    f.seek(8)
-                    if not pa.ipc.read_schema(pa.ipc.read_message(f)).equals(reader.schema):
+                    header = _header_schema(f)
+                    f.seek(0)
+                    reader = pa.ipc.open_file(f)
+                    if not header.equals(reader.schema):
                         raise ShardError(
                             f"shard {url!r}: the schema in its header and in its footer "
                             "differ; the file is corrupt, re-create it"
