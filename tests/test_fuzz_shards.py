@@ -20,7 +20,8 @@ What a format cannot detect is stated, and checked as exactly as the format allo
   known (the index file write_shards writes; here ``num_samples=``), a renamed member
   that splits or merges samples is a ShardError.
 * Arrow IPC has no checksums at all: bytes changed, inserted or deleted inside a
-  record-batch body may change values (never the keys, ordinals or the number of rows of
+  record-batch message (its body, or its metadata, which holds the buffers' offsets into
+  the body) may change values (never the keys, ordinals or the number of rows of
   a read that succeeds); under "skip" such a batch may be delivered before a later one
   fails. Changes anywhere else (schema, message headers, footer) must give an error or
   the original rows.
@@ -109,18 +110,22 @@ def _tar_members(data: bytes) -> list[tuple[str, str, int, int]]:
         return out
 
 
-def _arrow_bodies(data: bytes) -> list[tuple[int, int]]:
-    """[start, end) of every record batch body of an Arrow IPC file (the only bytes a
-    format without checksums may let through changed)."""
+def _arrow_bodies(data: bytes, whole: bool = False) -> list[tuple[int, int]]:
+    """[start, end) of every record batch body of an Arrow IPC file, or with ``whole`` of
+    every record batch message (metadata and body: the bytes a format without checksums
+    may let through changed; the metadata holds the buffers' offsets into the body)."""
     reader = pa.BufferReader(data)
     reader.seek(8)  # "ARROW1\0\0"
     bodies = []
     n_batches = pa.ipc.open_file(data).num_record_batches
-    for _ in range(1 + n_batches):  # the schema message, then the batches
+    for i in range(1 + n_batches):  # the schema message, then the batches
+        start = reader.tell()
         message = pa.ipc.read_message(reader)
         end = reader.tell()
         size = message.body.size if message.body is not None else 0
-        if size:
+        if i and whole:
+            bodies.append((start, end))
+        elif size:
             bodies.append((end - size, end))
     return bodies
 
@@ -145,7 +150,7 @@ def originals(tmp_path_factory):
         },
         "arrow": {
             "bytes": arrow,
-            "bodies": _arrow_bodies(arrow),
+            "bodies": _arrow_bodies(arrow, whole=True),
             "headers": [(0, 64), (len(arrow) - 256, len(arrow))],
         },
     }
@@ -270,8 +275,8 @@ def _check(fmt: str, orig: dict, expected: list[dict], base, mutation) -> str:
     else:
         allowed = [expected]
         reference = expected
-        # Arrow IPC: values may change only where batch bodies changed (or were shifted by
-        # bytes inserted or deleted inside them)
+        # Arrow IPC: values may change only where record-batch messages changed (or were
+        # shifted by bytes inserted or deleted inside them)
         if changed is not None:
             where = changed
         else:
