@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from es_pipe.errors import FeedbackError
+from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampler import Identity, Sampler, Selection
 
 
@@ -35,6 +35,30 @@ def take(data: Any, indices: Tensor) -> Any:
         f"cannot select rows of a {type(data).__name__}; collate to tensors, "
         "arrays, lists, tuples or dicts of them"
     )
+
+
+def check_rows(data: Any, n: int, where: str = "batch") -> None:
+    """Raise ``ConfigError`` unless every tensor, array, list and tuple entry of a collated
+    batch has ``n`` rows (``take`` selects rows of each)."""
+    if isinstance(data, Mapping):
+        for name, value in data.items():
+            check_rows(value, n, f"{where}[{name!r}]")
+    elif isinstance(data, tuple):
+        for i, value in enumerate(data):
+            check_rows(value, n, f"{where}[{i}]")
+    elif isinstance(data, (Tensor, np.ndarray, list)):
+        rows = len(data) if isinstance(data, list) or data.ndim else None
+        if rows != n:
+            raise ConfigError(
+                f"the collated {where} has {rows} rows for a meta-batch of {n} samples; give "
+                "every sample the same fields with the same structure, or pass a collate_fn "
+                "whose output has one row per sample"
+            )
+    else:
+        raise ConfigError(
+            f"cannot select rows of the collated {where}, a {type(data).__name__}; collate to "
+            "tensors, arrays, lists, tuples or dicts of them"
+        )
 
 
 @dataclass

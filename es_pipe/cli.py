@@ -91,6 +91,19 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _shard(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    try:
+        return _shard_files(args)
+    except EsPipeError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as exc:  # unreadable table, bad output URL
+        raise EsPipeError(
+            f"could not shard {args.source} into {args.out}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _shard_files(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -118,6 +131,8 @@ def _shard(args: argparse.Namespace) -> int:
             "or .npz table"
         )
     urls = write_shards(data, args.out, fmt, args.per_shard, row_group_rows=args.row_group)
+    if not urls:
+        raise EsPipeError(f"{source} holds no samples: nothing was written")
     print(f"wrote {len(urls)} {fmt} shards: {urls[0]} .. {urls[-1]}")
     return 0
 

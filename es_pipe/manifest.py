@@ -264,7 +264,10 @@ class Manifests:
         if not isinstance(root, str) or not root:
             raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
         self.url = root
-        self.fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        try:
+            self.fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        except (ValueError, ImportError) as exc:  # an unknown protocol, a missing backend
+            raise ConfigError(f"manifests={root!r}: {exc}; give a folder or fsspec URL") from None
         self.root = path.rstrip("/") or "/"
         self.rank = int(rank)
         self.attempt = attempt or _default_attempt()
@@ -597,7 +600,7 @@ class Manifests:
         """Committed epochs, oldest first."""
         try:
             names = self._io("list the commit markers", self.fs.ls, self._path(COMMITS), False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing committed (or a file)
             return []
         epochs = []
         for name in names:
@@ -660,6 +663,7 @@ class Manifests:
         if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
             raise ManifestError(f"{path} is not an es_pipe commit marker")
         _check_version(marker.get("schema_version"), path)
+        _check_marker(marker, epoch, path)
         for entry in marker["files"]:
             _check_entry(entry, epoch, f"commit marker {path}")
         self._markers[epoch] = marker
@@ -854,6 +858,34 @@ def file_meta(schema: pa.Schema, path: str) -> dict[str, Any]:
             f"{schema_version()} is {expected}; the file was edited or not written by es_pipe"
         )
     return meta
+
+
+_ENTRY_TYPES = {"shard": str, "path": str, "size": int, "crc32": int}
+
+
+def _check_marker(marker: dict[str, Any], epoch: int, path: str) -> None:
+    """The fields of a commit marker that readers rely on, with their types."""
+    files = marker.get("files")
+    problem = None
+    if marker.get("epoch", epoch) != epoch:
+        problem = f"it says epoch {marker.get('epoch')!r} but is the marker of epoch {epoch}"
+    elif not isinstance(files, list):
+        problem = "it has no list of 'files'"
+    elif not isinstance(marker.get("hyper", {}), dict):
+        problem = "its 'hyper' is not a mapping"
+    else:
+        for entry in files:
+            if not isinstance(entry, dict) or not all(
+                isinstance(entry.get(k), t) and not isinstance(entry.get(k), bool)
+                for k, t in _ENTRY_TYPES.items()
+            ):
+                problem = f"a file entry is not {{shard, path, size, crc32}}: {str(entry)[:200]}"
+                break
+    if problem:
+        raise ManifestError(
+            f"commit marker {path} is damaged: {problem}. Restore it, or delete it to fall "
+            "back to the previous committed epoch"
+        )
 
 
 def _check_version(version: Any, path: str) -> None:

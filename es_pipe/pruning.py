@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from es_pipe.errors import ConfigError
-from es_pipe.sampling import Epochs
+from es_pipe.sampling import Epochs, _is_real
 
 UPWEIGHT = np.uint8(0x80)
 STREAK = np.uint8(0x7F)
@@ -86,7 +86,7 @@ class Pruning:
             raise ConfigError(f"Pruning ratio={self.ratio!r} must be in [0, 1), e.g. 0.3")
         anneal = self.anneal
         if isinstance(anneal, Epochs):
-            if not (math.isfinite(anneal.n) and anneal.n >= 0):
+            if not (_is_real(anneal.n) and math.isfinite(anneal.n) and anneal.n >= 0):
                 raise ConfigError(f"Pruning anneal={anneal!r} must be a non-negative length")
         elif not (isinstance(anneal, (int, float)) and 0.0 <= anneal <= 1.0):
             raise ConfigError(
@@ -105,6 +105,8 @@ class Pruning:
             raise ConfigError(
                 f"Pruning max_streak={self.max_streak!r} must be None or an int in [1, 127]"
             )
+        if not isinstance(self.rescale, (bool, np.bool_)):
+            raise ConfigError(f"Pruning rescale={self.rescale!r} must be True or False")
         if self.score not in ("score", "loss"):
             raise ConfigError(f"Pruning score={self.score!r}: use 'score' or 'loss'")
         if self.draw not in ("exact", "bernoulli"):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from es_pipe import sampling
-from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.errors import ConfigError, FeedbackError, ManifestError
 from es_pipe.pruning import Pruning
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
@@ -141,6 +141,24 @@ class Sampler:
             raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed={seed!r} must be a non-negative int")
+        if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
+            raise ConfigError(
+                f"policy={policy!r} is not a selection policy: use es_pipe.Evolved(beta1, "
+                "beta2), Uniform(), RandomSubset(), LossProportional() or SelectiveBackprop()"
+            )
+        for label, flag in (("replacement", replacement), ("reweight", reweight)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ConfigError(f"{label}={flag!r} must be True or False")
+        if prune is not None and not isinstance(prune, Pruning):
+            raise ConfigError(
+                f"prune={prune!r}: give es_pipe.Pruning(ratio=..., anneal=...), "
+                "es_pipe.InfoBatch() or None"
+            )
+        if on_mismatch not in ("raise", "fresh"):
+            raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
+        timeout = commit_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"commit_timeout={commit_timeout!r} must be a number of seconds > 0")
         self.policy = policy
         self.meta_batch_size = meta_batch_size
         self.batch_size = batch_size
@@ -195,6 +213,11 @@ class Sampler:
         if latest is None:
             return
         step = manifests.marker(latest).get("hyper", {}).get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ManifestError(
+                f"the commit marker of epoch {latest} under {manifests.url} records step "
+                f"{step!r}, not a step count; restore the marker or start with resume=False"
+            )
         self.epoch = self.boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
 
@@ -409,10 +432,24 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
     """Losses as a 1-D float tensor of length ``n``, or a ``FeedbackError`` that says why
     not. One host sync, for the finiteness check."""
     if isinstance(losses, (np.ndarray, list, tuple)):
-        losses = torch.as_tensor(np.asarray(losses))
+        try:
+            array = np.asarray(losses)
+            if array.dtype.kind not in "fiub":  # strings, objects (None), complex
+                raise TypeError(f"dtype {array.dtype}")
+            losses = torch.as_tensor(array)
+        except (TypeError, ValueError) as exc:  # ragged lists, None, strings
+            raise FeedbackError(
+                f"losses could not be read as a 1-D array of floats ({exc}); pass one float "
+                "loss per member, e.g. loss_fn(logits, y, reduction='none')"
+            ) from None
     if not isinstance(losses, Tensor):
         raise FeedbackError(
             f"losses must be a tensor, array or list of floats, got {type(losses).__name__}"
+        )
+    if losses.layout != torch.strided or losses.device.type == "meta":
+        raise FeedbackError(
+            f"losses are a {losses.layout} tensor on {losses.device}; pass a dense tensor "
+            "with values (losses.to_dense(), or compute them on a real device)"
         )
     if not losses.is_floating_point():
         raise FeedbackError(
@@ -426,11 +463,20 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
             "losses to per-sample means first)"
         )
     losses = losses.detach()
-    bad = torch.stack([(~torch.isfinite(losses)).sum(), (losses < 0).sum()]).tolist()
+    big = torch.finfo(torch.float32).max  # scores are stored as float32
+    bad = torch.stack(
+        [(~torch.isfinite(losses)).sum(), (losses < 0).sum(), (losses.abs() > big).sum()]
+    ).tolist()
     if bad[0]:
         raise FeedbackError(
             f"{bad[0]} of {n} losses are NaN or infinite; scores were left unchanged. "
             "Check the model for divergence or skip this step"
+        )
+    if bad[2]:
+        raise FeedbackError(
+            f"{bad[2]} of {n} losses exceed float32's range (|loss| > {big:.3g}), where scores "
+            "are kept; scores were left unchanged. Check the model for divergence or scale "
+            "the losses down"
         )
     if nonnegative and bad[1]:
         raise FeedbackError(

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -232,7 +233,7 @@ def _as_span(span: Span, label: str) -> Steps | Epochs:
             f"{label}={span!r}: give an int (steps), es_pipe.Steps(n) or es_pipe.Epochs(n)"
         )
     span = Steps(span) if isinstance(span, int) else span
-    if not (math.isfinite(span.n) and span.n >= 0):
+    if not (_is_real(span.n) and math.isfinite(span.n) and span.n >= 0):
         raise ConfigError(f"{label}={span!r} must be a finite, non-negative length")
     return span
 
@@ -251,6 +252,16 @@ class Schedule:
     total_epochs: float | None = None
 
     def __post_init__(self) -> None:
+        totals = (("total_steps", self.total_steps), ("total_epochs", self.total_epochs))
+        for label, total in totals:
+            kind = (int, np.integer) if label == "total_steps" else (int, float, np.number)
+            if total is not None and not (
+                isinstance(total, kind) and _is_real(total) and 0 < total < math.inf
+            ):
+                raise ConfigError(
+                    f"{label}={total!r} must be None or a positive, finite "
+                    + ("int" if label == "total_steps" else "number")
+                )
         object.__setattr__(self, "burn_in", _as_span(self.burn_in, "burn_in"))
         object.__setattr__(self, "anneal", _as_span(self.anneal, "anneal"))
         if self.anneal.n > 0:
@@ -277,6 +288,13 @@ class Schedule:
     @staticmethod
     def _within(span: Steps | Epochs, step: int, epoch: float) -> bool:
         return step < span.n if isinstance(span, Steps) else epoch < span.n
+
+
+def _is_real(value: object) -> bool:
+    """An int or float, not a bool (numpy numbers included)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 # --------------------------------------------------------------------------- rng

@@ -67,6 +67,9 @@ class ShardCodes:
         return self.names[self.codes[i]]
 
 
+MAX_ORDINAL = 2**31  # per-shard ordinals: positions in a shard
+
+
 class ScoreStore:
     """Score, last loss, visit count and last step of every sample held, by shard."""
 
@@ -98,6 +101,12 @@ class ScoreStore:
         ordinals = np.asarray(ordinals, dtype=np.int64)
         if ordinals.size and ordinals.min() < 0:
             raise ConfigError("sample ordinals ('__index__') must be >= 0")
+        if ordinals.size and ordinals.max() >= MAX_ORDINAL:
+            raise ConfigError(
+                f"sample ordinal {int(ordinals.max())} is too large: '__index__' is the sample's "
+                f"position in its shard (< {MAX_ORDINAL}), and scores are held densely per "
+                "shard up to the highest ordinal; split the shard or number its samples 0..n-1"
+            )
         blocks = [self._blocks.get(name, (0, 0)) for name in names]
         offsets = np.array([offset for offset, _ in blocks], dtype=np.int64)
         lengths = np.array([self._lengths.get(name, 0) for name in names], dtype=np.int64)

@@ -143,7 +143,8 @@ def _write_tar(url: str, samples: list[dict[str, Any]], first: int) -> None:
 
 def _write_parquet(url: str, table: pa.Table, row_group_rows: int | None) -> None:
     with fsspec.open(url, "wb") as f:
-        pq.write_table(table, f, row_group_size=row_group_rows)
+        # page checksums: ParquetSource verifies them, so flipped bits are an error
+        pq.write_table(table, f, row_group_size=row_group_rows, write_page_checksum=True)
 
 
 def _write_all(

@@ -14,7 +14,7 @@ import numpy as np
 import torchdata.nodes as tn
 from torch.utils.data import default_collate as torch_collate
 
-from es_pipe.batch import MetaBatch, SubBatch
+from es_pipe.batch import MetaBatch, SubBatch, check_rows
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampler import Identity, Sampler
 
@@ -63,6 +63,14 @@ class EvolvedSampling(tn.BaseNode):
         super().__init__()
         if not isinstance(sampler, Sampler):
             raise ConfigError(f"sampler must be an es_pipe Sampler, got {type(sampler).__name__}")
+        if not isinstance(source, (tn.BaseNode, Iterable)):
+            raise ConfigError(
+                f"source must be a torchdata node or an iterable of sample dicts, got "
+                f"{type(source).__name__}"
+            )
+        for label, fn in (("loss_fn", loss_fn), ("collate_fn", collate_fn)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{label}={fn!r} must be a function (or None)")
         self.source = source if isinstance(source, tn.BaseNode) else tn.IterableWrapper(source)
         self.sampler = sampler
         self.loss_fn = loss_fn
@@ -107,7 +115,17 @@ class EvolvedSampling(tn.BaseNode):
                 parts.append(who)
         if not samples:
             self._end_epoch()
-        meta = MetaBatch(self.collate_fn(samples), Identity.concat(parts), self.sampler)
+        try:
+            data = self.collate_fn(samples)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                f"collate_fn could not batch the {len(samples)} samples of this meta-batch "
+                f"({type(exc).__name__}: {exc}); give every sample the same fields, of equal "
+                "shapes and collatable types (tensors, arrays, numbers, str), or pass a "
+                "collate_fn that handles them"
+            ) from exc
+        check_rows(data, len(samples))  # before any score changes, not in select()
+        meta = MetaBatch(data, Identity.concat(parts), self.sampler)
         self._current, self._position = meta, position
         if self.loss_fn is None:
             return meta
@@ -175,7 +193,27 @@ def identify(samples: list[Any]) -> Identity:
         ) from None
     shards = [sample.get("__shard__", "") for sample in samples]
     ordinals = [sample.get("__index__") for sample in samples]
-    return Identity.of(shards, keys, None if None in ordinals else ordinals)
+    if None in keys or not all(isinstance(shard, str) for shard in shards):
+        raise ConfigError(
+            "a sample has '__key__' None or a '__shard__' that is not a str: give every sample "
+            "a stable, non-None '__key__' and the shard's name as '__shard__'"
+        )
+    if None in ordinals:
+        return Identity.of(shards, keys, None)
+    try:
+        array = np.asarray(ordinals)
+    except ValueError:  # ragged sequences
+        array = np.asarray(ordinals, dtype=object)
+    if (
+        array.ndim != 1
+        or array.dtype.kind not in "iu"
+        or (array.size and not 0 <= array.min() <= array.max() < 2**31)
+    ):
+        raise ConfigError(
+            "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
+            f"got {ordinals[:3]}"
+        )
+    return Identity.of(shards, keys, array)
 
 
 def evolve(

@@ -18,7 +18,7 @@ rows that are pruned are never paged in either.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,19 @@ def _sorted_member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
     return sorted_values[pos] == x
 
 
+def _header_schema(f: Any) -> pa.Schema:
+    """The schema message at the start of an Arrow IPC file (after the 8-byte magic)."""
+    f.seek(len(_ARROW_MAGIC) + 2)
+    prefix = f.read(8)
+    if len(prefix) < 8 or prefix[:4] != b"\xff\xff\xff\xff":
+        raise pa.ArrowInvalid("no schema message after the magic bytes")
+    size = int.from_bytes(prefix[4:], "little", signed=True)
+    body = f.read(size) if 0 < size < (1 << 24) else b""
+    if len(body) != size:
+        raise pa.ArrowInvalid(f"schema message of {size} bytes does not fit the file")
+    return pa.ipc.read_schema(pa.py_buffer(prefix + body))
+
+
 class _ColumnarSource(ShardedSource):
     """Shared logic of Parquet and Arrow sources: projection, schema, keys, rows."""
 
@@ -104,8 +117,16 @@ class _ColumnarSource(ShardedSource):
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
-        if batch_rows < 1:
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
             raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
+        if columns is not None and (
+            isinstance(columns, (str, bytes))
+            or not isinstance(columns, Iterable)
+            or not all(isinstance(c, str) for c in columns)
+        ):
+            raise ConfigError(f"columns={columns!r} must be a list of column names")
+        if key_column is not None and not isinstance(key_column, str):
+            raise ConfigError(f"key_column={key_column!r} must be a column name")
         if schema is not None and not isinstance(schema, pa.Schema):
             raise ConfigError("schema must be a pyarrow.Schema")
         self.columns = list(columns) if columns is not None else None
@@ -264,7 +285,8 @@ class ParquetSource(_ColumnarSource):
     def _open(self, url: str) -> Iterator[pq.ParquetFile]:
         with self._open_bytes(url) as f:
             try:
-                pf = pq.ParquetFile(f)
+                # Page CRCs (write_shards writes them) catch flipped bits in the data.
+                pf = pq.ParquetFile(f, page_checksum_verification=True)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise ShardError(
                     f"shard {url!r} is not a readable Parquet file ({exc}); re-create it"
@@ -356,7 +378,17 @@ class ArrowSource(_ColumnarSource):
             f.seek(0)
             try:
                 if head == _ARROW_MAGIC:
-                    yield pa.ipc.open_file(f)
+                    # the schema is stored twice, at the start and in the footer: a flipped
+                    # bit in either would rename or retype a column silently
+                    header = _header_schema(f)
+                    f.seek(0)
+                    reader = pa.ipc.open_file(f)
+                    if not header.equals(reader.schema):
+                        raise ShardError(
+                            f"shard {url!r}: the schema in its header and in its footer "
+                            "differ; the file is corrupt, re-create it"
+                        )
+                    yield reader
                 else:
                     yield pa.ipc.open_stream(f)
             except (pa.ArrowInvalid, OSError) as exc:
@@ -392,6 +424,7 @@ class ArrowSource(_ColumnarSource):
                 self._check_schema(url, reader.schema)
                 parts = [b.column(self.key_column) for b in self._batches(reader)]
             col = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+            col.validate(full=True)  # IPC is not checked on read: corrupt offsets crash
             keys, bad = self._bad_key_rows(url, col)
             drop = np.union1d(drop, bad)
         rng = np.random.default_rng(rng_seed) if self.shuffle_rows else None
@@ -414,6 +447,9 @@ class ArrowSource(_ColumnarSource):
                 skipped = start
                 if cols is not None:
                     batch = batch.select(cols)
+                # IPC buffers are not checked on read: corrupt offsets or lengths abort the
+                # process in the conversion below. ArrowInvalid becomes a ShardError.
+                batch.validate(full=True)
                 if rng is None and local.size == m:
                     yield self._rows(url, batch, ords, keys)
                 else:

@@ -157,10 +157,21 @@ class ShardedSource(BaseNode[dict]):
             raise ConfigError(f"equalize must be None, 'drop' or 'pad', got {equalize!r}")
         if pruned is not None and not (callable(pruned) or isinstance(pruned, Mapping)):
             raise ConfigError("pruned must be None, a mapping url -> ordinals, or a callable")
+        for name, value in (("seed", seed), ("epoch", epoch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a non-negative int")
         self.shards = ShardList.from_spec(urls)
         if num_samples is not None:
-            counts = tuple(int(num_samples.get(u, -1)) for u in self.shards.urls)
-            self.shards = ShardList(self.shards.urls, counts)
+            counts = tuple(
+                num_samples.get(u, -1) if isinstance(num_samples, Mapping) else None
+                for u in self.shards.urls
+            )
+            if not all(isinstance(c, (int, np.integer)) and type(c) is not bool for c in counts):
+                raise ConfigError(
+                    "num_samples must be a mapping shard URL -> int sample count, got "
+                    f"{str(num_samples)[:200]}"
+                )
+            self.shards = ShardList(self.shards.urls, tuple(int(c) for c in counts))
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.rank, self.world_size = resolve_rank(rank, world_size)

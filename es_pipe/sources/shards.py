@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import fsspec
 import numpy as np
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 
 from es_pipe.errors import ConfigError, ShardError
 from es_pipe.retry import Retry
@@ -85,11 +85,20 @@ class ShardList:
             return spec
         if isinstance(spec, (str, os.PathLike)):
             spec = [os.fspath(spec)]
+        if isinstance(spec, (bytes, Mapping)) or not isinstance(spec, Iterable):
+            raise ConfigError(
+                f"shards must be a URL, brace pattern, glob or a list of them, got "
+                f"{type(spec).__name__}"
+            )
         urls: list[str] = []
         for item in spec:
             if not isinstance(item, str):
                 raise ConfigError(f"shard URLs must be strings, got {type(item).__name__}")
-            for url in braceexpand(item):
+            try:
+                expanded = list(braceexpand(item))
+            except UnbalancedBracesError as exc:
+                raise ConfigError(f"shard pattern {item!r}: {exc}; fix the braces") from None
+            for url in expanded:
                 if any(c in url for c in _GLOB_CHARS):
                     urls.extend(_glob(url))
                 else:
@@ -171,14 +180,24 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
     if rank is None and world_size is None and "WORLD_SIZE" in os.environ:
-        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+        try:
+            rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+        except ValueError as exc:
+            raise ConfigError(f"RANK/WORLD_SIZE in the environment: {exc}") from None
     if rank is None and world_size is None:
         rank, world_size = 0, 1
     if rank is None or world_size is None:
         raise ConfigError("give both rank= and world_size=, or neither")
+    _check_ints(rank=rank, world_size=world_size)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)
+
+
+def _check_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name}={value!r} must be an int")
 
 
 def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, int]:
@@ -190,6 +209,7 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     if worker is None or num_workers is None:
         raise ConfigError("give both worker= and num_workers=, or neither")
+    _check_ints(worker=worker, num_workers=num_workers)
     if num_workers < 1 or not 0 <= worker < num_workers:
         raise ConfigError(f"need 0 <= worker < num_workers, got {worker}, {num_workers}")
     return int(worker), int(num_workers)

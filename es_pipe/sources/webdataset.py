@@ -106,6 +106,8 @@ class WebDatasetSource(ShardedSource):
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int):
+            raise ConfigError(f"shuffle_buffer={shuffle_buffer!r} must be an int")
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
@@ -215,6 +217,14 @@ class WebDatasetSource(ShardedSource):
                     f"shard {url!r} ends without a valid end-of-archive block after sample "
                     f"{ordinal} (key {key!r}): the file is truncated or corrupt; the last "
                     "sample was not delivered; re-create or re-download the shard"
+                )
+            known = self._sizes[self._index[url]] if url in self._index else -1
+            if known >= 0 and ordinal + 1 != known:  # tar headers have a weak checksum
+                raise ShardError(
+                    f"shard {url!r} has {ordinal + 1} samples, but its index file (or "
+                    f"num_samples=) says {known}: the shard was changed or is corrupt (a "
+                    "renamed member splits or merges samples); re-create or re-download it, "
+                    "or rewrite the index"
                 )
             if cur is not None:
                 yield cur
