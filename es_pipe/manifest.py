@@ -307,7 +307,7 @@ class Manifests:
         # not fs.exists: it answers False for any error, a transient one included
         try:
             self._io(f"info {path}", self.fs.info, path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # under a file: not there either
             return False
         return True
 
