@@ -99,8 +99,11 @@ class EpochBoundary:
         epoch = self.manifests.find(shard, before=self.epoch, epochs=self._committed)
         if epoch is None or self._written.get(shard, -1) >= epoch:
             return
-        if shard in self.store.shards and shard not in self._written:
-            return  # restored from a checkpoint (state_dict): it is authoritative
+        # held from a checkpoint (state_dict): its scores are authoritative, but this
+        # epoch's pruning decision lives only in the manifest of the epoch before
+        held = shard in self.store.shards and shard not in self._written
+        if held and epoch + 1 != self.epoch:
+            return
         manifest = self.manifests.read_shard(shard, epoch)
         stored = manifest.meta.get("fingerprint")
         current = self._fingerprint(shard)
@@ -125,11 +128,12 @@ class EpochBoundary:
             self.keys.pop(shard, None)
             return
         columns = manifest.columns
-        self.store.load_shard(shard, columns)
-        self.keys[shard] = manifest.keys
-        self._verify.add(shard)
-        self._origin[shard] = manifest.path
-        self.stats["restored"] += 1
+        if not held:
+            self.store.load_shard(shard, columns)
+            self.keys[shard] = manifest.keys
+            self._verify.add(shard)
+            self._origin[shard] = manifest.path
+            self.stats["restored"] += 1
         if epoch + 1 == self.epoch:
             state = columns["streak"].astype(np.uint8)
             state[columns["weight"] != 1.0] |= pruning.UPWEIGHT
@@ -243,6 +247,7 @@ class EpochBoundary:
         decisions: dict[str, Decision] = {}
         items: list[dict[str, Any]] = []
         for name in sorted(self._touched):
+            self._see(name)  # read before a restored checkpoint: its decision, for streaks
             view = self.store.shard(name)
             rows = len(view["score"])
             previous = self.decisions.get(name)
@@ -295,15 +300,30 @@ class EpochBoundary:
     def rewind(self, epoch: int) -> None:
         """The sampler was restored to ``epoch`` (a checkpoint): forget the decisions held
         and restore every shard again from the manifests committed before ``epoch``; the
-        shards the checkpoint holds count as read this epoch."""
+        shards the checkpoint holds count as read this epoch.
+
+        Also at the same epoch: a fresh process that resumed from the manifests is at the
+        checkpoint's epoch already, but holds nothing of it yet. Without manifests, the
+        decisions held are the only ones there are: kept at the same epoch."""
+        if self.manifests is not None or int(epoch) != self.epoch:
+            self.decisions = {}
         self.epoch = int(epoch)
-        self.decisions = {}
         self._checked = set()
         self._committed = None
         self._verify = set()
         self._chunks = []
         self._touched = set(self.store.shards)
         self._written = {}
+
+    def key_state(self) -> dict[str, list[str | None]]:
+        """The key book of the shards held (keys by ordinal, ``None`` where unknown), for a
+        checkpoint: a run resumed inside an epoch still writes the keys of the samples read
+        before the checkpoint into that epoch's manifests."""
+        keys = self._merge_keys()
+        return {name: keys[name].to_pylist() for name in self.store.shards if name in keys}
+
+    def load_key_state(self, state: Mapping[str, list[str | None]]) -> None:
+        self.keys.update({name: pa.array(keys, pa.string()) for name, keys in state.items()})
 
     def _merge_keys(self) -> dict[str, pa.Array]:
         """Each touched shard's keys by ordinal: this epoch's, else the last known."""

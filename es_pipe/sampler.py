@@ -336,16 +336,22 @@ class Sampler:
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
-        if self.boundary is not None and self.boundary.epoch != self.epoch:
+        if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
             self.boundary.rewind(self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
         model; ``torch.load(..., weights_only=True)`` reads it back."""
-        return {"scores": self.store.state_dict()}
+        state: dict[str, Any] = {"scores": self.store.state_dict()}
+        if self.boundary is not None and self.boundary.manifests is not None:
+            state["keys"] = self.boundary.key_state()  # for this epoch's manifests
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.store.load_state_dict(state["scores"])
+        if self.boundary is not None:
+            self.boundary.rewind(self.epoch)
+            self.boundary.load_key_state(state.get("keys", {}))
 
 
 class EvolvedSampler(Sampler):
