@@ -359,6 +359,25 @@ def main(data: str, run: str, config: str, spec: str | None, attempt: int) -> in
         return 1
 
 
+def warm() -> None:
+    """One small run of each configuration, in a temporary folder: the modules torch and
+    pandas import lazily on a first optimizer step, save or read are then imported once,
+    in the server the children are forked from, not once per child."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_data(folder)
+        for config in CONFIGS:
+            os.makedirs(f"{folder}/{config}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train(folder, f"{folder}/{config}", config, 0)
+
+
+if os.environ.pop("ES_PIPE_FAULTS_WARM", None) == "1":
+    warm()
+
+
 def entry(data: str, run: str, config: str, spec: str | None, attempt: int) -> None:
     """multiprocessing target: exit with main's code."""
     os._exit(main(data, run, config, spec, attempt))

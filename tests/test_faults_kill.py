@@ -157,8 +157,7 @@ def _launch(data: Path, run: Path, config: str, spec: str | None, attempt: int) 
         )
         return proc.returncode
     if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["faults_child"])
+        _CONTEXT = _server()
     proc = _CONTEXT.Process(target=child.entry, args=args)
     proc.start()
     proc.join(TIMEOUT)
@@ -167,6 +166,22 @@ def _launch(data: Path, run: Path, config: str, spec: str | None, attempt: int) 
         proc.join()
         raise AssertionError(f"child {args} hung for {TIMEOUT} s")
     return proc.exitcode
+
+
+def _server() -> Any:
+    """The forkserver the children are forked from: it imports ``faults_child`` (found
+    through PYTHONPATH; Python 3.11's server ignores the parent's sys.path) and warms up."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["faults_child"])
+    saved = dict(os.environ)
+    paths = [str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]
+    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, paths)), ES_PIPE_FAULTS_WARM="1")
+    try:
+        context.Process(target=int).start()  # starts the server
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return context
 
 
 def _expect(rc: int, expected: int, run: Path, attempt: int, what: str) -> None:
