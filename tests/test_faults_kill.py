@@ -98,7 +98,7 @@ PLAN = {
 TWICE = [
     ("parquet", ("boundary.close_epoch", "after", 0), ("manifests.commit", "before", 1)),
     ("parquet", ("manifests._publish", "before", 1), ("manifests._publish", "after", 0)),
-    ("tar", ("boundary.close_epoch", "after", 1), ("ckpt.write", "torn", 0)),
+    ("tar", ("boundary.close_epoch", "after", 1), ("manifests.marker", "torn", 0)),
 ]
 # the representative points of the default run: kill after an epoch's commit (the resumed
 # run goes back to a checkpoint inside that epoch and commits it again), a torn manifest
