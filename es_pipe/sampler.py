@@ -17,7 +17,7 @@ from torch import Tensor
 
 from es_pipe import sampling
 from es_pipe.errors import ConfigError, FeedbackError
-from es_pipe.pruning import Pruning
+from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
 
@@ -345,6 +345,14 @@ class Sampler:
         state: dict[str, Any] = {"scores": self.store.state_dict()}
         if self.boundary is not None and self.boundary.manifests is not None:
             state["keys"] = self.boundary.key_state()  # for this epoch's manifests
+        elif self.boundary is not None:  # this epoch's pruning: no manifest holds it
+            state["pruning"] = {
+                "epoch": self.boundary.epoch,
+                "shards": {
+                    name: {"state": torch.from_numpy(d.state.copy()), "factor": d.factor}
+                    for name, d in self.boundary.decisions.items()
+                },
+            }
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -352,6 +360,12 @@ class Sampler:
         if self.boundary is not None:
             self.boundary.rewind(self.epoch)
             self.boundary.load_key_state(state.get("keys", {}))
+        if self.boundary is not None and "pruning" in state:
+            self.boundary.epoch = int(state["pruning"]["epoch"])
+            self.boundary.decisions = {
+                name: from_state(entry["state"].numpy(), entry["factor"])
+                for name, entry in state["pruning"]["shards"].items()
+            }
 
 
 class EvolvedSampler(Sampler):

@@ -1,8 +1,9 @@
 """A checkpoint taken inside an epoch of an ESWP run with manifests, restored by a fresh
 sampler (as a restarted process builds it: resumed from the manifests first), reproduces the
 uninterrupted run: the same meta-batches and selections, the same scores, and the same
-committed manifests (keys, scores, pruning decisions and streaks). Found by the kill -9
-suite (test_faults_kill.py); these are its regressions, in one process."""
+committed manifests (keys, scores, pruning decisions and streaks); without manifests, the
+same stream. Found with the kill -9 suite (test_faults_kill.py); these are its regressions,
+in one process."""
 
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ def urls(tmp_path_factory):
 
 
 def _build(urls, root):
+    """The run's objects, as a (re)started process builds them; ``root=None``: ESWP
+    without manifests."""
     sampler = es_pipe.EvolvedSampler(
         8,
         3,
         total_epochs=EPOCHS,
         seed=5,
         prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=str(root),
+        manifests=None if root is None else str(root),
         rank=0,
         world_size=1,
     )
@@ -101,3 +104,18 @@ def test_mid_epoch_checkpoint_resumes_exactly_with_manifests(urls, tmp_path, spl
     for epoch, table in expected.items():
         for column, values in table.items():
             assert got[epoch][column] == values, (epoch, column)
+
+
+@pytest.mark.parametrize("split", [11, 14])  # inside the pruned epoch 1, inside epoch 2
+def test_mid_epoch_checkpoint_resumes_exactly_without_manifests(urls, split):
+    """Without manifests, the checkpoint itself carries the epoch's pruning decisions."""
+    full: list = []
+    _train(*_build(urls, None), full)
+    head: list = []
+    saved = _train(*_build(urls, None), head, save_at=split)
+    sampler, loader = _build(urls, None)
+    loader.load_state_dict(saved["loader"])
+    sampler.load_state_dict(saved["scores"])
+    tail: list = []
+    _train(sampler, loader, tail)
+    assert head + tail == full
