@@ -231,7 +231,8 @@ def decode(sample: dict) -> dict:
     }
 
 
-def names(data: dict, rows: Any = None) -> list[list[str]]:
+def names(data: dict) -> list[list[str]]:
+    """``[shard file name, key]`` of every sample of a collated batch."""
     shards = [os.path.basename(s) for s in data["__shard__"]]
     return [[s, k] for s, k in zip(shards, data["__key__"])]
 
