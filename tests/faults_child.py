@@ -1,7 +1,8 @@
 """Child process of the kill -9 suite (``test_faults_kill.py``).
 
 A small real training run through es_pipe: real shards (WebDataset tar or Parquet, written
-with ``es_pipe.shard_writer``), a source with ``pruned=sampler.pruned``, the
+with ``es_pipe.shard_writer``; read in a seeded shard order and shuffled inside each shard),
+a source with ``pruned=sampler.pruned``, the
 ``EvolvedSampling`` stage under ``torchdata.nodes.Loader``, an ESWP sampler with Parquet
 manifests, a tiny deterministic torch model, 3 epochs. It checkpoints every ``EVERY`` steps
 (loader + sampler + model + optimizer, ``torch.save`` to a temporary file, fsync,
@@ -53,8 +54,11 @@ EPOCHS = 3
 EVERY = 4  # checkpoint every EVERY steps
 SEED = 7
 
-# config -> (shard format, scoring)
-CONFIGS = {"parquet": ("parquet", "forward"), "tar": ("tar", "history")}
+# config -> (shard format, scoring, shuffling inside shards)
+CONFIGS = {
+    "parquet": ("parquet", "forward", {"shuffle_rows": True}),
+    "tar": ("tar", "history", {"shuffle_buffer": 8}),
+}
 
 # --------------------------------------------------------------------------- data
 
@@ -242,7 +246,7 @@ def hexes(values: torch.Tensor | None) -> list[str] | None:
 
 
 def train(data: str, run: str, config: str, attempt: int) -> None:
-    fmt, scoring = CONFIGS[config]
+    fmt, scoring, inside = CONFIGS[config]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, 2)
@@ -262,6 +266,7 @@ def train(data: str, run: str, config: str, attempt: int) -> None:
     )
     urls = shard_urls(data, fmt)
     common = {"shuffle": True, "seed": SEED, "rank": 0, "world_size": 1, "pruned": sampler.pruned}
+    common.update(inside)
     if fmt == "parquet":
         node = ParquetSource(urls, key_column="key", columns=["x", "y"], batch_rows=8, **common)
     else:
