@@ -341,7 +341,10 @@ class Sampler:
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
-        model; ``torch.load(..., weights_only=True)`` reads it back."""
+        model; ``torch.load(..., weights_only=True)`` reads it back. With ``prune=`` or
+        ``manifests=`` it also holds what a checkpoint inside an epoch needs to resume
+        exactly: the keys read so far (for the epoch's manifests) or, without manifests,
+        the epoch's pruning decisions."""
         state: dict[str, Any] = {"scores": self.store.state_dict()}
         if self.boundary is not None and self.boundary.manifests is not None:
             state["keys"] = self.boundary.key_state()  # for this epoch's manifests
