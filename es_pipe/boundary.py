@@ -98,8 +98,11 @@ class EpochBoundary:
         epoch = self.manifests.find(shard, before=self.epoch, epochs=self._committed_epochs())
         if epoch is None or self._written.get(shard, -1) >= epoch:
             return
-        # a shard restored from a checkpoint (state_dict) keeps its scores: they are newer
+        # held from a checkpoint (state_dict): its scores are authoritative, but this
+        # epoch's pruning decision lives only in the manifest of the epoch before
         held = shard in self.store.shards and shard not in self._written
+        if held and epoch + 1 != self.epoch:
+            return
         manifest = self.manifests.read_shard(shard, epoch)
         stored = manifest.meta.get("fingerprint")
         current = self._fingerprint(shard)
@@ -126,10 +129,10 @@ class EpochBoundary:
         columns = manifest.columns
         if not held:
             self.store.load_shard(shard, columns)
+            self.keys[shard] = manifest.keys
+            self._verify.add(shard)
+            self._origin[shard] = manifest.path
             self.stats["restored"] += 1
-        self.keys[shard] = manifest.keys
-        self._verify.add(shard)
-        self._origin[shard] = manifest.path
         if epoch + 1 == self.epoch:
             state = columns["streak"].astype(np.uint8)
             state[columns["weight"] != 1.0] |= pruning.UPWEIGHT
@@ -269,12 +272,13 @@ class EpochBoundary:
             for name in self._inherited - self._touched
             if shard_owner(name, self.world_size) == rank
         }
-        for name in fallback:
-            self._see(name)  # its keys and its decision for this epoch, from the manifests
+        writing = self._touched | fallback
+        for name in writing:  # held from a checkpoint: this epoch's decision, for streaks
+            self._see(name)
         keys = self._merge_keys() if self.manifests is not None else {}
         decisions: dict[str, Decision] = {}
         items: list[dict[str, Any]] = []
-        for name in sorted(self._touched | fallback):
+        for name in sorted(writing):
             view = self.store.shard(name)
             rows = len(view["score"])
             previous = self.decisions.get(name)
@@ -340,9 +344,14 @@ class EpochBoundary:
         The shards the checkpoint holds count as read this epoch by this rank, unless the
         checkpoint was ``merged`` from all ranks of a topology (elastic resume): then the
         rank that reads a shard again writes its manifest, and a shard nobody reads again
-        (it was done) is written by its :func:`shard_owner`."""
+        (it was done) is written by its :func:`shard_owner`.
+
+        Also at the same epoch: a fresh process that resumed from the manifests is at the
+        checkpoint's epoch already, but holds nothing of it yet. Without manifests, the
+        decisions held are the only ones there are: kept at the same epoch."""
+        if self.manifests is not None or int(epoch) != self.epoch:
+            self.decisions = {}
         self.epoch = int(epoch)
-        self.decisions = {}
         self._checked = set()
         self._committed = None
         self._verify = set()
@@ -350,6 +359,16 @@ class EpochBoundary:
         held = set(self.store.shards)
         self._touched, self._inherited = (set(), held) if merged else (held, set())
         self._written = {}
+
+    def key_state(self) -> dict[str, list[str | None]]:
+        """The key book of the shards held (keys by ordinal, ``None`` where unknown), for a
+        checkpoint: a run resumed inside an epoch still writes the keys of the samples read
+        before the checkpoint into that epoch's manifests."""
+        keys = self._merge_keys()
+        return {name: keys[name].to_pylist() for name in self.store.shards if name in keys}
+
+    def load_key_state(self, state: Mapping[str, list[str | None]]) -> None:
+        self.keys.update({name: pa.array(keys, pa.string()) for name, keys in state.items()})
 
     def _merge_keys(self) -> dict[str, pa.Array]:
         """Each touched shard's keys by ordinal: this epoch's, else the last known."""

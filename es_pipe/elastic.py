@@ -62,13 +62,23 @@ def merge_scores(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     "is read by one rank per epoch, so these are not the checkpoints of one "
                     "run at one step. Merge the checkpoints saved together"
                 )
-    merged = {
-        "shards": [name for table in tables for name in table["shards"]],
-        "lengths": [rows for table in tables for rows in table["lengths"]],
-        "keys": {name: keys for table in tables for name, keys in table["keys"].items()},
-        **{column: torch.cat([table[column] for table in tables]) for column in COLUMNS},
+    merged: dict[str, Any] = {
+        "scores": {
+            "shards": [name for table in tables for name in table["shards"]],
+            "lengths": [rows for table in tables for rows in table["lengths"]],
+            "keys": {name: keys for table in tables for name, keys in table["keys"].items()},
+            **{column: torch.cat([table[column] for table in tables]) for column in COLUMNS},
+        }
     }
-    return {"scores": merged}
+    if any("pruning" in state for state in state_dicts):
+        raise ConfigError(
+            "these checkpoints hold ESWP pruning decisions that no manifest has (prune= "
+            "without manifests=): they cannot move to another topology. Give the run a "
+            "manifests= folder, or resume it on the same single rank"
+        )
+    if any("keys" in state for state in state_dicts):  # key books: one per shard held
+        merged["keys"] = {k: v for state in state_dicts for k, v in state.get("keys", {}).items()}
+    return merged
 
 
 def _merge(values: list[Any], path: str) -> Any:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from es_pipe import sampling
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
-from es_pipe.pruning import Pruning
+from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
 from es_pipe.sources.shards import resolve_rank
@@ -380,16 +380,39 @@ class Sampler:
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
-        if self.boundary is not None and (self.boundary.epoch != self.epoch or merged):
+        if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
             self.boundary.rewind(self.epoch, merged=merged)
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
-        model; ``torch.load(..., weights_only=True)`` reads it back."""
-        return {"scores": self.store.state_dict()}
+        model; ``torch.load(..., weights_only=True)`` reads it back. With ``prune=`` or
+        ``manifests=`` it also holds what a checkpoint inside an epoch needs to resume
+        exactly: the keys read so far (for the epoch's manifests) or, without manifests,
+        the epoch's pruning decisions."""
+        state: dict[str, Any] = {"scores": self.store.state_dict()}
+        if self.boundary is not None and self.boundary.manifests is not None:
+            state["keys"] = self.boundary.key_state()  # for this epoch's manifests
+        elif self.boundary is not None:  # this epoch's pruning: no manifest holds it
+            state["pruning"] = {
+                "epoch": self.boundary.epoch,
+                "shards": {
+                    name: {"state": torch.from_numpy(d.state.copy()), "factor": d.factor}
+                    for name, d in self.boundary.decisions.items()
+                },
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.store.load_state_dict(state["scores"])
+        if self.boundary is not None:
+            self.boundary.rewind(self.epoch)
+            self.boundary.load_key_state(state.get("keys", {}))
+        if self.boundary is not None and "pruning" in state:
+            self.boundary.epoch = int(state["pruning"]["epoch"])
+            self.boundary.decisions = {
+                name: from_state(entry["state"].numpy(), entry["factor"])
+                for name, entry in state["pruning"]["shards"].items()
+            }
 
 
 class PrunedHook:
