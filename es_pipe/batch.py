@@ -91,7 +91,10 @@ class SubBatch:
                 "one scores with a forward pass, which already updated the scores"
             )
         if self._reported:
-            raise FeedbackError(f"the sub-batch of step {self.step} was already reported")
+            raise FeedbackError(
+                f"the sub-batch of step {self.step} was already reported: call report(losses) once "
+                "per sub-batch"
+            )
         self._sampler.observe(self.who, losses, self.step)
         self._reported = True
 

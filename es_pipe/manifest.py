@@ -471,9 +471,15 @@ class Manifests:
                 except FileNotFoundError:
                     continue
                 except ValueError as exc:
-                    raise ManifestError(f"done-file {path} is not valid JSON: {exc}") from exc
+                    raise ManifestError(
+                        f"done-file {path} is not valid JSON ({exc}); delete it and re-run the "
+                        "epoch from the last checkpoint"
+                    ) from exc
                 if done.get("format") != DONE_FORMAT or done.get("epoch") != epoch:
-                    raise ManifestError(f"{path} is not an es_pipe done-file of epoch {epoch}")
+                    raise ManifestError(
+                        f"{path} is not an es_pipe done-file of epoch {epoch}; delete it and "
+                        "re-run the epoch from the last checkpoint"
+                    )
                 if done.get("attempt") == self.attempt:
                     found[rank] = done
             missing = [rank for rank in ranks if rank not in found]
@@ -661,7 +667,10 @@ class Manifests:
                 "Delete it to fall back to the previous epoch"
             ) from exc
         if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
-            raise ManifestError(f"{path} is not an es_pipe commit marker")
+            raise ManifestError(
+                f"{path} is not an es_pipe commit marker; restore it, or delete it to fall back to "
+                "the previous committed epoch"
+            )
         _check_version(marker.get("schema_version"), path)
         _check_marker(marker, epoch, path)
         for entry in marker["files"]:
@@ -702,7 +711,10 @@ class Manifests:
                 )
         entry = self.shards(epoch).get(shard)
         if entry is None:
-            raise ManifestError(f"epoch {epoch} of {self.url} has no manifest of shard {shard!r}")
+            raise ManifestError(
+                f"epoch {epoch} of {self.url} has no manifest of shard {shard!r} (no rank read it "
+                "that epoch); leave epoch= out to get the newest epoch that has it"
+            )
         table, meta, path = self._read_entry(epoch, entry)
         columns = {
             "score": table.column("score").to_numpy(),
@@ -715,7 +727,10 @@ class Manifests:
         }
         rows = table.column("row").to_numpy()
         if len(rows) and not (rows[0] == 0 and rows[-1] == len(rows) - 1):
-            raise ManifestError(f"{path}: rows are not 0..n-1 in order; not an es_pipe manifest")
+            raise ManifestError(
+                f"{path}: rows are not 0..n-1 in order; not an es_pipe manifest. Restore the file, "
+                "or delete its epoch's commit marker to fall back to the previous epoch"
+            )
         keys = table.column("key").combine_chunks()
         return ShardManifest(shard, int(epoch), path, columns, keys, meta)
 
@@ -753,7 +768,10 @@ class Manifests:
             parquet = pq.ParquetFile(pa.BufferReader(data))
             table = parquet.read(columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ManifestError(f"{path} is not a readable Parquet file: {exc}") from exc
+            raise ManifestError(
+                f"{path} is not a readable Parquet file ({exc}); restore it, or delete its epoch's "
+                "commit marker to fall back to the previous epoch"
+            ) from exc
         meta = file_meta(parquet.schema_arrow, path)
         if meta.get("shard") != entry["shard"] or meta.get("epoch") != epoch:
             raise ManifestError(
@@ -845,11 +863,17 @@ def file_meta(schema: pa.Schema, path: str) -> dict[str, Any]:
     key = schema_spec()["metadata_key"].encode()
     raw = (schema.metadata or {}).get(key)
     if raw is None:
-        raise ManifestError(f"{path} has no es_pipe metadata; it was not written by es_pipe")
+        raise ManifestError(
+            f"{path} has no es_pipe metadata; it was not written by es_pipe. Point manifests= at "
+            "the folder es_pipe writes, or remove the file"
+        )
     try:
         meta = json.loads(raw)
     except ValueError as exc:
-        raise ManifestError(f"{path}: es_pipe metadata is not valid JSON: {exc}") from exc
+        raise ManifestError(
+            f"{path}: es_pipe metadata is not valid JSON ({exc}); the file was edited or damaged: "
+            "restore it, or delete its epoch's commit marker to fall back to the previous epoch"
+        ) from exc
     _check_version(meta.get("schema_version"), path)
     expected = arrow_schema()
     if not schema.remove_metadata().equals(expected):

@@ -49,7 +49,9 @@ def samples_from_folder(root: str) -> Iterator[dict[str, Any]]:
                 f"file {rel!r} in {root!r} has no KEY.EXTENSION name; rename or remove it"
             )
         if ext in groups.setdefault(key, {}):
-            raise ConfigError(f"two files for key {key!r} and extension {ext!r} in {root!r}")
+            raise ConfigError(
+                f"two files for key {key!r} and extension {ext!r} in {root!r}; rename or remove one"
+            )
         groups[key][ext] = path
     for key in sorted(groups):
         sample: dict[str, Any] = {"__key__": key}
@@ -124,7 +126,10 @@ def _write_tar(url: str, samples: list[dict[str, Any]], first: int) -> None:
         for i, sample in enumerate(samples):
             key = _check_key(str(sample.get("__key__", f"{first + i:09d}")))
             if key in seen:
-                raise ConfigError(f"key {key!r} appears twice in shard {url!r}")
+                raise ConfigError(
+                    f"key {key!r} appears twice in shard {url!r}; give every sample its own "
+                    "'__key__'"
+                )
             seen.add(key)
             for field, value in sample.items():
                 if field.startswith("__") and field.endswith("__"):

@@ -504,7 +504,8 @@ class ShardedSource(BaseNode[dict]):
     def _restore(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ConfigError(
-                f"not a shard-source state of version {STATE_VERSION}: {str(state)[:200]}"
+                f"not a shard-source state of version {STATE_VERSION}: {str(state)[:200]}; pass "
+                "what the source's state_dict() (or merge_states) returned"
             )
         if state["digest"] != self.shards.digest or state["n_shards"] != len(self.shards):
             raise ConfigError(
