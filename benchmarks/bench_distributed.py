@@ -26,6 +26,9 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from es_pipe.report import table  # noqa: E402
 
 COLLECTIVES = [
     "all_reduce",
@@ -201,9 +204,8 @@ def main() -> None:
         "select ms (median)",
         "all-gather MiB per step, InfoBatch-style (computed)",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             r["ranks"],
             f"{r['held_per_rank']:,}",
             f"{r['store_MiB_per_rank']:.2f}",
@@ -213,10 +215,11 @@ def main() -> None:
             f"{r['select_ms_median']:.2f}",
             f"{r['infobatch_gather_MiB_per_step']:.3f}",
         ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    table = "\n".join(lines)
-    (args.out / "distributed.md").write_text(table + "\n")
-    print(table)
+        for r in rows
+    ]
+    text = table(header, cells)
+    (args.out / "distributed.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,13 @@ def _pm(mean: float, std: float, digits: int = 4) -> str:
     return text if math.isnan(std) else f"{text} ± {_fmt(std, 2)}"
 
 
+def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table of ``rows`` (cells formatted with ``str``) under ``head``."""
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The summary as a Markdown table."""
     metric = rows[0]["metric"] if rows else "metric"
@@ -143,7 +150,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         "vs uniform budget curve",
         "stage share",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         reach = r["time_to_uniform_quality"]
         reach_text = (
@@ -166,8 +173,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             r["vs_curve"],
             _fmt(r["stage_share"] * 100, 2) + "%",
         ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return table(head, body)
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -186,18 +186,21 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
             raise ConfigError(f"RANK/WORLD_SIZE in the environment: {exc}") from None
     if rank is None and world_size is None:
         rank, world_size = 0, 1
-    if rank is None or world_size is None:
-        raise ConfigError("give both rank= and world_size=, or neither")
-    _check_ints(rank=rank, world_size=world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return int(rank), int(world_size)
+    return _checked_pair("rank", rank, "world_size", world_size)
 
 
-def _check_ints(**values: Any) -> None:
-    for name, value in values.items():
+def _checked_pair(name: str, index: Any, count_name: str, count: Any) -> tuple[int, int]:
+    """``(index, count)`` as ints with ``0 <= index < count``, else a ConfigError."""
+    if index is None or count is None:
+        raise ConfigError(f"give both {name}= and {count_name}=, or neither")
+    for label, value in ((name, index), (count_name, count)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ConfigError(f"{name}={value!r} must be an int")
+            raise ConfigError(f"{label}={value!r} must be an int")
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(
+            f"need 0 <= {name} < {count_name}, got {name}={index}, {count_name}={count}"
+        )
+    return int(index), int(count)
 
 
 def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, int]:
@@ -207,12 +210,7 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    if worker is None or num_workers is None:
-        raise ConfigError("give both worker= and num_workers=, or neither")
-    _check_ints(worker=worker, num_workers=num_workers)
-    if num_workers < 1 or not 0 <= worker < num_workers:
-        raise ConfigError(f"need 0 <= worker < num_workers, got {worker}, {num_workers}")
-    return int(worker), int(num_workers)
+    return _checked_pair("worker", worker, "num_workers", num_workers)
 
 
 def fingerprint(url: str) -> dict[str, Any]:
