@@ -905,6 +905,10 @@ def _check_marker(marker: dict[str, Any], epoch: int, path: str) -> None:
             ):
                 problem = f"a file entry is not {{shard, path, size, crc32}}: {str(entry)[:200]}"
                 break
+            pruned = entry.get("pruned", 0)  # optional: markers before pruned counts
+            if isinstance(pruned, bool) or not isinstance(pruned, int) or pruned < 0:
+                problem = f"a file entry's 'pruned' is not a count: {str(entry)[:200]}"
+                break
     if problem:
         raise ManifestError(
             f"commit marker {path} is damaged: {problem}. Restore it, or delete it to fall "
