@@ -9,15 +9,19 @@ Mid-epoch, by the sources' rule: collect the checkpoints of *all* old ranks, mer
 here, and restore the merged ones on *every* new rank::
 
     old = [torch.load(f"ckpt/rank{r}.pt", weights_only=True) for r in range(old_world)]
-    loader.load_state_dict(es_pipe.merge_checkpoints([o["loader"] for o in old]))
     sampler.load_state_dict(es_pipe.merge_scores([o["scores"] for o in old]))
+    loader.load_state_dict(es_pipe.merge_checkpoints([o["loader"] for o in old]))
 
 The rest of the epoch delivers every sample exactly once (the shards not yet finished are
 dealt to the new ranks; a partly read shard resumes at its cursor). The scores of the
 epoch continue where they were: a shard read again writes its manifest from the rank that
 reads it; a shard finished before the checkpoint from its owner,
-:func:`es_pipe.boundary.shard_owner`. Until that epoch ends, each new rank holds the merged score table of the
-interrupted epoch; from the next epoch on, only its own shards again.
+:func:`es_pipe.boundary.shard_owner`. Until that epoch ends, each new rank holds the
+merged score table of the interrupted epoch; from the next epoch on, only its own shards.
+
+Not covered: sources inside DataLoader worker processes (``SourceDataset``), whose
+states sit per worker inside the DataLoader's state; those runs change topology at an
+epoch boundary.
 """
 
 from __future__ import annotations
