@@ -279,6 +279,15 @@ class Manifests:
         self._written: dict[int, list[dict[str, Any]]] = {}
         self._markers: dict[int, dict[str, Any]] = {}
         self._by_shard: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
+        try:  # refused now, not after an epoch of training when the first write fails
+            kind = self._io(f"info {self.root}", self.fs.info, self.root).get("type")
+        except (FileNotFoundError, NotADirectoryError):
+            kind = None  # created on the first write (object stores have no folders)
+        if kind not in (None, "directory"):
+            raise ConfigError(
+                f"manifests={root!r} is a {kind}, not a folder; give a folder (es_pipe "
+                "creates it) or the fsspec URL of one"
+            )
 
     def __repr__(self) -> str:
         return f"Manifests({self.url!r}, rank={self.rank}, attempt={self.attempt!r})"

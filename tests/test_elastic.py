@@ -129,19 +129,3 @@ def test_ranks_draw_from_their_own_streams():
         who = es_pipe.sampler.Identity.of(["s"] * 64, [f"k{i}" for i in range(64)], list(range(64)))
         draws.append(sampler.select(who, torch.ones(64), 64).indices.tolist())
     assert draws[0] != draws[1]
-
-
-@pytest.mark.parametrize("pruned", ["3", -1, True])
-def test_a_marker_with_a_bad_pruned_count_is_refused(tmp_path, pruned):
-    import json
-
-    m = Manifests(str(tmp_path))
-    m.write_shard(0, "a.tar", _columns(5))
-    m.finish(0)
-    m.commit(0)
-    path = tmp_path / "_commits" / "epoch=00000000.json"
-    marker = json.loads(path.read_text())
-    marker["files"][0]["pruned"] = pruned
-    path.write_text(json.dumps(marker))
-    with pytest.raises(ManifestError, match="'pruned' is not a count"):
-        Manifests(str(tmp_path)).marker(0)

@@ -14,7 +14,7 @@ import torch
 import torchdata.nodes as tn
 
 import es_pipe
-from es_pipe.errors import ManifestError
+from es_pipe.errors import ConfigError, ManifestError
 from es_pipe.manifest import Manifests, arrow_schema, safe_name, schema_spec
 
 
@@ -349,3 +349,24 @@ def test_crash_leftovers_are_ignored(tmp_path):
         _commit(tmp_path, 1, ["a.tar"]).commit(1)
     assert Manifests(str(tmp_path)).latest() == 1
     assert not os.path.exists(staged)
+
+
+@pytest.mark.parametrize("pruned", ["3", -1, True])
+def test_a_marker_with_a_bad_pruned_count_is_refused(tmp_path, pruned):
+    m = Manifests(str(tmp_path))
+    m.write_shard(0, "a.tar", _columns(5))
+    m.finish(0)
+    m.commit(0)
+    path = tmp_path / "_commits" / "epoch=00000000.json"
+    marker = json.loads(path.read_text())
+    marker["files"][0]["pruned"] = pruned
+    path.write_text(json.dumps(marker))
+    with pytest.raises(ManifestError, match="'pruned' is not a count"):
+        Manifests(str(tmp_path)).marker(0)
+
+
+def test_a_file_as_the_manifest_root_is_refused_before_training(tmp_path):
+    (tmp_path / "f.txt").write_text("hello")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "f.txt"))
+    assert (tmp_path / "f.txt").read_text() == "hello"
