@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: demo test test-faults lint bench clean data
+.PHONY: demo test test-faults lint bench bench-long clean data
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,23 @@ bench: $(STAMP) $(FMNIST)
 			--train-samples 6000 --epochs 3 --seeds 0,1,2 --out $(BENCHOUT) \
 			--methods uniform,uniform@0.34,uniform@0.67,random,loss,sb,es,es-history,eswp,infobatch \
 			|| exit 1; \
+	done
+
+# The long benchmark of issue 12: near convergence, 3 seeds, the configuration search. Hours
+# on 2 cores; each task appends one JSON line per run to $(BENCHOUT)/long/{task}_runs.jsonl,
+# so `make bench-long` after an interruption continues where it stopped (--resume).
+LONGOUT ?= $(BENCHOUT)/long
+LONG_METHODS = uniform,uniform@0.33,uniform@0.5,uniform@0.67,random,infobatch,es,es-history,\
+es-history@0.25,es-history@0.75,eswp,es-prune@0.5,es-prune@0.8,es-prune-s3@0.5,es-prune-s3@0.8
+
+bench-long: $(STAMP) $(FMNIST)
+	$(BIN)/python benchmarks/bench_train.py --task lm --train-samples 8192 --window 64 \
+		--epochs 8 --evals-per-epoch 2 --seeds 0,1,2 --out $(LONGOUT) --resume \
+		--methods $(LONG_METHODS)
+	for task in fmnist fmnist-noisy; do \
+		$(BIN)/python benchmarks/bench_train.py --task $$task --train-samples 10000 \
+			--epochs 15 --seeds 0,1,2 --out $(LONGOUT) --resume \
+			--methods $(LONG_METHODS) || exit 1; \
 	done
 
 clean:

@@ -19,6 +19,8 @@ and ``{task}.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import sys
 import time
@@ -78,7 +80,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="time-to-quality: reach uniform's final metric within this (default: 0.003 "
+        "accuracy, 0.01 nats of loss)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in {task}_runs.jsonl under --out, run only the others",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the tables from {task}_runs.jsonl"
+    )
     args = parser.parse_args()
+    if args.tolerance is None:
+        args.tolerance = 0.01 if args.task == "lm" else 0.003
 
     lr = args.lr or (3e-3 if args.task == "lm" else 2e-3)
     cfg = harness.RunConfig(
@@ -93,14 +112,23 @@ def main() -> None:
     if "uniform" not in names:
         names.insert(0, "uniform")
     started = time.perf_counter()
-    if args.tune:
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / f"{args.task}_runs.jsonl"
+    results = [harness.RunResult(**json.loads(line)) for line in _lines(log)]
+    if not (args.resume or args.report_only) and results:
+        raise SystemExit(f"{log} holds runs already: pass --resume to add to it, or remove it")
+    done = {(run.method, run.seed) for run in results}
+    if args.report_only:
+        names, seeds = [], []
+    if args.tune and not args.report_only:
         cfg = harness.RunConfig(**{**cfg.__dict__, "lr": tune(args, cfg)})
         print(f"chosen on the validation split: lr={cfg.lr:g}", flush=True)
     task = make_task(args)
-    results = []
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [] if args.report_only else [int(s) for s in args.seeds.split(",")]
     for seed in seeds:  # interleaved: every method once per seed, back to back
         for name in names:
+            if (name, seed) in done:
+                continue
             run = harness.train(
                 task,
                 name,
@@ -108,18 +136,22 @@ def main() -> None:
                 progress=args.progress,
             )
             results.append(run)
+            with open(log, "a") as handle:  # one line per run: a long benchmark can stop
+                handle.write(json.dumps(dataclasses.asdict(run)) + "\n")
             print(
-                f"seed {seed} {name:12s} {task.metric} {run.final:.4f} "
-                f"train {run.train_s:6.1f} s  backprop {run.backprop}  fwd {run.forwarded}",
+                f"seed {seed} {name:16s} {task.metric} {run.final:.4f} "
+                f"cpu {run.cpu_s:6.1f} s  wall {run.train_s:6.1f} s  "
+                f"backprop {run.backprop}  fwd {run.forwarded}",
                 flush=True,
             )
     title = f"{task.name}: {args.train_samples} train samples, {args.epochs} epochs"
-    table = report.write_all(results, args.out, args.task, title)
+    table = report.write_all(results, args.out, args.task, title, args.tolerance)
     notes = [
         f"command: `python {' '.join(sys.argv)}`",
         f"machine: {platform.machine()} {platform.processor() or ''}, "
         f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-        f"{len(seeds)} seeds, b={cfg.batch_size}, B={cfg.meta_batch_size}, lr={cfg.lr:g}"
+        f"{len({r.seed for r in results})} seeds, b={cfg.batch_size}, "
+        f"B={cfg.meta_batch_size}, lr={cfg.lr:g}"
         + (" (chosen on the validation split)" if args.tune else " (fixed a priori)"),
         f"held-out metric: {task.metric}"
         + (
@@ -133,6 +165,10 @@ def main() -> None:
         handle.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     print(table)
     print("\n".join(notes))
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 if __name__ == "__main__":

@@ -11,8 +11,12 @@ What is counted, per run:
 - ``forwarded``: samples that went through a gradient-free scoring pass (ES's extra cost);
 - ``backprop``: samples that went through forward + backward (the training itself);
 - ``train_s``: wall-clock of the training loop (data, scoring, selection, steps), held-out
-  evaluation excluded; ``stage_s``: the part of it spent in the ES stage's selection and
-  score update;
+  evaluation excluded; ``cpu_s``: the process CPU time of the same span (with one torch
+  thread, the compute actually spent: robust to other load on a shared machine);
+  ``stage_s``: the part of the wall-clock spent in the ES stage's selection and score update;
+- ``forward_s``/``backward_s``: wall-clock of the training forward and of backward plus the
+  optimizer step, whose ratio ``r`` prices a back-propagated sample in forward passes
+  (``forward-equivalents = scored + (1 + r) * trained``, a device-independent cost);
 - the held-out metric after every epoch (more often with ``evals_per_epoch``), with the
   training clock at that point, so that "time to reach uniform's final quality" can be read
   off afterwards.
@@ -87,6 +91,7 @@ class RunConfig:
     burn_in: float = 0.1  # fraction of the epochs with uniform selection at the start
     anneal: float = 0.1  # ... and at the end
     prune_ratio: float = 0.3  # ESWP / InfoBatch: fraction of low-score samples pruned
+    max_streak: int | None = 1  # ESWP: epochs in a row a sample may stay pruned
     sb_beta: float = 1.0  # Selective Backprop's percentile exponent
     score_autocast: bool = False  # bf16 autocast for the scoring pass (measure first)
     evals_per_epoch: int = 1
@@ -150,7 +155,11 @@ def _es(cfg: RunConfig, scoring: str = "forward", **options: Any) -> Sampler:
 
 
 def _pruning(cfg: RunConfig) -> es_pipe.Pruning:
-    return es_pipe.Pruning(ratio=cfg.prune_ratio, anneal=es_pipe.Epochs(cfg.anneal * cfg.epochs))
+    return es_pipe.Pruning(
+        ratio=cfg.prune_ratio,
+        anneal=es_pipe.Epochs(cfg.anneal * cfg.epochs),
+        max_streak=cfg.max_streak,
+    )
 
 
 def _manifests(cfg: RunConfig, method: str) -> dict[str, Any]:
@@ -163,7 +172,7 @@ def _eswp(cfg: RunConfig) -> Sampler:
     return _es(cfg, prune=_pruning(cfg), **_manifests(cfg, "eswp"))
 
 
-def _infobatch(cfg: RunConfig) -> Sampler:
+def _infobatch(cfg: RunConfig, ratio: float = 0.5) -> Sampler:
     """InfoBatch: plain training (b == B) plus below-mean random pruning of the last
     training losses with 1/keep rescale, full data for the last (1 - delta) of epochs."""
     b = cfg.batch_size
@@ -174,8 +183,27 @@ def _infobatch(cfg: RunConfig) -> Sampler:
         seed=cfg.seed,
         scoring="history",
         total_epochs=cfg.epochs,
-        prune=es_pipe.InfoBatch(),
+        prune=es_pipe.InfoBatch(ratio),
         **_manifests(cfg, "infobatch"),
+    )
+
+
+def _es_pruned(cfg: RunConfig) -> Sampler:
+    """Full batches (``b == B``: every optimizer step kept) and ES-scored set-level
+    pruning: the decoupled-EMA score from the training forward's losses (history scoring,
+    no extra pass) ranks the samples; below-mean ones are pruned at ``prune_ratio`` for
+    the next epoch, kept ones up-weighted by 1/keep; no pruning in the final anneal."""
+    b = cfg.batch_size
+    return es_pipe.EvolvedSampler(
+        b,
+        b,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        scoring="history",
+        seed=cfg.seed,
+        total_epochs=cfg.epochs,
+        prune=_pruning(cfg),
+        **_manifests(cfg, "es-prune"),
     )
 
 
@@ -213,25 +241,81 @@ METHODS: dict[str, Method] = {
             _infobatch,
             "InfoBatch (set-level pruning of the last losses, full data at the end)",
         ),
+        Method(
+            "es-prune",
+            _es_pruned,
+            "full batches + ES-scored set-level pruning (history scores, 1/keep, anneal)",
+        ),
     ]
 }
 
 
+def _with_ratio(cfg: RunConfig, ratio: float) -> RunConfig:
+    return replace(cfg, meta_batch_size=max(cfg.batch_size, round(cfg.batch_size / ratio)))
+
+
+# ``name@F`` families: F is a fraction in (0, 1] whose meaning the family gives.
+FAMILIES: dict[str, tuple[str, Callable[[float], Method]]] = {
+    "uniform": (
+        "uniform with F x the epochs (its own full LR schedule): the budget curve",
+        lambda f: Method(f"uniform@{f:g}", _plain, f"uniform, {f:g}x the epochs", f),
+    ),
+    "es": (
+        "ES, forward-scored, b/B = F",
+        lambda f: Method(f"es@{f:g}", lambda c: _es(_with_ratio(c, f)), f"ES, b/B={f:g}"),
+    ),
+    "es-history": (
+        "ES, history-scored, b/B = F",
+        lambda f: Method(
+            f"es-history@{f:g}",
+            lambda c: _es(_with_ratio(c, f), scoring="history"),
+            f"ES history-scored, b/B={f:g}",
+        ),
+    ),
+    "es-prune": (
+        "full batches, ES-scored set-level pruning at ratio F",
+        lambda f: Method(
+            f"es-prune@{f:g}",
+            lambda c: _es_pruned(replace(c, prune_ratio=f)),
+            f"full batches + ES-scored pruning, ratio {f:g}",
+        ),
+    ),
+    "es-prune-s3": (
+        "as es-prune, a sample may stay pruned up to 3 epochs in a row",
+        lambda f: Method(
+            f"es-prune-s3@{f:g}",
+            lambda c: _es_pruned(replace(c, prune_ratio=f, max_streak=3)),
+            f"full batches + ES-scored pruning, ratio {f:g}, max_streak 3",
+        ),
+    ),
+    "infobatch": (
+        "InfoBatch at prune ratio F",
+        lambda f: Method(
+            f"infobatch@{f:g}",
+            lambda c: _infobatch(c, f),
+            f"InfoBatch, ratio {f:g}",
+        ),
+    ),
+}
+
+
 def method(name: str) -> Method:
-    """A method by name; ``uniform@F`` is uniform with ``F`` times the epochs (its own
-    full learning-rate schedule): the fair, budget-matched baseline."""
+    """A method by name, or ``family@F`` (see ``FAMILIES``): ``uniform@0.5`` is uniform
+    with half the epochs and its own full LR schedule, the budget-matched baseline."""
     if name in METHODS:
         return METHODS[name]
-    if name.startswith("uniform@"):
+    family, _, value = name.partition("@")
+    if family in FAMILIES and value:
         try:
-            fraction = float(name.split("@", 1)[1])
+            fraction = float(value)
         except ValueError:
             fraction = -1.0
-        if 0 < fraction <= 1:
-            return Method(name, _plain, f"uniform, {fraction:g}x the epochs", fraction)
+        if 0 < fraction < 1 or (fraction == 1 and family in ("uniform", "es", "es-history")):
+            return FAMILIES[family][1](fraction)
+    families = "; ".join(f"{k}@F: {v[0]}" for k, v in FAMILIES.items())
     raise ConfigError(
-        f"unknown method {name!r}; choose from {', '.join(METHODS)} or uniform@F "
-        "(uniform with a fraction F of the epochs, e.g. uniform@0.5)"
+        f"unknown method {name!r}; choose from {', '.join(METHODS)}, or {families} "
+        "(e.g. uniform@0.5)"
     )
 
 
@@ -283,20 +367,33 @@ class RunResult:
     higher_is_better: bool
     final: float = math.nan
     train_s: float = 0.0
+    cpu_s: float = 0.0
     stage_s: float = 0.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
     score_s: float = 0.0
     forwarded: int = 0
     backprop: int = 0
     steps: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
 
-    def time_to(self, target: float) -> float:
-        """Training seconds until the held-out metric first reached ``target`` (nan: never)."""
+    def time_to(self, target: float, clock: str = "cpu_s") -> float:
+        """Training seconds (``clock``: ``"cpu_s"`` or ``"train_s"``) until the held-out
+        metric first reached ``target`` (nan: never)."""
         for point in self.curve:
             value = point["metric"]
             if (value >= target) if self.higher_is_better else (value <= target):
-                return point["train_s"]
+                return point[clock]
         return math.nan
+
+    @property
+    def backward_ratio(self) -> float:
+        """``r``: backward + optimizer step time per forward time, as measured."""
+        return self.backward_s / self.forward_s if self.forward_s > 0 else math.nan
+
+    def forward_equivalents(self, r: float) -> float:
+        """Device-independent cost: ``scored + (1 + r) * trained`` samples."""
+        return self.forwarded + (1.0 + r) * self.backprop
 
 
 # --------------------------------------------------------------------------- training
@@ -337,6 +434,7 @@ def train(
             {
                 "epoch": epoch,
                 "train_s": result.train_s,
+                "cpu_s": result.cpu_s,
                 "metric": value,
                 "backprop": result.backprop,
                 "forwarded": result.forwarded,
@@ -347,7 +445,7 @@ def train(
     evaluate(0.0)
     bar = _bar(progress, epochs * per_epoch, f"{task.name}/{chosen.name}", stream)
     for epoch in range(epochs):
-        start, in_epoch = time.perf_counter(), 0
+        start, cpu_start, in_epoch = time.perf_counter(), time.process_time(), 0
         for meta in loader:
             tick = time.perf_counter()
             losses = None
@@ -360,13 +458,17 @@ def train(
             sub = meta.select(losses)
             stage = time.perf_counter() - tock
             model.train()
+            forward_at = time.perf_counter()
             per_sample = task.sample_losses(model, sub.data)
             weights = sub.weights
             loss = per_sample.mean() if weights is None else (per_sample * weights).mean()
+            backward_at = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            result.backward_s += time.perf_counter() - backward_at
+            result.forward_s += backward_at - forward_at
             if history:
                 tock = time.perf_counter()
                 sub.report(per_sample.detach())
@@ -381,9 +483,11 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if cfg.evals_per_epoch > 1 and in_epoch % eval_every == 0 and in_epoch < per_epoch:
                 result.train_s += time.perf_counter() - start
+                result.cpu_s += time.process_time() - cpu_start
                 evaluate(epoch + in_epoch / per_epoch)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
         result.train_s += time.perf_counter() - start
+        result.cpu_s += time.process_time() - cpu_start
         # Re-plan the cosine from the measured epoch length: pruning shortens epochs.
         per_epoch = max(1, in_epoch)
         schedule.replan(result.steps + per_epoch * (epochs - epoch - 1))
