@@ -115,7 +115,14 @@ class Method:
     overrides: dict[str, Any] = field(default_factory=dict)  # RunConfig fields it changes
 
     def epochs(self, cfg: RunConfig) -> int:
-        return max(1, round(cfg.epochs * self.epoch_fraction))
+        """Epochs started: a fractional budget ends inside its last one."""
+        return max(1, math.ceil(cfg.epochs * self.epoch_fraction - 1e-9))
+
+    def step_budget(self, cfg: RunConfig, per_epoch: int) -> int | None:
+        """Optimizer steps of a fractional budget (``None``: the whole epochs)."""
+        if self.epoch_fraction >= 1:
+            return None
+        return max(1, round(cfg.epochs * self.epoch_fraction * per_epoch))
 
 
 def _plain(cfg: RunConfig) -> Sampler:
@@ -362,7 +369,7 @@ class RunResult:
     task: str
     method: str
     seed: int
-    epochs: int
+    epochs: float  # the budget: a fraction for uniform@F
     metric: str
     higher_is_better: bool
     final: float = math.nan
@@ -412,17 +419,22 @@ def train(
     torch.set_num_threads(cfg.threads)
     warm_up()
     epochs = chosen.epochs(cfg)
+    budget_epochs = round(cfg.epochs * min(1.0, chosen.epoch_fraction), 2)
+    planned_epochs = cfg.epochs
     cfg = replace(cfg, epochs=epochs, **chosen.overrides)
     sampler = chosen.build(cfg)
     torch.manual_seed(cfg.seed)
     model = task.make_model(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(task.n_train / sampler.meta_batch_size)
-    schedule = CosineSteps(optimizer, cfg.lr, per_epoch * epochs, cfg.warmup_steps)
+    budget = chosen.step_budget(replace(cfg, epochs=planned_epochs), per_epoch)
+    schedule = CosineSteps(optimizer, cfg.lr, budget or per_epoch * epochs, cfg.warmup_steps)
     options = {} if task.collate_fn is None else {"collate_fn": task.collate_fn}
     source = task.make_source(cfg.seed, sampler.pruned)
     loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler, **options))
-    result = RunResult(task.name, chosen.name, cfg.seed, epochs, task.metric, task.higher_is_better)
+    result = RunResult(
+        task.name, chosen.name, cfg.seed, budget_epochs, task.metric, task.higher_is_better
+    )
     history = sampler.scoring == "history"
     eval_every = max(1, per_epoch // max(1, cfg.evals_per_epoch))
 
@@ -443,7 +455,7 @@ def train(
         )
 
     evaluate(0.0)
-    bar = _bar(progress, epochs * per_epoch, f"{task.name}/{chosen.name}", stream)
+    bar = _bar(progress, budget or epochs * per_epoch, f"{task.name}/{chosen.name}", stream)
     for epoch in range(epochs):
         start, cpu_start, in_epoch = time.perf_counter(), time.process_time(), 0
         for meta in loader:
@@ -486,11 +498,16 @@ def train(
                 result.cpu_s += time.process_time() - cpu_start
                 evaluate(epoch + in_epoch / per_epoch)
                 start, cpu_start = time.perf_counter(), time.process_time()
+            if budget is not None and result.steps >= budget:
+                break
         result.train_s += time.perf_counter() - start
         result.cpu_s += time.process_time() - cpu_start
+        if budget is not None and result.steps >= budget:
+            evaluate(epoch + in_epoch / per_epoch)
+            break
         # Re-plan the cosine from the measured epoch length: pruning shortens epochs.
         per_epoch = max(1, in_epoch)
-        schedule.replan(result.steps + per_epoch * (epochs - epoch - 1))
+        schedule.replan(budget or result.steps + per_epoch * (epochs - epoch - 1))
         evaluate(epoch + 1.0)
         if bar is not None:
             bar.set_postfix(**{task.metric: f"{result.curve[-1]['metric']:.4f}"}, refresh=True)
