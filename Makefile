@@ -64,7 +64,7 @@ LONG_METHODS = uniform,uniform@0.33,uniform@0.5,uniform@0.67,random,infobatch,es
 es-history@0.25,es-history@0.75,eswp,es-prune@0.5,es-prune@0.8,es-prune-s3@0.5,es-prune-s3@0.8
 
 bench-long: $(STAMP) $(FMNIST)
-	$(BIN)/python benchmarks/bench_train.py --task lm --train-samples 8192 --window 64 \
+	$(BIN)/python benchmarks/bench_train.py --task lm --train-samples 4096 --window 64 \
 		--epochs 8 --evals-per-epoch 2 --seeds 0,1,2 --out $(LONGOUT) --resume \
 		--methods $(LONG_METHODS)
 	for task in fmnist fmnist-noisy; do \

@@ -306,6 +306,9 @@ FAMILIES: dict[str, tuple[str, Callable[[float], Method]]] = {
 }
 
 
+RECOMMENDED = "es-prune@0.8"  # what the long benchmark recommends; see benchmarks/README.md
+
+
 def method(name: str) -> Method:
     """A method by name, or ``family@F`` (see ``FAMILIES``): ``uniform@0.5`` is uniform
     with half the epochs and its own full LR schedule, the budget-matched baseline."""

@@ -8,6 +8,7 @@ import csv
 import itertools
 import math
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -298,5 +299,43 @@ def write_all(
     write_csv(out / f"{stem}_curves.csv", curve_rows(results))
     table = markdown(rows)
     (out / f"{stem}.md").write_text(f"# {title}\n\n{table}")
-    plot(results, out / f"{stem}.png", title)
+    try:
+        plot(results, out / f"{stem}.png", title)
+    except ModuleNotFoundError as missing:
+        if missing.name != "matplotlib":
+            raise
+        print(
+            f"note: no {stem}.png: plotting needs matplotlib; install it with "
+            "pip install 'es_pipe[plot]'",
+            file=sys.stderr,
+        )
     return table
+
+
+def verdict(rows: Sequence[dict[str, Any]], name: str) -> str:
+    """One sentence: how ``name`` did against uniform and against uniform given the same
+    CPU time (the nearest budget point), and whether it lies above the budget curve."""
+    by_name = {row["method"]: row for row in rows}
+    if name not in by_name or BASELINE not in by_name:
+        return f"verdict: n/a ({name} or uniform did not run)"
+    run, base = by_name[name], by_name[BASELINE]
+    metric, t = run["metric"], run["time_ratio"]
+    text = (
+        f"verdict: {name} reached {metric} {_fmt(run['final_mean'])} in {t:.2f}x uniform's "
+        f"CPU time (uniform: {_fmt(base['final_mean'])} in 1.00x)"
+    )
+    reach = run["time_to_uniform_quality"]
+    if not math.isnan(reach):
+        text += f"; it first reached uniform's final {metric} at {reach:.2f}x"
+    points = [r for r in rows if r["method"].startswith(BASELINE + "@")]
+    if points:
+        point = min(points, key=lambda r: abs(r["time_ratio"] - t))
+        text += f"; uniform given {point['time_ratio']:.2f}x reached {_fmt(point['final_mean'])}"
+    place = run["vs_curve"].split(" ")[0]
+    meaning = {
+        "above": "above the uniform budget curve: a real saving",
+        "on": "on the uniform budget curve: no better than training uniform for less",
+        "below": "below the uniform budget curve: training uniform for less would do better",
+    }
+    text += f". {name} lies " + meaning.get(place, f"at '{run['vs_curve']}' on the curve") + "."
+    return text

@@ -25,25 +25,51 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
 
 def test_table_printed_and_written(demo_out: tuple[Path, str]) -> None:
+    """The default run: uniform, the recommended configuration and uniform at the budget
+    the recommended run spent, so the budget-curve column is filled."""
+    from es_pipe.harness import RECOMMENDED
+
     out, stdout = demo_out
-    assert "| uniform |" in stdout and "| es |" in stdout
+    assert "| uniform |" in stdout and f"| {RECOMMENDED} |" in stdout
     with open(out / "demo.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
-    assert {"uniform", "es", "es-history"} <= set(rows)
+    budget = [name for name in rows if name.startswith("uniform@")]
+    assert set(rows) == {"uniform", RECOMMENDED, *budget} and len(budget) == 1
     for row in rows.values():
-        for column in ("final_mean", "train_s", "backprop", "time_ratio"):
+        for column in ("final_mean", "train_s", "cpu_s", "backprop", "time_ratio"):
             assert math.isfinite(float(row[column])), (row["method"], column)
-    assert float(rows["es"]["backprop"]) < float(rows["uniform"]["backprop"])
-    assert float(rows["es-history"]["backprop"]) < float(rows["uniform"]["backprop"])
-    assert float(rows["es"]["forwarded"]) > 0 == float(rows["es-history"]["forwarded"])
-    assert (out / "demo.md").read_text().count("\n|") >= 4
+    chosen = rows[RECOMMENDED]
+    assert float(chosen["backprop"]) < float(rows["uniform"]["backprop"])  # it pruned
+    assert float(chosen["forwarded"]) == 0  # history scoring: no extra forward pass
+    # the budget point was cut to the recommended run's measured CPU time
+    assert abs(float(budget[0].split("@")[1]) - float(chosen["time_ratio"])) < 0.006
+    assert chosen["vs_curve"].split(" ")[0] in ("above", "on", "below"), chosen["vs_curve"]
+    markdown = (out / "demo.md").read_text()
+    assert markdown.count("\n|") >= 4
+    for column in ("CPU time", "vs budget curve", "time to uniform quality"):
+        assert f"- **{column}**: " in markdown  # every column explained in one line
+
+
+def test_verdict_line(demo_out: tuple[Path, str]) -> None:
+    """The run ends with one sentence that names the method, its cost and its place
+    against uniform given the same time."""
+    from es_pipe.harness import RECOMMENDED
+
+    out, stdout = demo_out
+    line = next(line for line in stdout.splitlines() if line.startswith("verdict: "))
+    assert line.startswith(f"verdict: {RECOMMENDED} reached val_loss ")
+    assert "x uniform's CPU time" in line and "uniform given " in line
+    assert any(
+        f"lies {place} the uniform budget curve" in line for place in ("above", "on", "below")
+    )
+    assert line in (out / "demo.md").read_text()
 
 
 def test_shards_written(demo_out: tuple[Path, str]) -> None:
@@ -64,11 +90,11 @@ def test_png_written(demo_out: tuple[Path, str]) -> None:
 
 
 def test_manifests_written(demo_out: tuple[Path, str]) -> None:
-    """The ESWP run's manifests are committed and readable as one table."""
+    """The pruning run's manifests are committed and readable as one table."""
     import pyarrow.dataset as ds
 
     out, _ = demo_out
-    roots = list((out / "manifests").glob("eswp-*"))
+    roots = list((out / "manifests").glob("es-prune-*"))
     assert len(roots) == 1 and list((roots[0] / "_commits").glob("epoch=*.json"))
     table = ds.dataset(roots[0], format="parquet", partitioning="hive").to_table()
     assert table.num_rows > 0 and {"score", "pruned"} <= set(table.column_names)
