@@ -11,6 +11,7 @@ from es_pipe import __version__
 from es_pipe.demo import add_demo_parser
 from es_pipe.errors import EsPipeError
 from es_pipe.inspect import add_inspect_parser
+from es_pipe.shard_writer import _short
 
 EPILOG = """\
 examples:
@@ -87,6 +88,12 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="Parquet row-group rows; smaller groups let pruning skip more bytes",
     )
+    parser.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read files that symbolic links in the SOURCE folder point to outside it "
+        "(default: such links are refused)",
+    )
     parser.set_defaults(func=_shard)
 
 
@@ -99,7 +106,8 @@ def _shard(args: argparse.Namespace) -> int:
         raise
     except (OSError, ValueError, pa.ArrowException) as exc:  # unreadable table, bad output URL
         raise EsPipeError(
-            f"could not shard {args.source} into {args.out}: {type(exc).__name__}: {exc}"
+            f"could not shard {_short(args.source)} into {_short(args.out)}: "
+            f"{type(exc).__name__}: {_short(str(exc), 500)}"
         ) from exc
 
 
@@ -109,12 +117,14 @@ def _shard_files(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from es_pipe.shard_writer import samples_from_folder, write_shards
+    from es_pipe.shard_writer import check_out_pattern, samples_from_folder, write_shards
 
+    check_out_pattern(args.out)  # before any work, and before formatting it
     source = Path(args.source)
     fmt = args.format or ("parquet" if args.out.endswith(".parquet") else "tar")
     if source.is_dir():
-        data = tqdm(samples_from_folder(str(source)), desc="samples", unit=" samples")
+        samples = samples_from_folder(str(source), follow_symlinks=args.follow_symlinks)
+        data = tqdm(samples, desc="samples", unit=" samples")
     elif source.suffix == ".parquet":
         data = pq.read_table(source)
     elif source.suffix in (".arrow", ".feather"):
@@ -124,15 +134,17 @@ def _shard_files(args: argparse.Namespace) -> int:
         with np.load(source, allow_pickle=False) as arrays:
             data = {name: arrays[name] for name in arrays.files}
     elif not source.exists():
-        raise EsPipeError(f"{source} does not exist: give a folder or a table file to shard")
+        raise EsPipeError(
+            f"{_short(str(source))} does not exist: give a folder or a table file to shard"
+        )
     else:
         raise EsPipeError(
-            f"cannot shard {source}: give a folder of files or a .parquet, .arrow, .feather "
-            "or .npz table"
+            f"cannot shard {_short(str(source))}: give a folder of files or a .parquet, "
+            ".arrow, .feather or .npz table"
         )
     urls = write_shards(data, args.out, fmt, args.per_shard, row_group_rows=args.row_group)
     if not urls:
-        raise EsPipeError(f"{source} holds no samples: nothing was written")
+        raise EsPipeError(f"{_short(str(source))} holds no samples: nothing was written")
     print(f"wrote {len(urls)} {fmt} shards: {urls[0]} .. {urls[-1]}")
     return 0
 

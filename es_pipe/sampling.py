@@ -149,6 +149,8 @@ def initial_prior(losses: Tensor, init: str) -> Tensor:
 
 # --------------------------------------------------------------------------- selection
 
+_FLOOR = 1e-12  # zero weights are drawn as _FLOOR * max(w): rare, never impossible
+
 
 def draw(
     weights: Tensor | None,
@@ -161,8 +163,9 @@ def draw(
     """Indices of ``k`` members drawn with probability proportional to ``weights``.
 
     Without replacement this is Efraimidis-Spirakis successive sampling: the ``k`` largest
-    keys ``log(u) / w``, ``u ~ U(0, 1)``. Zero weights get a floor of ``1e-12 * max(w)`` so
-    that they stay drawable, uniformly among themselves, when too few are positive.
+    keys ``log(u) / w``, ``u ~ U(0, 1)``. Zero (and negative) weights get a floor of
+    ``_FLOOR * max(w)`` so that they stay drawable, uniformly among themselves, when too few
+    are positive; all-zero weights draw uniformly.
     ``weights=None`` draws uniformly from ``n`` members.
     """
     if weights is None:
@@ -171,9 +174,7 @@ def draw(
         if replacement:
             return torch.randint(n, (k,), generator=generator, device=device)
         return torch.randperm(n, generator=generator, device=device)[:k]
-    w = weights.to(torch.float64)
-    w = torch.where(w.max() > 0, w, torch.ones_like(w))
-    w = w + 1e-12 * w.max()
+    w = _drawn_weights(weights)
     if replacement:
         return torch.multinomial(w, k, replacement=True, generator=generator)
     u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float64)
@@ -182,23 +183,43 @@ def draw(
 
 
 def inclusion_probabilities(weights: Tensor | None, k: int, n: int, replacement: bool) -> Tensor:
-    """Expected number of times each member is drawn (``pi_i``).
+    """Expected number of times each member is drawn (``pi_i``), for the weights that
+    :func:`draw` actually draws from (zeros floored at ``_FLOOR * max(w)``, all-zero weights
+    uniform).
 
     With replacement ``pi = k * p``. Without, the standard approximation ``pi = min(1, c*w)``
-    with ``c`` set so that ``sum(pi) == k``; the heaviest members are capped at 1 first.
+    with ``c`` set so that ``sum(pi) == k``; the heaviest members are capped at 1 first
+    (the iterative capping of Horvitz-Thompson inclusion probabilities, done in one sorted
+    pass). The numerics hold for weights of any magnitude and spread: they are scaled to a
+    maximum of 1 in float64, and the mass left after capping the ``j`` heaviest is summed
+    from the lightest member up (a suffix sum), never as ``total - prefix``, which cancels
+    to nothing once the weights span more than float64's ~1e16.
     """
     if weights is None:
         return torch.full((n,), k / n, dtype=torch.float64)
-    w = weights.to(torch.float64).clamp_min(0) + 1e-12
+    w = _drawn_weights(weights)
     if replacement:
         return k * w / w.sum()
     ordered = w.sort(descending=True).values
     capped = torch.arange(n, device=w.device, dtype=torch.float64)  # members capped at 1
-    rest = ordered.sum() - torch.cat([ordered.new_zeros(1), ordered.cumsum(0)[:-1]])
-    scale = (k - capped) / rest
-    fits = (scale * ordered <= 1.0) & (capped < k)
-    c = scale[fits.to(torch.int8).argmax()]
+    rest = ordered.flip(0).cumsum(0).flip(0)  # rest[j] = sum(ordered[j:]), lightest first
+    # the smallest j whose next member is not pushed above 1 by c_j = (k - j) / rest[j];
+    # written without a division, j = k - 1 always fits (ordered[k-1] <= rest[k-1] exactly)
+    fits = ((k - capped) * ordered <= rest) & (capped < k)
+    j = fits.to(torch.int8).argmax()
+    c = (k - capped[j]) / rest[j]
     return (c * w).clamp_max(1.0)
+
+
+def _drawn_weights(weights: Tensor) -> Tensor:
+    """The weights :func:`draw` draws from, in float64 and scaled to a maximum of 1:
+    negative as 0, all-zero as uniform, then the relative floor ``_FLOOR`` added (so zeros
+    stay drawable). Infinite weights count as the largest finite ones, NaN as 0."""
+    w = weights.to(torch.float64)
+    w = torch.nan_to_num(w, nan=0.0, posinf=torch.finfo(torch.float64).max).clamp_min(0.0)
+    top = w.max()
+    w = torch.where(top > 0, w / top.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    return w + _FLOOR
 
 
 def importance_weights(pi: Tensor, picked: Tensor, k: int, n: int) -> Tensor:

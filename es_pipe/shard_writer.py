@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
@@ -24,24 +26,34 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import base_plus_ext
 
 from es_pipe.errors import ConfigError
 
-__all__ = ["samples_from_folder", "write_shards"]
+__all__ = ["check_out_pattern", "samples_from_folder", "write_shards"]
 
 
-def samples_from_folder(root: str) -> Iterator[dict[str, Any]]:
+def samples_from_folder(root: str, *, follow_symlinks: bool = False) -> Iterator[dict[str, Any]]:
     """Samples from a folder of files: files sharing a key (the relative path up to the
     first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``.
 
     Files are listed recursively (any fsspec URL) and samples come in sorted key order.
     Files without an extension are refused (they would have no field name).
+
+    On a local disk, a symbolic link that leads out of ``root`` (to a file or a folder) is
+    refused with a :class:`ConfigError` before anything is read, unless
+    ``follow_symlinks=True``: then links are followed wherever they lead (folder links
+    too, each real folder once). Links that stay inside ``root`` are always read.
     """
     fs, base = fsspec.core.url_to_fs(root)
     base = base.rstrip("/")
+    if isinstance(fs, LocalFileSystem):
+        found = _local_files(base, root, follow_symlinks)
+    else:  # object stores have no symbolic links
+        found = fs.find(base)
     groups: dict[str, dict[str, str]] = {}
-    for path in sorted(fs.find(base)):
+    for path in sorted(found):
         rel = path[len(base) + 1 :]
         key, ext = base_plus_ext(rel)
         if key is None:
@@ -59,6 +71,81 @@ def samples_from_folder(root: str) -> Iterator[dict[str, Any]]:
             with fs.open(path, "rb") as f:
                 sample[ext] = f.read()
         yield sample
+
+
+def _local_files(base: str, root: str, follow_symlinks: bool) -> list[str]:
+    """The files under a local folder, spelled under ``base``; links out of it refused
+    unless ``follow_symlinks`` (each real folder is walked once: no link loops)."""
+    real_base = os.path.realpath(base)
+    seen_dirs: set[str] = set()
+    files: list[str] = []
+
+    def outside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real != real_base and not real.startswith(real_base.rstrip(os.sep) + os.sep)
+
+    def refuse(path: str) -> None:
+        rel = os.path.relpath(path, base)
+        raise ConfigError(
+            f"{_short(rel)} in {_short(root)} is a symbolic link to "
+            f"{_short(os.path.realpath(path))}, outside the folder: links out of the source "
+            "are not followed; remove the link, copy the file in, or pass "
+            "follow_symlinks=True (es-pipe shard --follow-symlinks)"
+        )
+
+    def unreadable(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(
+        base, onerror=unreadable, followlinks=follow_symlinks
+    ):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_dir)
+        for name in sorted(dirnames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and not follow_symlinks:
+                if outside(path):
+                    refuse(path)
+                dirnames.remove(name)  # inside the folder: walked where it really is
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not follow_symlinks and os.path.islink(path) and outside(path):
+                refuse(path)
+            files.append(path)
+    return files
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut to ``limit`` characters: error messages never echo huge input."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+_PRINTF = re.compile(r"%([-+ #0-9.*]*[a-zA-Z%]?)")
+_MAX_WIDTH = 20  # digits of the largest 64-bit shard number
+
+
+def check_out_pattern(pattern: Any) -> str:
+    """Check a shard URL pattern before formatting it: exactly one ``%d`` or ``%0Nd``
+    field (``N <= 20``; ``%%`` is a literal ``%``). Raises :class:`ConfigError` otherwise,
+    so that a pattern like ``%999999999d`` never builds a gigabyte-long name."""
+    if not isinstance(pattern, str) or not pattern:
+        got = _short(pattern) if isinstance(pattern, str) else type(pattern).__name__
+        raise ConfigError(f"the shard URL pattern must be a non-empty string, got {got}")
+    fields = [m.group(1) for m in _PRINTF.finditer(pattern) if m.group(1) != "%"]
+    spec = re.fullmatch(r"(0[0-9]{1,3})?d", fields[0]) if len(fields) == 1 else None
+    if spec is None or int(spec.group(1) or 0) > _MAX_WIDTH:
+        found = ", ".join(_short("%" + f, 20) for f in fields[:5]) or "none"
+        raise ConfigError(
+            f"shard URL pattern {_short(pattern)} needs exactly one printf field, %d or "
+            f"%0Nd with N <= {_MAX_WIDTH}, for the shard number (found: {found}); e.g. "
+            "'out/train-%06d.tar'; write %% for a literal %"
+        )
+    return pattern
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -207,8 +294,9 @@ def write_shards(
             arrays (a 2-D array becomes a list column), or an iterable of sample dicts. A
             sample's ``"__key__"`` names it (default: its global position, 9 digits);
             other ``__*__`` fields are not written.
-        out_url_pattern: shard URL with one printf integer field, e.g.
-            ``"s3://b/train-%06d.parquet"``.
+        out_url_pattern: shard URL with one printf integer field, ``%d`` or ``%0Nd``
+            (``N <= 20``), e.g. ``"s3://b/train-%06d.parquet"`` (see
+            :func:`check_out_pattern`).
         format: ``"tar"`` (WebDataset) or ``"parquet"``.
         row_group_rows: Parquet row-group size (smaller groups let pruning skip more bytes).
         index: where to write the index file (``url count`` per line); ``True`` puts
@@ -224,12 +312,7 @@ def write_shards(
         raise ConfigError(f"format must be 'tar' or 'parquet', got {format!r}")
     if samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    try:
-        out_url_pattern % 0
-    except TypeError as exc:
-        raise ConfigError(
-            f"out_url_pattern {out_url_pattern!r} needs one printf field such as %06d"
-        ) from exc
+    check_out_pattern(out_url_pattern)
     table = _as_table(samples_or_table)
     urls: list[str] = []
     try:

@@ -52,7 +52,9 @@ def make_shards(base: str, fmt: str, sizes=SIZES) -> list[str]:
 
 
 def source(fmt: str, urls, **kw):
-    cls = {"tar": WebDatasetSource, "parquet": ParquetSource, "arrow": ArrowSource}[fmt]
+    cls = {"tar": WebDatasetSource, "parquet": ParquetSource, "arrow": ArrowSource}[
+        fmt.removesuffix("-stream")
+    ]
     return cls(urls, **kw)
 
 
@@ -62,3 +64,38 @@ def ident(sample) -> tuple[str, int]:
 
 def all_idents(urls, sizes=SIZES) -> list[tuple[str, int]]:
     return sorted((u, j) for u, n in zip(urls, sizes, strict=True) for j in range(n))
+
+
+def write_shard(fmt: str, path, keys: list[str]) -> str:
+    """One real shard of the given keys, written by the format's own library:
+    ``webdataset.TarWriter`` for ``tar``, pyarrow for ``parquet`` (row groups of 8),
+    ``arrow`` (IPC file) and ``arrow-stream`` (IPC stream), record batches of 8."""
+    path = str(path)
+    if fmt == "tar":
+        import webdataset as wds
+
+        with wds.TarWriter(path) as w:
+            for j, k in enumerate(keys):
+                w.write({"__key__": k, "txt": k, "cls": str(j)})
+        return path
+    table = pa.table({"id": keys, "x": np.arange(len(keys), dtype=np.int64)})
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path, row_group_size=8)
+        return path
+    new = pa.ipc.new_file if fmt == "arrow" else pa.ipc.new_stream
+    with pa.OSFile(path, "wb") as f, new(f, table.schema) as w:
+        w.write_table(table, max_chunksize=8)
+    return path
+
+
+EXT = {"tar": "tar", "parquet": "parquet", "arrow": "arrow", "arrow-stream": "arrows"}
+
+
+def real_shards(base, fmt: str, sizes) -> list[str]:
+    """``write_shard`` once per size; sample ``j`` of shard ``i`` has key ``s{i}_{j}``."""
+    return [
+        write_shard(fmt, f"{base}/r{i}.{EXT[fmt]}", [f"s{i}_{j}" for j in range(n)])
+        for i, n in enumerate(sizes)
+    ]

@@ -81,3 +81,119 @@ def test_bad_numbers_are_refused_before_any_work(args, tmp_path):
     out = es_pipe_cli(*args, "--out", str(tmp_path)) if args[0] == "demo" else es_pipe_cli(*args)
     assert out.returncode == 2 and "must be" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+BAD_PATTERNS = [
+    "out/%05000000d.tar",
+    "out/train.tar",
+    "out/%s-%d.tar",
+    "out/%d-%d.tar",
+    "out/%6d.tar",
+    "out/%x.tar",
+    "out/%%06d.tar",
+    "out/x-%",
+]
+
+
+def _no_shards_and_a_short_error(tmp_path, returncode, stderr):
+    assert returncode == 1
+    assert "%d or %0Nd" in stderr and "e.g. 'out/train-%06d.tar'" in stderr
+    assert len(stderr) < 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def _raw_folder(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "s0.txt").write_text("text")
+    return raw
+
+
+def test_shard_checks_the_output_pattern_before_formatting_it(tmp_path):
+    """Issue 11: 'out/%999999999d.tar' took 73 s and 6.1 GB, and echoed a 1 GB path."""
+    raw = _raw_folder(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "es_pipe.cli", "shard", str(raw), "out/%999999999d.tar"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    _no_shards_and_a_short_error(tmp_path, out.returncode, out.stderr)
+
+
+@pytest.mark.parametrize("pattern", BAD_PATTERNS)
+def test_shard_refuses_bad_output_patterns(tmp_path, monkeypatch, capsys, pattern):
+    from es_pipe.cli import main
+
+    raw = _raw_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    returncode = main(["shard", str(raw), pattern])
+    _no_shards_and_a_short_error(tmp_path, returncode, capsys.readouterr().err)
+
+
+def test_write_shards_accepts_the_usual_patterns(tmp_path):
+    from es_pipe.shard_writer import write_shards
+
+    samples = [{"__key__": f"s{i}", "txt": "x"} for i in range(3)]
+    for pattern in ("a-%d.tar", "b-%06d.tar", "c-%020d.tar", "100%%-d-%03d.tar"):
+        urls = write_shards(samples, str(tmp_path / pattern), samples_per_shard=2, index=False)
+        assert [u.rsplit("/", 1)[1] for u in urls] == [pattern % 0, pattern % 1]
+
+
+def _folder_with_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("SECRET")
+    (outside / "deep").mkdir()
+    (outside / "deep" / "more.txt").write_text("MORE")
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "s0.txt").write_text("zero")
+    (raw / "s1.txt").symlink_to(raw / "s0.txt")  # a link inside the folder: fine
+    return raw, outside
+
+
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_shard_does_not_follow_links_out_of_the_source(tmp_path, capsys, link):
+    from es_pipe.cli import main
+
+    raw, outside = _folder_with_links(tmp_path)
+    if link == "file":
+        (raw / "sub" / "host.txt").symlink_to(outside / "secret.txt")
+    else:
+        (raw / "sub" / "elsewhere").symlink_to(outside)
+    out_dir = tmp_path / "out"
+    pattern = str(out_dir / "t-%03d.tar")
+    if link == "file":  # the real command once; main() in-process otherwise (faster)
+        out = es_pipe_cli("shard", str(raw), pattern)
+        returncode, stderr = out.returncode, out.stderr
+    else:
+        returncode, stderr = main(["shard", str(raw), pattern]), capsys.readouterr().err
+    assert returncode == 1
+    assert "symbolic link" in stderr and "--follow-symlinks" in stderr
+    assert str(outside) in stderr
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+    assert main(["shard", str(raw), pattern, "--follow-symlinks"]) == 0
+    got = {s["__key__"]: s["txt"] for s in WebDatasetSource(str(out_dir / "t-000.tar"))}
+    assert got["s0"] == got["s1"] == b"zero"
+    if link == "file":
+        assert got["sub/host"] == b"SECRET"
+    else:
+        assert got["sub/elsewhere/secret"] == b"SECRET"
+        assert got["sub/elsewhere/deep/more"] == b"MORE"
+
+
+def test_samples_from_folder_refuses_links_out_and_survives_loops(tmp_path):
+    from es_pipe.errors import ConfigError
+    from es_pipe.shard_writer import samples_from_folder
+
+    raw, outside = _folder_with_links(tmp_path)
+    (raw / "sub" / "loop").symlink_to(raw)  # a folder link back into the folder
+    assert [s["__key__"] for s in samples_from_folder(str(raw))] == ["s0", "s1"]
+    followed = [s["__key__"] for s in samples_from_folder(str(raw), follow_symlinks=True)]
+    assert followed == ["s0", "s1"]  # every real folder once: no endless loop
+    (raw / "sub" / "leak.txt").symlink_to(outside / "secret.txt")
+    with pytest.raises(ConfigError, match=r"leak\.txt.*outside the folder.*follow_symlinks"):
+        next(samples_from_folder(str(raw)))

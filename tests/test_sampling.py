@@ -2,7 +2,9 @@
 
 import itertools
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +165,103 @@ def test_step_seed_is_stable_and_spreads():
     assert len(seeds) == 1000
     assert all(0 <= x < 2**63 for x in seeds)
     assert sampling.step_seed(7, 123) == 7631971775492880123  # pinned: old checkpoints depend on it
+
+
+# ------------------------------------------------------- inclusion probabilities: numerics
+
+
+def _capped_reference(weights: list[float], k: int) -> list[Fraction]:
+    """``min(1, c * w)`` with ``sum == k``, by textbook iterative capping in exact rational
+    arithmetic, on the weights ``draw`` draws from (zeros floored at 1e-12 * max)."""
+    exact = [Fraction(max(w, 0.0)) for w in weights]
+    top = max(exact)
+    exact = [w / top + Fraction(1e-12) for w in exact] if top > 0 else [Fraction(1)] * len(exact)
+    capped: set[int] = set()
+    while len(capped) < len(exact):
+        c = (k - len(capped)) / sum(w for i, w in enumerate(exact) if i not in capped)
+        more = {i for i, w in enumerate(exact) if i not in capped and c * w >= 1}
+        if not more:
+            return [Fraction(1) if i in capped else c * w for i, w in enumerate(exact)]
+        capped |= more
+    return [Fraction(1)] * len(exact)
+
+
+def _successive_sampling_exact(weights: list[Fraction], k: int) -> list[Fraction]:
+    """Exact inclusion probabilities of drawing ``k`` without replacement with probability
+    proportional to the weights left (what Efraimidis-Spirakis keys draw), by enumeration."""
+    n, total = len(weights), sum(weights)
+    pi = [Fraction(0)] * n
+    for seq in itertools.permutations(range(n), k):
+        p, left = Fraction(1), total
+        for i in seq:
+            p *= weights[i] / left
+            left -= weights[i]
+        for i in seq:
+            pi[i] += p
+    return pi
+
+
+MAGNITUDES = [1e-30, 1e-8, 1.0, 1e6, 1e12, 1e16, 1e30, 1e300]
+
+
+@pytest.mark.parametrize("big", MAGNITUDES)
+def test_one_large_loss_and_zeros_give_the_right_importance_weights(big):
+    """Issue 11 item 8: weights reached 6e22 at loss 1e12 and inf at 1e30. With one large
+    loss and five exact zeros, b=3 of B=6: the large one is always drawn, then 2 of the 5
+    zeros, so pi = (1, 2/5, ...) and the weights k / (n * pi) are 0.5 and 1.25."""
+    w = torch.tensor([big, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    pi = sampling.inclusion_probabilities(w, 3, 6, replacement=False)
+    floored = [Fraction(1)] + [Fraction(1e-12)] * 5  # what draw draws from, scaled
+    exact = _successive_sampling_exact(floored, 3)
+    assert pi.tolist() == pytest.approx([float(p) for p in exact], rel=1e-9)
+    assert pi.sum().item() == pytest.approx(3.0, rel=1e-12)
+    iw = sampling.importance_weights(pi, torch.arange(6), 3, 6)
+    assert iw.tolist() == pytest.approx([0.5] + [1.25] * 5, rel=1e-6)
+
+
+def test_inclusion_probabilities_match_exact_capping_over_magnitudes():
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n = int(rng.integers(1, 13))
+        k = int(rng.integers(1, n + 1))
+        exponents = rng.uniform(-30, 30, n)
+        w = 10.0**exponents * rng.uniform(0.5, 2.0, n)
+        w[rng.random(n) < 0.3] = 0.0  # exact zeros
+        w *= float(10.0 ** rng.integers(-200, 200))  # whole batch at any scale
+        if trial % 7 == 0:
+            w[:] = 0.0
+        for dtype in (torch.float64, torch.float32):
+            if w.max() >= torch.finfo(dtype).max:
+                continue
+            t = torch.tensor(w, dtype=dtype)  # float32 losses: compare with what they hold
+            want = [float(p) for p in _capped_reference(t.double().tolist(), k)]
+            pi = sampling.inclusion_probabilities(t, k, n, replacement=False)
+            assert pi.tolist() == pytest.approx(want, rel=1e-9), (trial, w.tolist(), k)
+            assert pi.sum().item() == pytest.approx(k, rel=1e-9)
+            iw = sampling.importance_weights(pi, torch.arange(n), k, n)
+            assert torch.isfinite(iw).all() and (iw > 0).all()
+
+
+def test_inclusion_probabilities_with_replacement_over_magnitudes():
+    for big in MAGNITUDES:
+        w = torch.tensor([big, 0.0, big / 3, 0.0], dtype=torch.float64)
+        pi = sampling.inclusion_probabilities(w, 2, 4, replacement=True)
+        total = 1 + 1 / 3 + 2e-12
+        want = [2 * 1 / total, 2e-12 / total, 2 / 3 / total, 2e-12 / total]
+        assert pi.tolist() == pytest.approx(want, rel=1e-5), big
+
+
+@pytest.mark.parametrize("big", [1e12, 1e30])
+def test_reweighted_sub_batch_of_the_stage_stays_finite(big):
+    """End to end through the stage: one huge loss among zeros, reweight=True."""
+    import torchdata.nodes as tn
+    from conftest import keyed_samples
+
+    sampler = es_pipe.EvolvedSampler(6, 3, seed=2, reweight=True)
+    meta = next(iter(tn.Loader(es_pipe.EvolvedSampling(keyed_samples(6), sampler))))
+    losses = torch.tensor([0.0, 0.0, big, 0.0, 0.0, 0.0])
+    sub = meta.select(losses)
+    assert 2 in sub.indices.tolist()
+    expected = [0.5 if i == 2 else 1.25 for i in sub.indices.tolist()]
+    assert sub.weights.tolist() == pytest.approx(expected, rel=1e-6)
+    assert torch.isfinite((sub.weights * losses[sub.indices]).mean())

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _sources_helpers import make_shards, source
+from _sources_helpers import EXT, make_shards, source, write_shard
 
 from es_pipe.errors import ShardError
-from es_pipe.sources import ParquetSource, WebDatasetSource
+from es_pipe.sources import ParquetSource, ShardList, WebDatasetSource
 
 
 def _tar(path, members):
@@ -188,3 +188,36 @@ def test_no_leaked_file_descriptors(tmp_path):
             list(WebDatasetSource([bad]))
     gc.collect()
     assert len(os.listdir(fd_dir)) == before
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet", "arrow", "arrow-stream"])
+@pytest.mark.parametrize("actual", [20, 37])
+def test_sample_counts_are_checked_against_the_index_file(tmp_path, fmt, actual):
+    """Issue 11 item 7: a Parquet or Arrow shard rewritten after its index was read with the
+    index's count; equalize='drop' on 3 ranks then yielded [20, 30, 30] (a DDP hang)."""
+    ext = EXT[fmt]
+    for i in range(3):
+        write_shard(fmt, tmp_path / f"s{i}.{ext}", [f"k{i}_{j}" for j in range(30)])
+    (tmp_path / "index.txt").write_text("".join(f"s{i}.{ext} 30\n" for i in range(3)))
+    write_shard(fmt, tmp_path / f"s2.{ext}", [f"k2_{j}" for j in range(actual)])  # stale index
+    shards = ShardList.from_index(str(tmp_path / "index.txt"))
+    unit = "samples" if fmt == "tar" else "rows"
+    for rank in range(2):
+        assert len(list(source(fmt, shards, rank=rank, world_size=3, equalize="drop"))) == 30
+    # (more samples than the index says, under equalize: the stream stops at the common
+    # length before the end of the shard, where a tar or Arrow shard's count is known)
+    equalize = "drop" if actual < 30 or fmt == "parquet" else None
+    for key_column in (None, "id") if fmt != "tar" else (None,):
+        kw = {} if key_column is None else {"key_column": key_column}
+        src = source(fmt, shards, rank=2, world_size=3, equalize=equalize, **kw)
+        with pytest.raises(ShardError, match=rf"s2\.{ext}' has {actual} {unit}.*says 30"):
+            list(src)
+    if fmt == "parquet":  # the footer knows the count: not one row is delivered first
+        got = []
+        with pytest.raises(ShardError, match="index"):
+            got.extend(source(fmt, shards, rank=2, world_size=3))
+        assert got == []
+    skip = source(fmt, shards, rank=2, world_size=3, equalize=equalize, on_error="skip")
+    with pytest.warns(UserWarning, match=f"has {actual} {unit}"):
+        got = list(skip)
+    assert skip.stats["skipped_shards"] == 1 and len(got) < actual

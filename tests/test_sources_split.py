@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
-from _sources_helpers import FORMATS, SIZES, all_idents, base_url, ident, make_shards, source
+from _sources_helpers import (
+    FORMATS,
+    SIZES,
+    all_idents,
+    base_url,
+    ident,
+    make_shards,
+    real_shards,
+    source,
+)
 
 from es_pipe.sources import ShardList, SourceDataset, WebDatasetSource
 
@@ -129,3 +139,54 @@ def test_set_epoch_with_non_persistent_workers(tmp_path):
         epochs.append([(s["__shard__"], int(s["__index__"])) for s in loader])
     assert sorted(epochs[0]) == sorted(epochs[1]) == all_idents(urls)
     assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet", "arrow", "arrow-stream"])
+def test_equalize_drop_with_more_streams_than_shards_is_an_error(tmp_path, fmt):
+    """Issue 11 item 6: every rank yielded 0 samples, every epoch, without a word."""
+    from es_pipe.errors import ConfigError
+
+    sizes = [4, 6, 5]
+    urls = real_shards(tmp_path, fmt, sizes)
+    counts = dict(zip(urls, sizes, strict=True))
+    for ranks, workers in ((4, 1), (2, 2), (8, 1)):
+        for r in range(ranks):
+            for w in range(workers):
+                src = source(
+                    fmt,
+                    urls,
+                    rank=r,
+                    world_size=ranks,
+                    worker=w,
+                    num_workers=workers,
+                    equalize="drop",
+                    num_samples=counts,
+                )
+                with pytest.raises(ConfigError) as err:
+                    list(src)
+                message = str(err.value)
+                assert "0 samples on every rank" in message
+                assert f"3 shards for {ranks * workers} streams" in message
+                for fix in ("fewer ranks", "more (smaller) shards", "equalize='pad'"):
+                    assert fix in message
+    # as many streams as shards: drop cuts every stream to the shortest shard
+    kw = {"world_size": 3, "equalize": "drop", "num_samples": counts}
+    assert [len(list(source(fmt, urls, rank=r, **kw))) for r in range(3)] == [4, 4, 4]
+
+
+def test_equalize_drop_refuses_a_stream_pruned_empty(tmp_path):
+    from es_pipe.errors import ConfigError
+
+    urls = real_shards(tmp_path, "tar", [4, 6, 5])
+    counts = dict(zip(urls, [4, 6, 5], strict=True))
+    pruned = {urls[1]: np.arange(6)}  # every sample of the shard stream 1 reads
+    src = source(
+        "tar", urls, rank=0, world_size=3, equalize="drop", num_samples=counts, pruned=pruned
+    )
+    with pytest.raises(ConfigError, match=r"hold no sample this epoch.*equalize='pad'"):
+        list(src)
+    padded = source(
+        "tar", urls, rank=1, world_size=3, equalize="pad", num_samples=counts, pruned=pruned
+    )
+    with pytest.warns(UserWarning, match="nothing left to pad"):
+        assert list(padded) == []

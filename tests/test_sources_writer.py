@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from es_pipe.errors import ConfigError, ShardError
@@ -95,3 +96,38 @@ def test_rank_from_environment(monkeypatch):
     with pytest.raises(ConfigError):
         resolve_rank(3, 3)
     _ = pa  # keep the import used
+
+
+def _parquet(path, values):
+    pq.write_table(pa.table({"v": values}), str(path))
+
+
+def test_a_literal_path_with_glob_or_brace_characters_is_that_file(tmp_path):
+    """Issue 11 item 9: ``tr[1].parquet`` was globbed and read ``tr1.parquet``."""
+    _parquet(tmp_path / "tr[1].parquet", [10, 11])
+    _parquet(tmp_path / "tr1.parquet", [99])
+    _parquet(tmp_path / "tr2.parquet", [98])
+    _parquet(tmp_path / "x{a,b}.parquet", [7])
+    _parquet(tmp_path / "xa.parquet", [97])
+    literal = str(tmp_path / "tr[1].parquet")
+    assert [int(r["v"]) for r in ParquetSource([literal])] == [10, 11]
+    assert ShardList.from_spec(literal).urls == (literal,)
+    braces = str(tmp_path / "x{a,b}.parquet")
+    assert [int(r["v"]) for r in ParquetSource(braces)] == [7]
+    # a brace expansion that names an existing file is taken literally too
+    both = str(tmp_path / "{tr[1],tr2}.parquet")
+    assert ShardList.from_spec(both).urls == (literal, str(tmp_path / "tr2.parquet"))
+    # no such file: still a glob
+    glob = ShardList.from_spec(str(tmp_path / "tr[12].parquet")).urls
+    assert glob == (str(tmp_path / "tr1.parquet"), str(tmp_path / "tr2.parquet"))
+
+
+def test_shard_list_literal_never_expands(tmp_path):
+    _parquet(tmp_path / "tr1.parquet", [99])
+    missing = str(tmp_path / "tr[1].parquet")  # would glob to tr1.parquet
+    shards = ShardList.literal([missing], num_samples=[3])
+    assert shards.urls == (missing,) and shards.num_samples == (3,)
+    with pytest.raises(ShardError, match="does not exist"):
+        list(ParquetSource(shards))
+    with pytest.raises(ConfigError, match="list of URLs"):
+        ShardList.literal(missing)

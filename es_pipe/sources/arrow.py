@@ -13,6 +13,12 @@ Pruning works on whole blocks first: a Parquet row group whose rows are all prun
 all delivered before a resume) is never read; in the others only the kept rows are
 converted (``RecordBatch.filter``/``take``). Local Arrow IPC files are memory-mapped, so
 rows that are pruned are never paged in either.
+
+A shard's row count is checked against the count its index file (or ``num_samples=``)
+gives, which the split and ``equalize`` rely on: a Parquet shard's from its footer, before
+any row is read; an Arrow shard's when its last record batch has been read, before that
+batch is delivered (with ``key_column``, before any row). A mismatch is a
+:class:`ShardError` (or, with ``on_error="skip"``, a skipped shard).
 """
 
 from __future__ import annotations
@@ -310,6 +316,7 @@ class ParquetSource(_ColumnarSource):
             ends = np.cumsum(sizes, dtype=np.int64)
             starts = ends - sizes
             n = int(ends[-1]) if ends.size else 0
+            self._check_count(url, n, "rows")  # the footer knows: before any row is read
             keys = None
             drop = pruned[pruned < n]
             if self.key_column is not None:
@@ -408,6 +415,21 @@ class ArrowSource(_ColumnarSource):
         else:
             yield from reader
 
+    @classmethod
+    def _batches_marked(cls, reader: Any) -> Iterator[tuple[pa.RecordBatch, bool]]:
+        """``(batch, is_last)``: the stream format is read one batch ahead to know."""
+        if isinstance(reader, pa.ipc.RecordBatchFileReader):
+            n = reader.num_record_batches
+            for i in range(n):
+                yield reader.get_batch(i), i == n - 1
+            return
+        batches = cls._batches(reader)
+        batch = next(batches, None)
+        while batch is not None:
+            after = next(batches, None)
+            yield batch, after is None
+            batch = after
+
     def _count(self, url: str) -> int | None:
         with self._open(url) as reader:
             if not isinstance(reader, pa.ipc.RecordBatchFileReader):
@@ -425,6 +447,7 @@ class ArrowSource(_ColumnarSource):
                 parts = [b.column(self.key_column) for b in self._batches(reader)]
             col = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
             col.validate(full=True)  # IPC is not checked on read: corrupt offsets crash
+            self._check_count(url, len(col), "rows")  # before any row is delivered
             keys, bad = self._bad_key_rows(url, col)
             drop = np.union1d(drop, bad)
         rng = np.random.default_rng(rng_seed) if self.shuffle_rows else None
@@ -433,10 +456,14 @@ class ArrowSource(_ColumnarSource):
             self._check_schema(url, reader.schema)
             offset = 0
             skipped = 0
-            for batch in self._batches(reader):
+            counted = False
+            for batch, last in self._batches_marked(reader):
                 m = batch.num_rows
                 ords = np.arange(offset, offset + m, dtype=np.int64)
                 offset += m
+                if last:  # the row count against the index, before the last batch is yielded
+                    self._check_count(url, offset, "rows")
+                    counted = True
                 local = np.flatnonzero(~_sorted_member(drop, ords))
                 if rng is not None:
                     local = rng.permutation(local)
@@ -454,3 +481,5 @@ class ArrowSource(_ColumnarSource):
                     yield self._rows(url, batch, ords, keys)
                 else:
                     yield self._rows(url, batch, ords[local], keys, sel=local)
+            if not counted:  # a shard without record batches
+                self._check_count(url, offset, "rows")

@@ -111,7 +111,10 @@ class ShardedSource(BaseNode[dict]):
             ones is not read this epoch) or ``"pad"`` (every stream yields the length of the
             longest; shorter streams re-read their own shards from the start). Both need the
             sample count of every shard (index file with counts, ``num_samples=`` or, for
-            Parquet, the footers).
+            Parquet, the footers); a count that the shard contradicts when it is read is a
+            :class:`ShardError`. ``"drop"`` refuses (:class:`ConfigError`) an epoch whose
+            shortest stream is empty while others are not (more streams than shards): it
+            would yield nothing on every rank.
         on_error: ``"raise"`` raises :class:`ShardError`; ``"skip"`` warns, skips the bad
             sample or the rest of the bad shard, counts it in :attr:`stats` and warns a
             summary at the end of the epoch.
@@ -486,6 +489,8 @@ class ShardedSource(BaseNode[dict]):
                 mine = order[t::n_streams]
                 per.append(sum(kept[i] - skip.get(int(i), 0) for i in mine))
             mine_total = per[s]
+            if self.equalize == "drop" and not remaining_only:
+                self._refuse_empty_drop(order, per, kept)
             self._limit = min(per) if self.equalize == "drop" else max(per)
             if self.equalize == "drop":
                 self._stats["dropped"] = mine_total - min(per)
@@ -500,6 +505,32 @@ class ShardedSource(BaseNode[dict]):
         self._pad_cycle = 0
         if self._padded and self.equalize == "pad":
             self._resume_padding()
+
+    def _refuse_empty_drop(self, order: np.ndarray, per: list[int], kept: list[int]) -> None:
+        """``equalize='drop'`` cuts every stream to the shortest one: when that one is
+        empty while others are not, every stream would yield nothing, every epoch."""
+        if min(per) > 0 or max(per) == 0:
+            return
+        n_streams = len(per)
+        t = per.index(0)
+        mine = order[t::n_streams]
+        if len(mine) == 0:
+            why = (
+                f"{len(self.shards)} shards for {n_streams} streams (ranks x workers): "
+                f"stream {t} has no shard to read"
+            )
+        else:
+            why = (
+                f"the {len(mine)} shard(s) of stream {t} of {n_streams} (ranks x workers) "
+                f"hold no sample this epoch (sample counts {[kept[i] for i in mine][:8]}, "
+                "after pruning)"
+            )
+        raise ConfigError(
+            f"equalize='drop' would yield 0 samples on every rank in epoch {self._epoch}, "
+            f"although the epoch holds {sum(per)}: {why}. Use fewer ranks or DataLoader "
+            "workers, more (smaller) shards than streams, or equalize='pad' (short streams "
+            "re-read their own samples) or equalize=None"
+        )
 
     def _restore(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -640,6 +671,18 @@ class ShardedSource(BaseNode[dict]):
         warnings.warn(f"skipping {count} samples: {message}", stacklevel=3)
         self._stats["skipped_samples"] += int(count)
         self._remember(message)
+
+    def _check_count(self, url: str, found: int, unit: str = "samples", why: str = "") -> None:
+        """Raise :class:`ShardError` when a shard holds another number of samples than its
+        index file (or ``num_samples=``) says: the split and ``equalize`` rely on those
+        counts (a wrong one makes ranks yield different numbers of samples: a DDP hang)."""
+        known = self._sizes[self._index[url]] if url in self._index else -1
+        if known >= 0 and found != known:
+            raise ShardError(
+                f"shard {url!r} has {found} {unit}, but its index file (or num_samples=) "
+                f"says {known}: the shard was changed or is corrupt{why}, or the index is "
+                "stale; re-create or re-download the shard, or rewrite the index"
+            )
 
     def _remember(self, message: str) -> None:
         if len(self._stats["errors"]) < _MAX_ERRORS_KEPT:

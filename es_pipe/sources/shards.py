@@ -3,7 +3,9 @@
 A shard list is expanded once, in a fixed *listed order*, from a brace pattern
 (``train-{000..099}.tar``), a glob (``gs://b/train/*.parquet``), an explicit list, or an
 index file (one ``url [num_samples]`` per line). Every URL is an fsspec URL, so local
-paths, ``memory://``, ``s3://``, ``gs://`` and ``http(s)://`` all work.
+paths, ``memory://``, ``s3://``, ``gs://`` and ``http(s)://`` all work. A string that
+names an existing file is that file, whatever characters its name holds (a pattern only
+when no such file exists); :meth:`ShardList.literal` takes URLs exactly as written.
 
 The *epoch order* is a pure function of ``(seed, epoch)``: a permutation drawn from a numpy
 ``Generator`` seeded with integers, never from ``hash()`` (which is salted per
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 _GLOB_CHARS = ("*", "?", "[")
+_PATTERN_CHARS = (*_GLOB_CHARS, "{", "}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ class ShardList:
 
         Brace patterns are expanded textually (no listing; a missing shard is reported when
         it is read). Globs are listed on their fsspec filesystem and sorted.
+
+        A string (or a brace expansion of it) that names an existing file is taken
+        literally: ``"/d/tr[1].parquet"`` is the file ``tr[1].parquet`` when that file
+        exists, even if ``tr1.parquet`` exists too; only when no such file exists is it a
+        glob (or a brace pattern). Strings without any of ``{ } * ? [`` are taken as
+        written, without a lookup. To take every URL exactly as written, with no lookup,
+        expansion or globbing at all (a missing shard is then reported when it is read),
+        pass :meth:`ShardList.literal` instead of strings.
         """
         if isinstance(spec, ShardList):
             return spec
@@ -94,16 +105,32 @@ class ShardList:
         for item in spec:
             if not isinstance(item, str):
                 raise ConfigError(f"shard URLs must be strings, got {type(item).__name__}")
+            if any(c in item for c in _PATTERN_CHARS) and _is_file(item):
+                urls.append(item)  # a file with braces or glob characters in its name
+                continue
             try:
                 expanded = list(braceexpand(item))
             except UnbalancedBracesError as exc:
                 raise ConfigError(f"shard pattern {item!r}: {exc}; fix the braces") from None
             for url in expanded:
-                if any(c in url for c in _GLOB_CHARS):
+                if any(c in url for c in _GLOB_CHARS) and (url == item or not _is_file(url)):
                     urls.extend(_glob(url))
                 else:
                     urls.append(url)
         return cls(tuple(urls))
+
+    @classmethod
+    def literal(cls, urls: Iterable[str], num_samples: Iterable[int] | None = None) -> ShardList:
+        """A shard list of URLs exactly as written: no brace expansion, no globbing, no
+        lookup (``ShardList.literal(["/d/tr[1].parquet"])`` always means that file).
+        ``num_samples``, if given, holds one sample count per URL."""
+        if isinstance(urls, (str, bytes)) or not isinstance(urls, Iterable):
+            raise ConfigError("ShardList.literal takes a list of URLs, not a single string")
+        listed = tuple(urls)
+        if not all(isinstance(u, str) for u in listed):
+            raise ConfigError("shard URLs must be strings")
+        counts = () if num_samples is None else tuple(int(n) for n in num_samples)
+        return cls(listed, counts)
 
     @classmethod
     def from_index(cls, index_url: str) -> ShardList:
@@ -135,6 +162,12 @@ class ShardList:
             urls.append(url)
             counts.append(int(parts[1]) if len(parts) == 2 else -1)
         return cls(tuple(urls), tuple(counts))
+
+
+def _is_file(url: str) -> bool:
+    """Whether ``url`` names an existing file, taken literally (no pattern)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return bool(Retry().call(fs.isfile, path, what=f"info {url}"))
 
 
 def _glob(pattern: str) -> list[str]:

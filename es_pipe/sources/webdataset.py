@@ -218,14 +218,8 @@ class WebDatasetSource(ShardedSource):
                     f"{ordinal} (key {key!r}): the file is truncated or corrupt; the last "
                     "sample was not delivered; re-create or re-download the shard"
                 )
-            known = self._sizes[self._index[url]] if url in self._index else -1
-            if known >= 0 and ordinal + 1 != known:  # tar headers have a weak checksum
-                raise ShardError(
-                    f"shard {url!r} has {ordinal + 1} samples, but its index file (or "
-                    f"num_samples=) says {known}: the shard was changed or is corrupt (a "
-                    "renamed member splits or merges samples); re-create or re-download it, "
-                    "or rewrite the index"
-                )
+            # tar headers have a weak checksum: the count is checked before the last sample
+            self._check_count(url, ordinal + 1, why=" (a renamed member splits or merges samples)")
             if cur is not None:
                 yield cur
 
