@@ -218,3 +218,82 @@ def test_end_of_epoch_checkpoint_resumes_into_the_right_epoch(
     tail: list = []
     train(run, tail)
     assert_same_run(head + tail, run, tmp_path, full)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tar"])
+def test_resume_at_a_boundary_needs_no_epoch_argument(data, tmp_path, tmp_path_factory, fmt):
+    """The README's boundary resume: a new process with the same manifests= and no
+    checkpoint of the loader; the source is built without epoch= (issue 11, item 2)."""
+    full = uninterrupted(data, fmt, tmp_path_factory)
+    run, head = build(data, fmt, tmp_path), []
+    saved = train(run, head, stop=("end", 2))
+    run = build(data, fmt, tmp_path)  # resumes after the newest committed epoch
+    assert run.sampler.epoch == 3 and run.source.epoch == 0
+    run.model.load_state_dict(saved["model"])
+    run.opt.load_state_dict(saved["opt"])
+    tail: list = []
+    train(run, tail)
+    assert_same_run(head + tail, run, tmp_path, full)
+    assert run.source.epoch == run.sampler.epoch == EPOCHS  # iter() after the last epoch
+
+
+def test_a_source_in_dataloader_workers_follows_the_sampler(data, tmp_path, tmp_path_factory):
+    """A DataLoader worker reads a copy of the source made at each epoch's start: the
+    stage sets the epoch of the DataLoader's SourceDataset before it, so every epoch
+    reads its own shard order and pruning, like the source in the trainer's process."""
+    full = uninterrupted(data, "parquet", tmp_path_factory)
+    run, log = build(data, "parquet", tmp_path, wrap="dataloader"), []
+    train(run, log)
+    assert_same_run(log, run, tmp_path, full)
+
+
+def test_a_checkpoint_whose_source_and_sampler_disagree_is_refused(data, tmp_path):
+    """The loader state of one checkpoint with the sampler position of another (or one
+    saved after a resume that let the source fall behind): a ConfigError that names the
+    fix, and nothing restored; the right checkpoint still loads."""
+    run, log = build(data, "parquet", tmp_path), []
+    early = train(run, log, stop=("end", 0))  # source done with epoch 0, sampler in 1
+    later = train(run, log, stop=("end", 1))  # source done with epoch 1, sampler in 2
+    mixed = {**later["loader"], "root": {**later["loader"]["root"]}}
+    mixed["root"]["source"] = early["loader"]["root"]["source"]
+
+    fresh = build(data, "parquet", tmp_path / "other")
+    before = fresh.sampler.get_state()
+    fresh.loader.load_state_dict(mixed)
+    with pytest.raises(ConfigError, match=r"source is in epoch 0 but its sampler in epoch 1"):
+        iter(fresh.loader)
+    assert fresh.sampler.get_state() == before
+    fresh.loader.load_state_dict(later["loader"])
+    iter(fresh.loader)
+    assert fresh.sampler.epoch == fresh.source.epoch == 2
+
+
+class Relay(tn.BaseNode):
+    """A node between the stage and the source with a set_epoch that is not passed on."""
+
+    def __init__(self, source: tn.BaseNode) -> None:
+        super().__init__()
+        self.source = source
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+
+    def next(self) -> dict:
+        return next(self.source)
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict()}
+
+
+def test_a_source_the_stage_cannot_drive_is_refused_when_it_disagrees(data, tmp_path):
+    run, log = build(data, "parquet", tmp_path), []
+    train(run, log, stop=("end", 1))
+    sampler = build(data, "parquet", tmp_path).sampler  # resumes in epoch 2
+    source = ParquetSource(data["parquet"], key_column="key", columns=["x", "y"], shuffle=True)
+    loader = tn.Loader(es_pipe.EvolvedSampling(Relay(source), sampler))
+    with pytest.raises(ConfigError, match="reads epoch 0 but the sampler is in epoch 2"):
+        iter(loader)
