@@ -91,7 +91,12 @@ class Sampler:
         seed: with the step counter, the whole RNG state.
         prune: set-level pruning at epoch boundaries, ``es_pipe.Pruning(ratio=0.3,
             anneal=0.125)`` (ESWP) or ``es_pipe.InfoBatch()``; pruned samples are skipped
-            by the sources (their ``pruned=sampler.pruned`` hook) or by the stage.
+            by the sources (their ``pruned=sampler.pruned`` hook) or by the stage. Pruning
+            ranks by scores, which form from losses: a policy that needs no losses
+            (``Uniform()``, ``RandomSubset()``, InfoBatch's setting) needs
+            ``scoring="history"`` plus ``batch.report(losses)``; with the default
+            ``scoring="forward"`` it is refused (``ConfigError``), since no loss would
+            ever arrive and nothing would be pruned.
         manifests: a folder or fsspec URL (or an ``es_pipe.Manifests``) where every epoch's
             per-shard scores and pruning decisions are written as Parquet and committed;
             shards are restored from it the first time they show up.
@@ -154,6 +159,15 @@ class Sampler:
             raise ConfigError(
                 f"prune={prune!r}: give es_pipe.Pruning(ratio=..., anneal=...), "
                 "es_pipe.InfoBatch() or None"
+            )
+        if prune is not None and scoring == "forward" and not policy.needs_losses:
+            raise ConfigError(
+                f"prune={prune!r} ranks samples by their scores, and with "
+                f"scoring='forward' a {policy.name!r} policy never receives a loss "
+                "(meta.needs_losses is False, so no scoring pass runs): nothing would ever "
+                "be pruned. Pass scoring='history' and feed the training losses back with "
+                "batch.report(losses) after each step (InfoBatch's way), or use a policy that "
+                "scores with a forward pass, e.g. es_pipe.Evolved()"
             )
         if on_mismatch not in ("raise", "fresh"):
             raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
