@@ -88,6 +88,8 @@ class Sampler:
         scoring: ``"forward"`` (losses of a gradient-free pass over the meta-batch, the
             paper) or ``"history"`` (select from stored scores, then update them from the
             training losses reported with ``SubBatch.report``: no extra forward pass).
+            Under history scoring every sub-batch must be reported before the next
+            meta-batch is asked for (``FeedbackError`` otherwise).
         seed: with the step counter, the whole RNG state.
         prune: set-level pruning at epoch boundaries, ``es_pipe.Pruning(ratio=0.3,
             anneal=0.125)`` (ESWP) or ``es_pipe.InfoBatch()``; pruned samples are skipped

@@ -125,6 +125,15 @@ class EvolvedSampling(tn.BaseNode):
                 f"the meta-batch emitted at step {self.sampler.step} was never answered: "
                 "call meta.select(losses) before asking for the next one"
             )
+        owed = None if current is None else current.unreported
+        if owed is not None:
+            raise FeedbackError(
+                f"the sub-batch selected at step {owed.step} was never reported: with "
+                "scoring='history' the training losses are the only losses the scores get. "
+                "Call sub.report(losses) with its per-sample training losses (e.g. "
+                "F.cross_entropy(logits, y, reduction='none').detach()) after training on it, "
+                "before asking for the next meta-batch"
+            )
         self._retire()
         if self._done:
             raise StopIteration

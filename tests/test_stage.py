@@ -175,6 +175,41 @@ def test_history_scoring_updates_from_reported_training_losses(samples):
         meta.select(fake_losses(meta, 0)).report(torch.ones(4))
 
 
+def test_history_scoring_refuses_to_go_on_without_a_report(samples):
+    """Issue 11, item 11: a sub-batch never reported under history scoring is an error at
+    the next meta-batch (also at the end of the epoch), with nothing changed; once it is
+    reported, the run goes on. A real model, trained on the selected samples."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
+    it = iter(tn.Loader(es_pipe.EvolvedSampling(samples, sampler)))
+    steps = 0
+    while True:
+        try:
+            meta = next(it)
+        except StopIteration:
+            break
+        sub = meta.select()
+        per = torch.nn.functional.cross_entropy(
+            model(sub.data["x"]), sub.data["y"], reduction="none"
+        )
+        opt.zero_grad()
+        per.mean().backward()
+        opt.step()
+        if steps in (1, 6):  # a middle step and the epoch's last (short) one
+            before, scores = sampler.get_state(), snapshot(sampler)
+            with pytest.raises(FeedbackError, match=r"never reported.*sub\.report\(losses\)"):
+                next(it)
+            assert sampler.get_state() == before
+            for column, values in snapshot(sampler).items():
+                np.testing.assert_array_equal(values, scores[column])
+        sub.report(per.detach())
+        steps += 1
+    assert steps == 7 and sampler.epoch == 1
+    assert (sampler.store.shard("shard-0")["visits"] > 0).sum() > 7
+
+
 def test_reweighting_gives_importance_weights(samples):
     _sampler, loader = make(samples, reweight=True)
     meta = next(iter(loader))
