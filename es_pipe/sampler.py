@@ -457,6 +457,8 @@ class Sampler:
         wrote them before it had one). A damaged table (NaN scores, negative visits,
         columns of different lengths, ...) raises ``ConfigError`` and changes nothing."""
         check_header(state, SCORES_KIND, "score table", "sampler.state_dict()")
+        if "scores" not in state:
+            raise _damaged(f"it has no 'scores' entry (its entries: {[str(k) for k in state][:8]})")
         keys, pruning = state.get("keys", {}), state.get("pruning")
         _check_key_book(keys)
         decisions = None if pruning is None else _pruning_decisions(pruning)
@@ -608,6 +610,15 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
             f"losses have dtype {losses.dtype}; pass per-sample float losses, e.g. "
             "loss_fn(logits, y, reduction='none')"
         )
+    if losses.dtype not in _CHECKED_DTYPES:  # float8 formats: no isfinite/abs kernels
+        try:
+            losses = losses.to(torch.float32)  # exact: every float8 value is a float32
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            raise FeedbackError(
+                f"losses have dtype {losses.dtype}, which could not be converted to float32 "
+                f"({type(exc).__name__}: {exc}); pass float32, float16, bfloat16 or float64 "
+                "losses (losses.float())"
+            ) from None
     if losses.dim() != 1 or losses.numel() != n:
         raise FeedbackError(
             f"got losses of shape {tuple(losses.shape)} for a meta-batch of {n}: pass one "
@@ -636,6 +647,9 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
             "losses >= 0 (shift them, or use SelectiveBackprop, which uses ranks only)"
         )
     return losses
+
+
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _host(values: Tensor) -> np.ndarray:
