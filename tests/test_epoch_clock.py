@@ -100,6 +100,9 @@ def build(data, fmt: str, root, wrap: str = "node") -> Run:
         node = tn.Mapper(source, decode)
     if wrap == "dataloader":  # the DataLoader adapter, one worker process
         node = DataLoader(SourceDataset(source), batch_size=None, num_workers=1)
+    elif wrap == "threads":  # decoded by threads, prefetched
+        mapped = tn.ParallelMapper(source, decode, num_workers=2, method="thread")
+        node = tn.Prefetcher(mapped, prefetch_factor=4)
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
@@ -235,6 +238,23 @@ def test_resume_at_a_boundary_needs_no_epoch_argument(data, tmp_path, tmp_path_f
     train(run, tail)
     assert_same_run(head + tail, run, tmp_path, full)
     assert run.source.epoch == run.sampler.epoch == EPOCHS  # iter() after the last epoch
+
+
+@pytest.mark.parametrize("way", ["end", "short"], ids=["after-loop", "after-short-select"])
+def test_a_source_under_threaded_nodes_resumes_into_the_right_epoch(
+    data, tmp_path, tmp_path_factory, way
+):
+    """tn.ParallelMapper (threads) and tn.Prefetcher between the stage and the source:
+    the stage reaches the source through them. (At 3d23362 this case happened to work:
+    the prefetching thread pulled the restored source to its end, which advanced it.)"""
+    full = uninterrupted(data, "tar", tmp_path_factory)
+    epoch = sorted({e for e, read, _, _ in full[0] if len(read) < B} & {1, 2, 3})[0]
+    head: list = []
+    saved = train(build(data, "tar", tmp_path, wrap="threads"), head, stop=(way, epoch))
+    run = restore(build(data, "tar", tmp_path, wrap="threads"), saved)
+    tail: list = []
+    train(run, tail)
+    assert_same_run(head + tail, run, tmp_path, full)
 
 
 def test_a_source_in_dataloader_workers_follows_the_sampler(data, tmp_path, tmp_path_factory):
