@@ -245,7 +245,7 @@ _LINKS = ("source", "iterable", "dataset")  # torchdata nodes, IterableWrapper, 
 def check_state(state: Any) -> Mapping[str, Any]:
     """The stage's state, or a ``ConfigError`` naming what is wrong with it."""
     if not isinstance(state, Mapping) or not set(STATE_KEYS) <= state.keys():
-        shown = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        shown = [str(k) for k in state] if isinstance(state, Mapping) else type(state).__name__
         raise ConfigError(
             f"not a state of the EvolvedSampling stage (expected the entries {STATE_KEYS}, got "
             f"{str(shown)[:200]}); pass what loader.state_dict() (or the stage's "

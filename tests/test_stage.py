@@ -393,6 +393,16 @@ def _damage_scores(scores, how):
         del table["shards"]
     elif how == "numpy column":
         table["score"] = table["score"].numpy()
+    elif how == "pruning epoch":
+        return {**scores, "pruning": {"epoch": -1, "shards": {}}}
+    elif how == "pruning state":
+        decision = {"state": torch.full((4,), 0.5), "factor": 2.0}
+        return {**scores, "pruning": {"epoch": 1, "shards": {"shard-0": decision}}}
+    elif how == "pruning factor":
+        decision = {"state": torch.zeros(4, dtype=torch.uint8), "factor": float("nan")}
+        return {**scores, "pruning": {"epoch": 1, "shards": {"shard-0": decision}}}
+    elif how == "key book":
+        return {**scores, "keys": {"shard-0": [3, 4]}}
     else:
         return how
     return {**scores, "scores": table}
@@ -408,6 +418,10 @@ def _damage_scores(scores, how):
         ("lengths", "1-D tensor"),
         ("no shards", "shards"),
         ("numpy column", "1-D tensor"),
+        ("pruning epoch", "no epoch"),
+        ("pruning state", "uint8"),
+        ("pruning factor", "factor"),
+        ("key book", "keys"),
         ({"kind": "es_pipe.sampler.position", "version": 1}, "not the sampler score table"),
         ({"kind": "es_pipe.sampler.scores", "version": 2}, "newer es_pipe"),
         ({"version": "1", "scores": {}}, "damaged"),
