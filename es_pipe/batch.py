@@ -65,7 +65,8 @@ def check_rows(data: Any, n: int, where: str = "batch") -> None:
 class SubBatch:
     """The selected members: train on ``data``; ``weights`` (when the sampler reweights)
     multiply the per-sample losses. With history scoring, ``report`` the training
-    losses back."""
+    losses back before asking the stage for the next meta-batch (a ``FeedbackError``
+    otherwise, like a meta-batch never answered)."""
 
     data: Any
     indices: Tensor
@@ -113,6 +114,7 @@ class MetaBatch:
         self._sampler = sampler
         self._answered = False
         self._current = True
+        self._sub: SubBatch | None = None
 
     def __len__(self) -> int:
         return len(self.who.keys)
@@ -146,7 +148,7 @@ class MetaBatch:
         chosen: Selection = self._sampler.select(self.who, losses, len(self))
         self._answered = True
         positions = chosen.indices.cpu().numpy()
-        return SubBatch(
+        self._sub = SubBatch(
             data=take(self.data, chosen.indices),
             indices=chosen.indices,
             weights=chosen.weights,
@@ -155,10 +157,20 @@ class MetaBatch:
             who=self.who.take(positions),
             _sampler=self._sampler,
         )
+        return self._sub
 
     @property
     def answered(self) -> bool:
         return self._answered
+
+    @property
+    def unreported(self) -> SubBatch | None:
+        """The sub-batch selected from this meta-batch while its training losses are still
+        owed: under history scoring they are the only losses the scores get."""
+        sub = self._sub
+        if sub is None or sub._reported or self._sampler.scoring != "history":
+            return None
+        return sub
 
     def retire(self) -> None:
         """Called by the stage when this meta-batch stops being current."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from es_pipe.errors import ConfigError
+from es_pipe.sampler import SCORES_KIND, STATE_VERSION
 from es_pipe.scores import COLUMNS
 from es_pipe.sources.base import merge_states
 
@@ -67,12 +68,14 @@ def merge_scores(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     "run at one step. Merge the checkpoints saved together"
                 )
     merged: dict[str, Any] = {
+        "kind": SCORES_KIND,
+        "version": STATE_VERSION,
         "scores": {
             "shards": [name for table in tables for name in table["shards"]],
             "lengths": [rows for table in tables for rows in table["lengths"]],
             "keys": {name: keys for table in tables for name, keys in table["keys"].items()},
             **{column: torch.cat([table[column] for table in tables]) for column in COLUMNS},
-        }
+        },
     }
     if any("pruning" in state for state in state_dicts):
         raise ConfigError(

@@ -7,7 +7,8 @@ RNG position are updated together, at the end, or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from es_pipe import sampling
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
 from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
-from es_pipe.scores import ScoreStore, ShardCodes
+from es_pipe.scores import ScoreStore, ShardCodes, is_count
 from es_pipe.sources.shards import resolve_rank
 
 
@@ -87,10 +88,17 @@ class Sampler:
         scoring: ``"forward"`` (losses of a gradient-free pass over the meta-batch, the
             paper) or ``"history"`` (select from stored scores, then update them from the
             training losses reported with ``SubBatch.report``: no extra forward pass).
+            Under history scoring every sub-batch must be reported before the next
+            meta-batch is asked for (``FeedbackError`` otherwise).
         seed: with the step counter, the whole RNG state.
         prune: set-level pruning at epoch boundaries, ``es_pipe.Pruning(ratio=0.3,
             anneal=0.125)`` (ESWP) or ``es_pipe.InfoBatch()``; pruned samples are skipped
-            by the sources (their ``pruned=sampler.pruned`` hook) or by the stage.
+            by the sources (their ``pruned=sampler.pruned`` hook) or by the stage. Pruning
+            ranks by scores, which form from losses: a policy that needs no losses
+            (``Uniform()``, ``RandomSubset()``, InfoBatch's setting) needs
+            ``scoring="history"`` plus ``batch.report(losses)``; with the default
+            ``scoring="forward"`` it is refused (``ConfigError``), since no loss would
+            ever arrive and nothing would be pruned.
         manifests: a folder or fsspec URL (or an ``es_pipe.Manifests``) where every epoch's
             per-shard scores and pruning decisions are written as Parquet and committed;
             shards are restored from it the first time they show up.
@@ -153,6 +161,15 @@ class Sampler:
             raise ConfigError(
                 f"prune={prune!r}: give es_pipe.Pruning(ratio=..., anneal=...), "
                 "es_pipe.InfoBatch() or None"
+            )
+        if prune is not None and scoring == "forward" and not policy.needs_losses:
+            raise ConfigError(
+                f"prune={prune!r} ranks samples by their scores, and with "
+                f"scoring='forward' a {policy.name!r} policy never receives a loss "
+                "(meta.needs_losses is False, so no scoring pass runs): nothing would ever "
+                "be pruned. Pass scoring='history' and feed the training losses back with "
+                "batch.report(losses) after each step (InfoBatch's way), or use a policy that "
+                "scores with a forward pass, e.g. es_pipe.Evolved()"
             )
         if on_mismatch not in ("raise", "fresh"):
             raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
@@ -349,9 +366,11 @@ class Sampler:
 
     # ------------------------------------------------------------------ state
 
-    def get_state(self) -> dict[str, int]:
+    def get_state(self) -> dict[str, Any]:
         """Position and RNG state: small and JSON-friendly. Scores: ``state_dict``."""
         return {
+            "kind": POSITION_KIND,
+            "version": STATE_VERSION,
             "seed": self.seed,
             "step": self.step,
             "epoch": self.epoch,
@@ -360,9 +379,29 @@ class Sampler:
             "world_size": self.world_size,
         }
 
-    def load_state(self, state: dict[str, int]) -> None:
-        """Restore ``get_state()``'s position: this rank's own, or, on another number of
-        ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``."""
+    def check_state(self, state: Any) -> None:
+        """Raise ``ConfigError`` unless ``state`` is a position ``load_state`` accepts
+        (also one without ``version``, as es_pipe wrote them before it had one)."""
+        check_header(state, POSITION_KIND, "position", "the loader's state_dict()")
+        for name in POSITION_FIELDS:
+            value = state.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"the sampler position in this checkpoint has {name}={value!r}, not a "
+                    "non-negative int: the checkpoint is damaged. Restore another checkpoint, "
+                    "or start the epoch over from manifests= without a loader checkpoint"
+                )
+        world = state.get("world_size", 1)
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ConfigError(
+                f"the sampler position in this checkpoint has world_size={world!r}, not a "
+                "positive int: the checkpoint is damaged; restore another one"
+            )
+        if not isinstance(state.get("merged", False), bool):
+            raise ConfigError(
+                f"the sampler position's 'merged' is {state['merged']!r}, not True or False: "
+                "the checkpoint is damaged; merge the old ranks' checkpoints again"
+            )
         if state["seed"] != self.seed:
             raise ConfigError(
                 f"checkpoint was taken with seed={state['seed']}, this sampler has "
@@ -377,6 +416,13 @@ class Sampler:
                 "ranks with es_pipe.merge_checkpoints(...) (and their score tables with "
                 "es_pipe.merge_scores(...)) and restore the merged ones on every new rank"
             )
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore ``get_state()``'s position: this rank's own, or, on another number of
+        ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``.
+        A damaged state raises ``ConfigError`` and changes nothing."""
+        self.check_state(state)
+        merged = bool(state.get("merged"))
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
@@ -389,7 +435,11 @@ class Sampler:
         ``manifests=`` it also holds what a checkpoint inside an epoch needs to resume
         exactly: the keys read so far (for the epoch's manifests) or, without manifests,
         the epoch's pruning decisions."""
-        state: dict[str, Any] = {"scores": self.store.state_dict()}
+        state: dict[str, Any] = {
+            "kind": SCORES_KIND,
+            "version": STATE_VERSION,
+            "scores": self.store.state_dict(),
+        }
         if self.boundary is not None and self.boundary.manifests is not None:
             state["keys"] = self.boundary.key_state()  # for this epoch's manifests
         elif self.boundary is not None:  # this epoch's pruning: no manifest holds it
@@ -403,16 +453,97 @@ class Sampler:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.store.load_state_dict(state["scores"])
+        """Restore ``state_dict()``'s score table (also one without ``version``, as es_pipe
+        wrote them before it had one). A damaged table (NaN scores, negative visits,
+        columns of different lengths, ...) raises ``ConfigError`` and changes nothing."""
+        check_header(state, SCORES_KIND, "score table", "sampler.state_dict()")
+        if "scores" not in state:
+            raise _damaged(f"it has no 'scores' entry (its entries: {[str(k) for k in state][:8]})")
+        keys, pruning = state.get("keys", {}), state.get("pruning")
+        _check_key_book(keys)
+        decisions = None if pruning is None else _pruning_decisions(pruning)
+        self.store.load_state_dict(state.get("scores"))  # checks the table, then loads it
         if self.boundary is not None:
             self.boundary.rewind(self.epoch)
-            self.boundary.load_key_state(state.get("keys", {}))
-        if self.boundary is not None and "pruning" in state:
-            self.boundary.epoch = int(state["pruning"]["epoch"])
-            self.boundary.decisions = {
-                name: from_state(entry["state"].numpy(), entry["factor"])
-                for name, entry in state["pruning"]["shards"].items()
-            }
+            self.boundary.load_key_state(keys)
+        if self.boundary is not None and decisions is not None:
+            self.boundary.epoch = int(pruning["epoch"])
+            self.boundary.decisions = decisions
+
+
+STATE_VERSION = 1
+POSITION_KIND = "es_pipe.sampler.position"  # Sampler.get_state(), inside the loader's state
+SCORES_KIND = "es_pipe.sampler.scores"  # Sampler.state_dict()
+POSITION_FIELDS = ("seed", "step", "epoch", "steps_in_epoch", "steps_last_epoch")
+
+
+def check_header(state: Any, kind: str, what: str, source: str) -> None:
+    """``kind`` and ``version`` of a sampler state; a state without them (es_pipe up to
+    3d23362 wrote none) is read as version 1."""
+    if not isinstance(state, Mapping):
+        raise ConfigError(
+            f"the sampler {what} to restore is a {type(state).__name__}, not a dict: pass "
+            f"what {source} returned"
+        )
+    if state.get("kind", kind) != kind:
+        raise ConfigError(
+            f"this is a {state.get('kind')!r} state, not the sampler {what} ({kind!r}): pass "
+            f"what {source} returned"
+        )
+    version = state.get("version", STATE_VERSION)
+    if version != STATE_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > 1
+        raise ConfigError(
+            f"the sampler {what} has version {version!r}; this es_pipe reads version "
+            f"{STATE_VERSION} (and states without a version). "
+            + (
+                "It was written by a newer es_pipe: upgrade es_pipe to restore it"
+                if newer
+                else "The checkpoint is damaged: restore another one"
+            )
+        )
+
+
+def _damaged(what: str) -> ConfigError:
+    return ConfigError(
+        f"the sampler's score table (sampler.state_dict()) is damaged: {what}. Restore "
+        "another checkpoint, or resume from the committed manifests (manifests=) without "
+        "loading a score table"
+    )
+
+
+def _check_key_book(keys: Any) -> None:
+    if not isinstance(keys, Mapping) or not all(
+        isinstance(name, str)
+        and isinstance(book, (list, tuple))
+        and all(k is None or isinstance(k, str) for k in book)
+        for name, book in keys.items()
+    ):
+        raise _damaged("its 'keys' entry is not a map from shard names to lists of keys")
+
+
+def _pruning_decisions(pruning: Any) -> dict[str, Any]:
+    """The pruning decisions of a checkpoint without manifests, checked."""
+    entries = pruning.get("shards") if isinstance(pruning, Mapping) else None
+    if not isinstance(pruning, Mapping) or not is_count(pruning.get("epoch")):
+        raise _damaged("its 'pruning' entry has no epoch")
+    if not isinstance(entries, Mapping):
+        raise _damaged("its 'pruning' entry has no decisions per shard")
+    decisions = {}
+    for name, entry in entries.items():
+        state = entry.get("state") if isinstance(entry, Mapping) else None
+        factor = entry.get("factor") if isinstance(entry, Mapping) else None
+        if (
+            not isinstance(state, Tensor)
+            or state.dim() != 1
+            or state.is_floating_point()
+            or (state.numel() and not 0 <= int(state.min()) <= int(state.max()) <= 255)
+        ):
+            raise _damaged(f"the pruning state of shard {name!r} is not a 1-D uint8 tensor")
+        if not sampling._is_real(factor) or not math.isfinite(factor) or factor <= 0:
+            raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
+        decisions[name] = from_state(state.numpy(), factor)
+    return decisions
 
 
 class PrunedHook:
@@ -479,6 +610,15 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
             f"losses have dtype {losses.dtype}; pass per-sample float losses, e.g. "
             "loss_fn(logits, y, reduction='none')"
         )
+    if losses.dtype not in _CHECKED_DTYPES:  # float8 formats: no isfinite/abs kernels
+        try:
+            losses = losses.to(torch.float32)  # exact: every float8 value is a float32
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            raise FeedbackError(
+                f"losses have dtype {losses.dtype}, which could not be converted to float32 "
+                f"({type(exc).__name__}: {exc}); pass float32, float16, bfloat16 or float64 "
+                "losses (losses.float())"
+            ) from None
     if losses.dim() != 1 or losses.numel() != n:
         raise FeedbackError(
             f"got losses of shape {tuple(losses.shape)} for a meta-batch of {n}: pass one "
@@ -507,6 +647,9 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
             "losses >= 0 (shift them, or use SelectiveBackprop, which uses ranks only)"
         )
     return losses
+
+
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _host(values: Tensor) -> np.ndarray:

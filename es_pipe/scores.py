@@ -9,12 +9,13 @@ a stable address; samples that arrive with a key but no ordinal get one on first
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from es_pipe.errors import ConfigError
 
@@ -261,7 +262,9 @@ class ScoreStore:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore exactly what ``state_dict`` returned, replacing everything held."""
+        """Restore exactly what ``state_dict`` returned, replacing everything held. A
+        damaged table raises ``ConfigError`` and changes nothing."""
+        check_table(state)
         self.__init__()
         cursor = 0
         for name, rows in zip(state["shards"], state["lengths"]):
@@ -273,3 +276,70 @@ class ScoreStore:
         self._keys = {
             name: {k: i for i, k in enumerate(keys)} for name, keys in state["keys"].items()
         }
+
+
+def _damaged(what: str) -> ConfigError:
+    return ConfigError(
+        f"the score table (sampler.state_dict()['scores']) is damaged: {what}. Restore "
+        "another checkpoint, or resume from the committed manifests (manifests=) without "
+        "loading a score table"
+    )
+
+
+def check_table(table: Any) -> None:
+    """Raise ``ConfigError`` unless ``table`` is a score table ``ScoreStore.load_state_dict``
+    can load: shard names and lengths, a key book, and finite columns of matching size."""
+    if not isinstance(table, Mapping):
+        raise _damaged(f"it is a {type(table).__name__}, not a dict")
+    missing = [k for k in ("shards", "lengths", "keys", *COLUMNS) if k not in table]
+    if missing:
+        raise _damaged(f"it lacks the entries {missing}")
+    shards, lengths, keys = table["shards"], table["lengths"], table["keys"]
+    if not isinstance(shards, (list, tuple)) or not all(isinstance(n, str) for n in shards):
+        raise _damaged("'shards' is not a list of shard names")
+    if len(set(shards)) != len(shards):
+        raise _damaged("a shard is listed twice")
+    if (
+        not isinstance(lengths, (list, tuple))
+        or len(lengths) != len(shards)
+        or not all(is_count(n) for n in lengths)
+    ):
+        raise _damaged("'lengths' is not one non-negative int per shard")
+    if not isinstance(keys, Mapping) or not all(
+        isinstance(name, str)
+        and isinstance(book, (list, tuple))
+        and all(isinstance(k, str) for k in book)
+        and len(set(book)) == len(book)
+        for name, book in keys.items()
+    ):
+        raise _damaged("'keys' is not a map from shard names to lists of unique keys")
+    rows = sum(lengths)
+    for column, (low, high, floating) in _RANGES.items():
+        values = table[column]
+        if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() != rows:
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise _damaged(f"column {column!r} is {shape}, not a 1-D tensor of {rows} values")
+        if values.is_floating_point() != floating or values.is_complex():
+            raise _damaged(f"column {column!r} has dtype {values.dtype}")
+        if floating:
+            bad = int((~torch.isfinite(values) | (values.abs() > high)).sum())
+            if bad:
+                raise _damaged(f"{bad} values of {column!r} are NaN, infinite or too large")
+        elif rows and not (low <= int(values.min()) and int(values.max()) < high):
+            raise _damaged(
+                f"column {column!r} holds values outside [{low}, {high}) "
+                f"(from {int(values.min())} to {int(values.max())})"
+            )
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_F32 = float(torch.finfo(torch.float32).max)
+_RANGES = {  # column -> (low, high, floating); the store keeps float32, uint32, int32
+    "score": (-_F32, _F32, True),
+    "loss": (-_F32, _F32, True),
+    "visits": (0, 2**32, False),
+    "step": (0, 2**31, False),
+}

@@ -7,7 +7,7 @@ prefetching workers cannot see it. Everything upstream stays parallel.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from torch.utils.data import default_collate as torch_collate
 from es_pipe.batch import MetaBatch, SubBatch, check_rows
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampler import Identity, Sampler
+from es_pipe.sources.base import ShardedSource
 
 LossFn = Callable[[Any], Any]
 
@@ -46,6 +47,17 @@ class EvolvedSampling(tn.BaseNode):
 
     A short final meta-batch of an epoch is not dropped: ``b`` shrinks pro rata.
 
+    One epoch clock, the sampler's: before every epoch the stage sets the epoch of its
+    source to ``sampler.epoch`` (``set_epoch``), so a source needs no ``epoch=`` and
+    follows the sampler across restarts, resumes from manifests and end-of-epoch
+    checkpoints. The stage finds the source's ``set_epoch`` through torchdata nodes
+    (``tn.Mapper``, ``tn.ParallelMapper``, ``tn.Prefetcher``, ...), ``tn.IterableWrapper``
+    and a ``DataLoader`` over :class:`~es_pipe.sources.SourceDataset`. DataLoader workers
+    with ``persistent_workers=True`` keep their own copies and are not reached: use
+    non-persistent workers. A restored checkpoint whose source epoch disagrees with the
+    sampler's is refused (``ConfigError``). Sources without ``set_epoch`` (a webdataset
+    pipeline, a list) keep their own epoch count.
+
     State (``state_dict``/``reset``): the source's state, the sampler's position and RNG
     (seed, step) and the epoch flags. A meta-batch emitted but not yet answered is not
     consumed: a checkpoint taken before ``select`` restores to emit it again. The score
@@ -72,6 +84,7 @@ class EvolvedSampling(tn.BaseNode):
             if fn is not None and not callable(fn):
                 raise ConfigError(f"{label}={fn!r} must be a function (or None)")
         self.source = source if isinstance(source, tn.BaseNode) else tn.IterableWrapper(source)
+        self._clock, self._clocked = epoch_clock(self.source)
         self.sampler = sampler
         self.loss_fn = loss_fn
         self.collate_fn = collate_fn
@@ -85,13 +98,25 @@ class EvolvedSampling(tn.BaseNode):
         super().reset(initial_state)
         self._retire()
         if initial_state is None:
+            if self._clock is not None:  # one epoch clock: the sampler's
+                self._clock.set_epoch(self.sampler.epoch)
             self.source.reset(None)
             self._exhausted = self._done = False
+            self._check_epoch(self.sampler.epoch)
         else:
-            self.source.reset(initial_state["source"])
-            self.sampler.load_state(initial_state["sampler"])
-            self._exhausted = initial_state["exhausted"]
-            self._done = initial_state["done"]
+            state = check_state(initial_state)
+            self.sampler.check_state(state["sampler"])  # before anything changes
+            # the epoch the source reads: the sampler's, or, once the epoch has ended
+            # (``done``: sampler.end_epoch() ran), the one before it
+            expected = state["sampler"]["epoch"] - int(state["done"])
+            if self._clocked is not None:
+                for found in source_states(state["source"]):
+                    self._refuse_epoch(found.get("epoch"), expected, restored=True)
+            self.source.reset(state["source"])
+            self.sampler.load_state(state["sampler"])
+            self._exhausted = state["exhausted"]
+            self._done = state["done"]
+            self._check_epoch(expected, restored=True)
 
     def next(self) -> MetaBatch | SubBatch:
         current = self._current
@@ -99,6 +124,15 @@ class EvolvedSampling(tn.BaseNode):
             raise FeedbackError(
                 f"the meta-batch emitted at step {self.sampler.step} was never answered: "
                 "call meta.select(losses) before asking for the next one"
+            )
+        owed = None if current is None else current.unreported
+        if owed is not None:
+            raise FeedbackError(
+                f"the sub-batch selected at step {owed.step} was never reported: with "
+                "scoring='history' the training losses are the only losses the scores get. "
+                "Call sub.report(losses) with its per-sample training losses (e.g. "
+                "F.cross_entropy(logits, y, reduction='none').detach()) after training on it, "
+                "before asking for the next meta-batch"
             )
         self._retire()
         if self._done:
@@ -135,6 +169,30 @@ class EvolvedSampling(tn.BaseNode):
         if self._current is not None and not self._current.answered:
             return {**self._position, "sampler": self.sampler.get_state()}
         return self._snapshot()
+
+    def _check_epoch(self, expected: int, restored: bool = False) -> None:
+        if self._clocked is not None:
+            self._refuse_epoch(self._clocked.epoch, expected, restored)
+
+    def _refuse_epoch(self, epoch: Any, expected: int, restored: bool) -> None:
+        if epoch == expected:
+            return
+        if restored:
+            raise ConfigError(
+                f"this checkpoint's source is in epoch {epoch} but its sampler in epoch "
+                f"{expected}: the loader state and the sampler state do not belong together "
+                "(saved at different times, or by es_pipe before the epoch clock was fixed, "
+                "which let a source restored at the end of an epoch fall one epoch behind). "
+                "Restore the loader.state_dict() saved with this sampler state; to continue "
+                "such a run, resume it at its last epoch boundary from manifests= without a "
+                "loader checkpoint"
+            )
+        raise ConfigError(
+            f"the source reads epoch {epoch} but the sampler is in epoch {expected}: the "
+            "stage sets the source's epoch through set_epoch(), and a node between the stage "
+            "and the source does not pass it on. Give that node a set_epoch(epoch) that "
+            "calls the source's, or place the source directly under the stage"
+        )
 
     def _snapshot(self) -> dict[str, Any]:
         return {
@@ -178,6 +236,57 @@ class EvolvedSampling(tn.BaseNode):
         if self._current is not None:
             self._current.retire()
             self._current = None
+
+
+STATE_KEYS = ("source", "sampler", "exhausted", "done")
+_LINKS = ("source", "iterable", "dataset")  # torchdata nodes, IterableWrapper, DataLoader
+
+
+def check_state(state: Any) -> Mapping[str, Any]:
+    """The stage's state, or a ``ConfigError`` naming what is wrong with it."""
+    if not isinstance(state, Mapping) or not set(STATE_KEYS) <= state.keys():
+        shown = [str(k) for k in state] if isinstance(state, Mapping) else type(state).__name__
+        raise ConfigError(
+            f"not a state of the EvolvedSampling stage (expected the entries {STATE_KEYS}, got "
+            f"{str(shown)[:200]}); pass what loader.state_dict() (or the stage's "
+            "state_dict()) returned"
+        )
+    for flag in ("exhausted", "done"):
+        if not isinstance(state[flag], bool):
+            raise ConfigError(
+                f"the stage state's {flag!r} is {state[flag]!r}, not True or False: the "
+                "checkpoint is damaged; restore another one"
+            )
+    return state
+
+
+def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
+    """Down the source chain (torchdata nodes' ``source``, ``IterableWrapper.iterable``,
+    ``DataLoader.dataset``): the first object with ``set_epoch`` (the stage drives it) and
+    the es_pipe source reached through torchdata nodes only, whose epoch is read right
+    after its ``reset`` (the stage checks it). Either may be ``None``."""
+    driven, direct, seen = None, True, set()
+    while node is not None and id(node) not in seen and len(seen) < 64:
+        seen.add(id(node))
+        if driven is None and callable(getattr(node, "set_epoch", None)):
+            driven = node
+        if isinstance(node, ShardedSource):
+            return driven, node if direct else None
+        # past an IterableWrapper or a DataLoader the source resets lazily, maybe elsewhere
+        direct = (
+            direct and isinstance(node, tn.BaseNode) and not isinstance(node, tn.IterableWrapper)
+        )
+        node = next((getattr(node, link) for link in _LINKS if hasattr(node, link)), None)
+    return driven, None
+
+
+def source_states(state: Any) -> list[Mapping[str, Any]]:
+    """The es_pipe source states nested in a node's state."""
+    if not isinstance(state, Mapping):
+        return []
+    if {"version", "digest", "cursors", "stream", "epoch"} <= state.keys():
+        return [state]
+    return [found for value in state.values() for found in source_states(value)]
 
 
 def identify(samples: list[Any]) -> Identity:

@@ -76,12 +76,12 @@ def main() -> None:
         resume=args.resume,
         seed=0,
     )
-    # 3. This rank's shards, reshuffled every epoch, pruned samples skipped unread.
+    # 3. This rank's shards, reshuffled every epoch, pruned samples skipped unread. No
+    #    epoch=: the stage sets the source's epoch from the sampler's (also on --resume).
     source = WebDatasetSource(
         corpus["train"],
         shuffle=True,
         seed=0,
-        epoch=sampler.epoch,
         equalize="pad",
         num_samples=counts,
         pruned=sampler.pruned,

@@ -85,7 +85,6 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         ShardList.from_index(args.index),
         shuffle=True,
         seed=0,
-        epoch=sampler.epoch,
         equalize=args.equalize,
         pruned=sampler.pruned,
     )

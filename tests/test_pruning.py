@@ -188,3 +188,47 @@ def test_rescale_weights_reach_the_sub_batch():
     for shard, d in decisions.items():
         assert not keys & {(shard, int(o)) for o in d.pruned}
     assert pruning.UPWEIGHT == 0x80
+
+
+@pytest.mark.parametrize("policy", [es_pipe.Uniform(), es_pipe.RandomSubset()])
+@pytest.mark.parametrize("rule", [es_pipe.InfoBatch(), Pruning(ratio=0.5, anneal=0)])
+def test_pruning_that_would_never_see_a_loss_is_refused(policy, rule):
+    """Issue 11, item 10: with scoring='forward' these policies get no losses
+    (needs_losses is False), so nothing would ever be pruned: refused, naming the fix."""
+    with pytest.raises(ConfigError, match=r"scoring='history'.*batch\.report\(losses\)"):
+        es_pipe.Sampler(policy, meta_batch_size=16, batch_size=16, total_epochs=4, prune=rule)
+
+
+def test_infobatch_prunes_with_history_scoring_and_reported_losses():
+    """The fix the error names: InfoBatch on plain training, scored from the training
+    losses fed back with report(); a real model trained on the samples."""
+    import torchdata.nodes as tn
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sampler = es_pipe.Sampler(
+        es_pipe.Uniform(),
+        meta_batch_size=16,
+        batch_size=16,
+        total_epochs=4,
+        scoring="history",
+        prune=es_pipe.InfoBatch(0.5),
+    )
+    loader = tn.Loader(es_pipe.EvolvedSampling(_samples(), sampler))
+    read = []
+    for _ in range(4):
+        read.append(0)
+        for meta in loader:
+            assert not meta.needs_losses  # no scoring pass: history scoring
+            sub = meta.select()
+            x = sub.data["x"]
+            per = (model(x) - 0.5 * x).pow(2).squeeze(1)
+            weighted = per if sub.weights is None else per * sub.weights
+            opt.zero_grad()
+            weighted.mean().backward()
+            opt.step()
+            sub.report(per.detach())
+            read[-1] += len(meta)
+    # epoch 0 reads all 256; later ones skip about half of the below-mean samples
+    assert read[0] == 256 and max(read[1:]) < 230, read

@@ -153,6 +153,26 @@ def test_stateful_dataloader_resume_same_and_other_worker_count(tmp_path):
     assert sorted(head + rest) == all_idents(urls)
 
 
+def test_set_epoch_keeps_a_loaded_state_of_that_epoch(tmp_path):
+    """The stage calls SourceDataset.set_epoch(sampler.epoch) before every epoch: a state
+    loaded for that epoch (an elastic resume of DataLoader workers) still resumes there;
+    a state of another epoch is forgotten, and the new epoch starts fresh."""
+    urls = make_shards(str(tmp_path), "parquet")
+    src = source("parquet", urls, shuffle=True, seed=4, epoch=2)
+    head = _take(src, 10)
+    state = src.state_dict()
+    rest = [ident(s) for s in src]
+    ds = SourceDataset(source("parquet", urls, shuffle=True, seed=4))
+    ds.load_state_dict(state)
+    ds.set_epoch(2)
+    assert [ident(s) for s in ds] == rest and sorted(head + rest) == all_idents(urls)
+    ds.load_state_dict(state)
+    ds.set_epoch(3)
+    assert [ident(s) for s in ds] == [
+        ident(s) for s in source("parquet", urls, shuffle=True, seed=4, epoch=3)
+    ]
+
+
 _CHILD = """
 import json, sys
 from es_pipe.sources import WebDatasetSource, epoch_order

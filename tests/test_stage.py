@@ -175,6 +175,41 @@ def test_history_scoring_updates_from_reported_training_losses(samples):
         meta.select(fake_losses(meta, 0)).report(torch.ones(4))
 
 
+def test_history_scoring_refuses_to_go_on_without_a_report(samples):
+    """Issue 11, item 11: a sub-batch never reported under history scoring is an error at
+    the next meta-batch (also at the end of the epoch), with nothing changed; once it is
+    reported, the run goes on. A real model, trained on the selected samples."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
+    it = iter(tn.Loader(es_pipe.EvolvedSampling(samples, sampler)))
+    steps = 0
+    while True:
+        try:
+            meta = next(it)
+        except StopIteration:
+            break
+        sub = meta.select()
+        per = torch.nn.functional.cross_entropy(
+            model(sub.data["x"]), sub.data["y"], reduction="none"
+        )
+        opt.zero_grad()
+        per.mean().backward()
+        opt.step()
+        if steps in (1, 6):  # a middle step and the epoch's last (short) one
+            before, scores = sampler.get_state(), snapshot(sampler)
+            with pytest.raises(FeedbackError, match=r"never reported.*sub\.report\(losses\)"):
+                next(it)
+            assert sampler.get_state() == before
+            for column, values in snapshot(sampler).items():
+                np.testing.assert_array_equal(values, scores[column])
+        sub.report(per.detach())
+        steps += 1
+    assert steps == 7 and sampler.epoch == 1
+    assert (sampler.store.shard("shard-0")["visits"] > 0).sum() > 7
+
+
 def test_reweighting_gives_importance_weights(samples):
     _sampler, loader = make(samples, reweight=True)
     meta = next(iter(loader))
@@ -301,3 +336,173 @@ def test_selection_runs_on_the_losses_device(samples):
     sub = meta.select(fake_losses(meta, 0).cuda())
     assert sub.indices.device.type == "cuda" and sub.weights.device.type == "cuda"
     assert sub.data["x"].device.type == "cpu"  # rows stay where the data lives
+
+
+# ----------------------------------------------------------------------- damaged states
+
+
+def _checkpoint(samples, steps=9):
+    sampler, loader = make(samples)
+    run(loader, sampler, steps, [])
+    return loader.state_dict(), sampler.state_dict()
+
+
+def _legacy(state):
+    """The same state as es_pipe wrote it at 3d23362: no kind, no version."""
+    return {k: v for k, v in state.items() if k not in ("kind", "version")}
+
+
+def test_states_carry_kind_and_version_and_old_ones_still_load(samples, tmp_path):
+    loader_state, scores = _checkpoint(samples)
+    position = loader_state["root"]["sampler"]
+    assert (position["kind"], position["version"]) == ("es_pipe.sampler.position", 1)
+    assert (scores["kind"], scores["version"]) == ("es_pipe.sampler.scores", 1)
+    expected_sampler, expected_loader = make(samples)
+    expected_loader.load_state_dict(loader_state)
+    expected_sampler.load_state_dict(scores)
+    expected: list = []
+    run(expected_loader, expected_sampler, 8, expected)
+
+    old = {**loader_state, "root": {**loader_state["root"], "sampler": _legacy(position)}}
+    sampler, loader = make(samples)
+    loader.load_state_dict(old)
+    sampler.load_state_dict(_legacy(scores))
+    got: list = []
+    run(loader, sampler, 8, got)
+    assert got == expected
+    assert snapshot(sampler).keys() == snapshot(expected_sampler).keys()
+    for column, values in snapshot(sampler).items():
+        np.testing.assert_array_equal(values, snapshot(expected_sampler)[column])
+
+
+def _damage_scores(scores, how):
+    table = dict(scores["scores"])
+    if how == "nan score":
+        table["score"] = table["score"].clone()
+        table["score"][3] = float("nan")
+    elif how == "negative visits":
+        table["visits"] = table["visits"].clone()
+        table["visits"][0] = -1
+    elif how == "float visits":
+        table["visits"] = table["visits"].double()
+    elif how == "short column":
+        table["loss"] = table["loss"][:-1]
+    elif how == "lengths":
+        table["lengths"] = [n + 1 for n in table["lengths"]]
+    elif how == "no shards":
+        del table["shards"]
+    elif how == "numpy column":
+        table["score"] = table["score"].numpy()
+    elif how == "pruning epoch":
+        return {**scores, "pruning": {"epoch": -1, "shards": {}}}
+    elif how == "pruning state":
+        decision = {"state": torch.full((4,), 0.5), "factor": 2.0}
+        return {**scores, "pruning": {"epoch": 1, "shards": {"shard-0": decision}}}
+    elif how == "pruning factor":
+        decision = {"state": torch.zeros(4, dtype=torch.uint8), "factor": float("nan")}
+        return {**scores, "pruning": {"epoch": 1, "shards": {"shard-0": decision}}}
+    elif how == "key book":
+        return {**scores, "keys": {"shard-0": [3, 4]}}
+    else:
+        return how
+    return {**scores, "scores": table}
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("nan score", "NaN"),
+        ("negative visits", "visits"),
+        ("float visits", "dtype"),
+        ("short column", "1-D tensor"),
+        ("lengths", "1-D tensor"),
+        ("no shards", "shards"),
+        ("numpy column", "1-D tensor"),
+        ("pruning epoch", "no epoch"),
+        ("pruning state", "uint8"),
+        ("pruning factor", "factor"),
+        ("key book", "keys"),
+        ({"kind": "es_pipe.sampler.position", "version": 1}, "not the sampler score table"),
+        ({"kind": "es_pipe.sampler.scores", "version": 2}, "newer es_pipe"),
+        ({"version": "1", "scores": {}}, "damaged"),
+        ({}, "no 'scores' entry"),
+        ([1, 2], "not a dict"),
+    ],
+)
+def test_a_damaged_score_table_is_refused_and_changes_nothing(samples, how, message):
+    _, scores = _checkpoint(samples)
+    sampler, loader = make(samples)
+    run(loader, sampler, 3, [])
+    before, position = snapshot(sampler), sampler.get_state()
+    with pytest.raises(ConfigError, match=message):
+        sampler.load_state_dict(_damage_scores(scores, how))
+    assert sampler.get_state() == position
+    for column, values in snapshot(sampler).items():
+        np.testing.assert_array_equal(values, before[column])
+    sampler.load_state_dict(scores)  # the intact one loads
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"step": -1}, "step=-1"),
+        ({"epoch": "1"}, "epoch='1'"),
+        ({"steps_in_epoch": None}, "steps_in_epoch=None"),
+        ({"world_size": 0}, "world_size=0"),
+        ({"merged": "yes"}, "merged"),
+        ({"kind": "es_pipe.sampler.scores"}, "not the sampler position"),
+        ({"version": 7}, "newer es_pipe"),
+        ({"seed": None}, "seed=None"),
+    ],
+)
+def test_a_damaged_position_is_refused_and_changes_nothing(samples, change, message):
+    loader_state, _ = _checkpoint(samples)
+    root = loader_state["root"]
+    damaged = {**loader_state, "root": {**root, "sampler": {**root["sampler"], **change}}}
+    sampler, loader = make(samples)
+    run(loader, sampler, 3, [])
+    position = sampler.get_state()
+    loader.load_state_dict(damaged)
+    with pytest.raises(ConfigError, match=message):
+        iter(loader)
+    assert sampler.get_state() == position
+    loader.load_state_dict(loader_state)
+    iter(loader)
+    assert sampler.get_state() == root["sampler"]
+
+
+@pytest.mark.parametrize("change", [{"done": "yes"}, {"exhausted": None}, "missing"])
+def test_a_damaged_stage_state_is_refused(samples, change):
+    loader_state, _ = _checkpoint(samples)
+    root = dict(loader_state["root"])
+    if change == "missing":
+        del root["done"]
+    else:
+        root.update(change)
+    _sampler, loader = make(samples)
+    loader.load_state_dict({**loader_state, "root": root})
+    with pytest.raises(ConfigError, match="stage"):
+        iter(loader)
+
+
+def test_float8_losses_select_like_their_float32_values(samples):
+    """Losses in a float8 format are read as the float32 values they are; a format that
+    cannot be converted is a FeedbackError that changes nothing."""
+    narrow, loader = make(samples)
+    wide, wide_loader = make(samples)
+    for meta, twin in zip(loader, wide_loader):
+        losses = fake_losses(meta, narrow.step).to(torch.float8_e4m3fn)
+        assert meta.select(losses).keys == twin.select(losses.float()).keys
+    for column, values in snapshot(narrow).items():
+        np.testing.assert_array_equal(values, snapshot(wide)[column])
+
+    history = es_pipe.EvolvedSampler(8, 3, scoring="history", seed=5)
+    sub = next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, history)))).select()
+    before = snapshot(history)
+    packed = torch.zeros(3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(FeedbackError, match=r"float4_e2m1fn_x2.*losses\.float"):
+        sub.report(packed)
+    for column, values in snapshot(history).items():
+        np.testing.assert_array_equal(values, before[column])
+    sub.report(torch.ones(3, dtype=torch.float8_e5m2))
+    assert snapshot(history)["visits"].sum() == 3

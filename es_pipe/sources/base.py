@@ -102,6 +102,8 @@ class ShardedSource(BaseNode[dict]):
         seed: integer seed of every random choice the source makes.
         epoch: the epoch of the first ``reset()``; later ``reset(None)`` calls advance it
             (only when the epoch was actually iterated, so an extra ``reset()`` is harmless).
+            Under an ``EvolvedSampling`` stage leave it out: the stage sets the epoch from
+            ``sampler.epoch`` (:meth:`set_epoch`) before every epoch.
         rank, world_size: explicit rank split; default from ``torch.distributed`` if
             initialised, else the ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``.
         worker, num_workers: explicit worker split; default from

@@ -25,7 +25,7 @@ class SourceDataset(IterableDataset):
         ds = SourceDataset(WebDatasetSource("data/train-{000..063}.tar", shuffle=True))
         loader = StatefulDataLoader(ds, batch_size=None, num_workers=3)
         for epoch in range(10):
-            ds.set_epoch(epoch)  # needed with num_workers > 0 and non-persistent workers
+            ds.set_epoch(epoch)  # with workers (the EvolvedSampling stage calls it)
             for sample in loader:
                 ...
         state = loader.state_dict()  # per-worker source states inside
@@ -47,10 +47,13 @@ class SourceDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration reads (call before each epoch with workers).
 
-        Also forgets a state given to :meth:`load_state_dict` that was not used yet: a
-        resumed epoch is followed by a fresh one.
+        A state given to :meth:`load_state_dict` and not used yet is kept when it is a
+        state of ``epoch`` (the epoch resumes there) and forgotten otherwise: a resumed
+        epoch is followed by a fresh one. The ``EvolvedSampling`` stage calls this before
+        every epoch with the sampler's epoch.
         """
-        self._pending = None
+        if self._pending is not None and self._pending.get("epoch") != epoch:
+            self._pending = None
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> SourceDataset:
