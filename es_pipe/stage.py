@@ -165,6 +165,39 @@ class EvolvedSampling(tn.BaseNode):
             return meta
         return meta.select(self.loss_fn(meta.data) if meta.needs_losses else None)
 
+    def epoch_plan(self) -> dict[str, Any]:
+        """The coming epoch (``sampler.epoch``), known before it starts: the samples this
+        stream will read after ESWP's pruning, the meta-batches (= optimizer steps) they
+        make, and the source's ``split_report``. Call it after an epoch's loop ends to
+        re-plan a learning-rate schedule that pruning shortens (README: "Learning-rate
+        schedules under pruning"). Needs an es_pipe source reached through torchdata nodes
+        and its shards' sample counts (an index file, or Parquet footers)."""
+        source = self._clocked
+        if source is None:
+            raise ConfigError(
+                "epoch_plan() needs an es_pipe source (WebDatasetSource, ParquetSource, "
+                "ArrowSource) reached through torchdata nodes; behind a DataLoader or a "
+                "plain iterable, count the epoch's steps yourself (they are the samples "
+                "read divided by meta_batch_size, rounded up)"
+            )
+        report = source.split_report(self.sampler.epoch)
+        per = report.get("samples_per_stream")
+        if per is None:
+            raise ConfigError(
+                "epoch_plan() needs the sample count of every shard: write an index file "
+                "(es-pipe index) or use Parquet shards, whose footers hold it"
+            )
+        equalize = source.equalize
+        own = per[report["stream"]]
+        samples = min(per) if equalize == "drop" else max(per) if equalize == "pad" else own
+        size = self.sampler.meta_batch_size
+        return {
+            "epoch": self.sampler.epoch,
+            "samples": int(samples),
+            "steps": -(-int(samples) // size),
+            "split": report,
+        }
+
     def get_state(self) -> dict[str, Any]:
         if self._current is not None and not self._current.answered:
             return {**self._position, "sampler": self.sampler.get_state()}

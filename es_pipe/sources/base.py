@@ -259,18 +259,27 @@ class ShardedSource(BaseNode[dict]):
         """Make the next ``reset(None)`` start epoch ``epoch`` (like ``DistributedSampler``)."""
         self._next_epoch = int(epoch)
 
-    def split_report(self) -> dict[str, Any]:
-        """How the epoch's shards (and samples, where counts are known) split across streams.
+    def split_report(self, epoch: int | None = None) -> dict[str, Any]:
+        """How ``epoch``'s shards (and samples, where counts are known) split across
+        streams; default the epoch being read. Pruned samples are left out of the counts,
+        so after an epoch ends, ``split_report(epoch + 1)`` tells the next epoch's length
+        before it starts (what a learning-rate schedule needs).
 
         ``imbalance`` is ``max / mean - 1`` of the per-stream sample counts (or shard counts
         when sample counts are unknown): the fraction of an epoch the slowest stream reads
         beyond the average one.
         """
-        _, n_streams = self._resolve_stream()
-        order = epoch_order(len(self.shards), self.seed, self._epoch, self.shuffle)
+        epoch = self._epoch if epoch is None else int(epoch)
+        stream, n_streams = self._resolve_stream()
+        order = epoch_order(len(self.shards), self.seed, epoch, self.shuffle)
         per_shards = [len(order[t::n_streams]) for t in range(n_streams)]
-        report: dict[str, Any] = {"streams": n_streams, "shards_per_stream": per_shards}
-        counts = self._maybe_kept_sizes()
+        report: dict[str, Any] = {
+            "epoch": epoch,
+            "stream": stream,
+            "streams": n_streams,
+            "shards_per_stream": per_shards,
+        }
+        counts = self._maybe_kept_sizes(epoch)
         if counts is not None:
             per = [int(sum(counts[i] for i in order[t::n_streams])) for t in range(n_streams)]
             report["samples_per_stream"] = per
@@ -415,11 +424,12 @@ class ShardedSource(BaseNode[dict]):
             return self.shards.urls[self._cur]
         return self._pad_url or "?"
 
-    def _pruned_for(self, url: str) -> np.ndarray:
+    def _pruned_for(self, url: str, epoch: int | None = None) -> np.ndarray:
         spec = self.pruned
         if spec is None:
             return np.empty(0, dtype=np.int64)
-        arr = spec(url, self._epoch) if callable(spec) else spec.get(url)
+        epoch = self._epoch if epoch is None else epoch
+        arr = spec(url, epoch) if callable(spec) else spec.get(url)
         if arr is None:
             return np.empty(0, dtype=np.int64)
         arr = np.asarray(arr)
@@ -433,20 +443,21 @@ class ShardedSource(BaseNode[dict]):
             )
         return arr
 
-    def _maybe_kept_sizes(self) -> list[int] | None:
+    def _maybe_kept_sizes(self, epoch: int | None = None) -> list[int] | None:
         for i, n in enumerate(self._sizes):
             if n < 0:
                 counted = self._count(self.shards.urls[i])
                 if counted is None:
                     return None
                 self._sizes[i] = int(counted)
+        epoch = self._epoch if epoch is None else epoch
         count = getattr(self.pruned, "count", None)
         kept = []
         for url, n in zip(self.shards.urls, self._sizes, strict=True):
             if count is not None:  # no need to load the pruning of shards others read
-                kept.append(n - min(n, int(count(url, self._epoch))))
+                kept.append(n - min(n, int(count(url, epoch))))
             else:
-                kept.append(n - int(np.searchsorted(self._pruned_for(url), n)))
+                kept.append(n - int(np.searchsorted(self._pruned_for(url, epoch), n)))
         return kept
 
     def _start_epoch(
