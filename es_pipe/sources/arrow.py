@@ -119,12 +119,14 @@ class _ColumnarSource(ShardedSource):
         key_column: str | None = None,
         schema: pa.Schema | None = None,
         shuffle_rows: bool = False,
+        shuffle_window: int = 8192,
         batch_rows: int = 8192,
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
-        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-            raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
+        for label, value in (("batch_rows", batch_rows), ("shuffle_window", shuffle_window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{label} must be an int >= 1, got {value!r}")
         if columns is not None and (
             isinstance(columns, (str, bytes))
             or not isinstance(columns, Iterable)
@@ -139,6 +141,7 @@ class _ColumnarSource(ShardedSource):
         self.key_column = key_column
         self.schema = schema
         self.shuffle_rows = bool(shuffle_rows)
+        self.shuffle_window = int(shuffle_window)
         self.batch_rows = int(batch_rows)
 
     # -- schema ------------------------------------------------------------------
@@ -281,8 +284,13 @@ class ParquetSource(_ColumnarSource):
         key_column: column whose value (as a string) is the sample key; must be non-null
             and unique within each shard. Default: the row number.
         schema: expected ``pyarrow.Schema``; default the first listed shard's schema.
-        shuffle_rows: shuffle within each shard: row groups in a seeded random order and
-            the rows of each row group permuted (a whole row group is then held in memory).
+        shuffle_rows: shuffle within each shard: row groups in a seeded random order,
+            gathered into windows of at least ``shuffle_window`` rows, and the rows of each
+            window permuted together (a window is then held in memory). With the default,
+            a meta-batch mixes rows of several row groups, so selection compares samples
+            from across the shard, not neighbours of one row group.
+        shuffle_window: rows shuffled together under ``shuffle_rows`` (whole row groups are
+            added until the window holds at least this many).
         batch_rows: record batch size when reading in order.
         **kwargs: see :class:`~es_pipe.sources.base.ShardedSource`.
     """
@@ -328,21 +336,7 @@ class ParquetSource(_ColumnarSource):
             keep[drop] = False
             cols = self._read_columns()
             if self.shuffle_rows:
-                rng = np.random.default_rng(rng_seed)
-                parts = []
-                for g in rng.permutation(len(sizes)):
-                    local = np.flatnonzero(keep[starts[g] : ends[g]]) + starts[g]
-                    parts.append(rng.permutation(local))
-                seq = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-                rest = seq[start:]
-                gid = np.searchsorted(ends, rest, side="right")
-                cuts = np.flatnonzero(np.diff(gid)) + 1
-                for run in np.split(rest, cuts):
-                    if run.size == 0:
-                        continue
-                    g = int(np.searchsorted(ends, run[0], side="right"))
-                    table = pf.read_row_group(g, columns=cols)
-                    yield self._rows(url, table, run, keys, sel=run - starts[g])
+                yield from self._shuffled(pf, url, sizes, keep, start, keys, cols, rng_seed)
                 return
             rest = np.flatnonzero(keep)[start:]
             if rest.size == 0:
@@ -361,6 +355,51 @@ class ParquetSource(_ColumnarSource):
                     yield self._rows(url, batch, ords, keys)
                 elif sel.any():
                     yield self._rows(url, batch, ords[sel], keys, sel=np.flatnonzero(sel))
+
+    def _shuffled(
+        self,
+        pf: pq.ParquetFile,
+        url: str,
+        sizes: np.ndarray,
+        keep: np.ndarray,
+        start: int,
+        keys: Any,
+        cols: list[str] | None,
+        rng_seed: list[int],
+    ) -> Iterator[list[dict]]:
+        """The kept rows in a seeded order: row groups shuffled, gathered into windows of
+        at least ``shuffle_window`` rows, rows permuted within each window; the order is
+        a function of the seed alone, so ``start`` (rows already delivered) resumes it."""
+        ends = np.cumsum(sizes, dtype=np.int64)
+        starts = ends - sizes
+        rng = np.random.default_rng(rng_seed)
+        windows: list[list[int]] = [[]]
+        held = 0
+        for g in rng.permutation(len(sizes)).tolist():
+            if held >= self.shuffle_window:
+                windows.append([])
+                held = 0
+            windows[-1].append(g)
+            held += int(sizes[g])
+        delivered = 0
+        for groups in windows:
+            if not groups:
+                continue
+            local = np.concatenate(
+                [np.flatnonzero(keep[starts[g] : ends[g]]) + starts[g] for g in groups]
+            )
+            order = rng.permutation(local)
+            skip = min(len(order), max(0, start - delivered))
+            delivered += len(order)
+            run = order[skip:]
+            if run.size == 0:
+                continue
+            # position of each ordinal in the window's table (its groups, concatenated)
+            offset = np.zeros(len(sizes), dtype=np.int64)
+            offset[groups] = np.cumsum([0] + [int(sizes[g]) for g in groups[:-1]])
+            gid = np.searchsorted(ends, run, side="right")
+            table = pf.read_row_groups(groups, columns=cols)
+            yield self._rows(url, table, run, keys, sel=offset[gid] + run - starts[gid])
 
 
 class ArrowSource(_ColumnarSource):
