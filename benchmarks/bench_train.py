@@ -112,6 +112,7 @@ def main() -> None:
     if "uniform" not in names:
         names.insert(0, "uniform")
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)  # as every run does; the notes report it
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / f"{args.task}_runs.jsonl"
     results = [harness.RunResult(**json.loads(line)) for line in _lines(log)]
@@ -147,7 +148,8 @@ def main() -> None:
     title = f"{task.name}: {args.train_samples} train samples, {args.epochs} epochs"
     table = report.write_all(results, args.out, args.task, title, args.tolerance)
     notes = [
-        f"command: `python {' '.join(sys.argv)}`",
+        f"command: `python {' '.join(_run_command())}`"
+        + (" (tables rebuilt from the runs log with --report-only)" if args.report_only else ""),
         f"machine: {platform.machine()} {platform.processor() or ''}, "
         f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
         f"{len({r.seed for r in results})} seeds, b={cfg.batch_size}, "
@@ -159,12 +161,20 @@ def main() -> None:
             if args.task == "fmnist-noisy"
             else ""
         ),
-        f"total benchmark wall-clock {time.perf_counter() - started:.0f} s",
+        f"training wall-clock over all runs {sum(r.train_s for r in results):.0f} s "
+        f"(this invocation: {time.perf_counter() - started:.0f} s)",
     ]
     with open(args.out / f"{args.task}.md", "a") as handle:
         handle.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     print(table)
     print("\n".join(notes))
+
+
+def _run_command() -> list[str]:
+    """This command line as the one that (re)runs the benchmark."""
+    return [a for a in sys.argv if a != "--report-only"] + (
+        ["--resume"] if "--report-only" in sys.argv and "--resume" not in sys.argv else []
+    )
 
 
 def _lines(path: Path) -> list[str]:

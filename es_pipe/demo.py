@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import sysconfig
 import time
@@ -314,7 +315,8 @@ def run_demo(args: argparse.Namespace) -> int:
         results.append(harness.train(task, chosen, cfg, progress=not args.no_progress))
     if match_budget:
         spent = results[-1].cpu_s / results[0].cpu_s
-        point = harness.method(f"uniform@{min(1.0, round(spent, 2)):g}")
+        budget = min(1.0, max(0.01, math.floor(spent * 100) / 100))  # at most its cost
+        point = harness.method(f"uniform@{budget:g}")
         print(f"  uniform given the CPU time {RECOMMENDED} took ({spent:.2f}x): {point.name}")
         results.append(harness.train(task, point, cfg, progress=not args.no_progress))
     title = f"es-pipe demo: byte LM on the Python stdlib, {samples} windows, {epochs} epochs"

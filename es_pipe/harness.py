@@ -172,7 +172,8 @@ def _pruning(cfg: RunConfig) -> es_pipe.Pruning:
 def _manifests(cfg: RunConfig, method: str) -> dict[str, Any]:
     if cfg.manifests is None:
         return {}
-    return {"manifests": f"{cfg.manifests}/{method}-seed{cfg.seed}"}
+    # every run starts over: a folder left by an earlier run is replaced, not resumed
+    return {"manifests": f"{cfg.manifests}/{method}-seed{cfg.seed}", "resume": False}
 
 
 def _eswp(cfg: RunConfig) -> Sampler:
@@ -200,16 +201,15 @@ def _es_pruned(cfg: RunConfig) -> Sampler:
     pruning: the decoupled-EMA score from the training forward's losses (history scoring,
     no extra pass) ranks the samples; below-mean ones are pruned at ``prune_ratio`` for
     the next epoch, kept ones up-weighted by 1/keep; no pruning in the final anneal."""
-    b = cfg.batch_size
-    return es_pipe.EvolvedSampler(
-        b,
-        b,
+    return es_pipe.EvolvedSampler.recommended(
+        cfg.batch_size,
+        total_epochs=cfg.epochs,
+        prune_ratio=cfg.prune_ratio,
+        max_streak=cfg.max_streak,
+        anneal=cfg.anneal,
         beta1=cfg.beta1,
         beta2=cfg.beta2,
-        scoring="history",
         seed=cfg.seed,
-        total_epochs=cfg.epochs,
-        prune=_pruning(cfg),
         **_manifests(cfg, "es-prune"),
     )
 
@@ -306,7 +306,8 @@ FAMILIES: dict[str, tuple[str, Callable[[float], Method]]] = {
 }
 
 
-RECOMMENDED = "es-prune@0.8"  # what the long benchmark recommends; see benchmarks/README.md
+# What the long benchmark recommends (benchmarks/README.md): EvolvedSampler.recommended().
+RECOMMENDED = "es-prune-s3@0.8"
 
 
 def method(name: str) -> Method:

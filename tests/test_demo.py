@@ -49,7 +49,7 @@ def test_table_printed_and_written(demo_out: tuple[Path, str]) -> None:
     assert float(chosen["backprop"]) < float(rows["uniform"]["backprop"])  # it pruned
     assert float(chosen["forwarded"]) == 0  # history scoring: no extra forward pass
     # the budget point was cut to the recommended run's measured CPU time
-    assert abs(float(budget[0].split("@")[1]) - float(chosen["time_ratio"])) < 0.006
+    assert 0 <= float(chosen["time_ratio"]) - float(budget[0].split("@")[1]) < 0.011
     assert chosen["vs_curve"].split(" ")[0] in ("above", "on", "below"), chosen["vs_curve"]
     markdown = (out / "demo.md").read_text()
     assert markdown.count("\n|") >= 4
