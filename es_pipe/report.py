@@ -331,6 +331,11 @@ def write_all(
     return table
 
 
+def _budget(name: str) -> float:
+    """F of ``uniform@F``: its share of full uniform's steps, hence of its CPU time."""
+    return float(name.partition("@")[2])
+
+
 def verdict(rows: Sequence[dict[str, Any]], name: str) -> str:
     """One sentence: how ``name`` did against uniform and against uniform given the same
     CPU time (the nearest budget point), and whether it lies above the budget curve."""
@@ -348,8 +353,11 @@ def verdict(rows: Sequence[dict[str, Any]], name: str) -> str:
         text += f"; it first reached uniform's final {metric} at {reach:.2f}x"
     points = [r for r in rows if r["method"].startswith(BASELINE + "@")]
     if points:
-        point = min(points, key=lambda r: abs(r["time_ratio"] - t))
-        text += f"; uniform given {point['time_ratio']:.2f}x reached {_fmt(point['final_mean'])}"
+        point = min(points, key=lambda r: abs(_budget(r["method"]) - t))
+        text += (
+            f"; uniform given {_budget(point['method']):.2f}x of its steps reached "
+            f"{_fmt(point['final_mean'])}"
+        )
     place = run["vs_curve"].split(" ")[0]
     meaning = {
         "above": "above the uniform budget curve: a real saving",
