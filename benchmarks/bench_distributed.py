@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from es_pipe.report import table  # noqa: E402
+from es_pipe.demo.report import table  # noqa: E402
 
 COLLECTIVES = [
     "all_reduce",

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tasks import fmnist_task, lm_task
 
-from es_pipe import harness, report
+from es_pipe.demo import harness, report
 
 DEFAULT_METHODS = "uniform,uniform@0.5,uniform@0.75,random,loss,sb,es,es-history,eswp,infobatch"
 

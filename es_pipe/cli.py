@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from es_pipe import __version__
-from es_pipe.demo import add_demo_parser
+from es_pipe.demo.command import add_demo_parser
 from es_pipe.errors import EsPipeError
 from es_pipe.inspect import add_inspect_parser
 from es_pipe.shard_writer import _short

@@ -34,7 +34,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_table_printed_and_written(demo_out: tuple[Path, str]) -> None:
     """The default run: uniform, the recommended configuration and uniform at the budget
     the recommended run spent, so the budget-curve column is filled."""
-    from es_pipe.harness import RECOMMENDED
+    from es_pipe.demo import RECOMMENDED
 
     out, stdout = demo_out
     assert "| uniform |" in stdout and f"| {RECOMMENDED} |" in stdout
@@ -60,7 +60,7 @@ def test_table_printed_and_written(demo_out: tuple[Path, str]) -> None:
 def test_verdict_line(demo_out: tuple[Path, str]) -> None:
     """The run ends with one sentence that names the method, its cost and its place
     against uniform given the same time."""
-    from es_pipe.harness import RECOMMENDED
+    from es_pipe.demo import RECOMMENDED
 
     out, stdout = demo_out
     line = next(line for line in stdout.splitlines() if line.startswith("verdict: "))

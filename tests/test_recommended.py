@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchdata.nodes as tn
 
 import es_pipe
-from es_pipe import harness
+from es_pipe.demo import harness
 
 
 def _train(sampler: es_pipe.Sampler, epochs: int) -> list[list[tuple[str, bool]]]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from es_pipe.harness import RunResult
+from es_pipe.demo.harness import RunResult
 
 BASELINE = "uniform"
 
