@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP) data
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 test-faults: $(STAMP)
