@@ -41,7 +41,7 @@ import es_pipe
 from es_pipe.sources import ParquetSource, WebDatasetSource
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from faults_child import DIM, SIZES, decode, hexes, names, shard_urls, write_data  # noqa: E402
+from faults_child import DIM, decode, hexes, names, shard_urls, write_data
 
 B, b = 16, 6
 EPOCHS = 3
@@ -54,8 +54,6 @@ CONFIGS: dict[str, tuple[str, str, float | None, bool, dict[str, Any]]] = {
     "tar": ("tar", "history", 0.3, False, {"shuffle_buffer": 8}),
     "eswp": ("parquet", "forward", 0.5, True, {"shuffle_rows": True}),
 }
-
-__all__ = ["CONFIGS", "EPOCHS", "write_data", "entry", "train"]
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:

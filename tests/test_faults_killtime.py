@@ -181,7 +181,7 @@ def references(data, tmp_path_factory):
             run = tmp_path_factory.mktemp(f"killtime-reference-{config}")
             launched = _launch(data, run, config, 0, None)
             assert launched["rc"] == 0, _error(run, 0)
-            _, t0, records = _records(run, 0)
+            _, _, records = _records(run, 0)
             manifests = _manifests(run / "manifests")
             assert sorted(manifests) == list(range(child.EPOCHS))
             assert any(len(r["read"]) < child.B for r in records), "no short meta-batch"
