@@ -28,6 +28,7 @@ keeps 3 (one per configuration). ``ES_PIPE_KILL_REPORT=path.json`` writes a summ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -357,3 +358,143 @@ FAULT_TRIALS = list(range(len(DEFAULT), len(DEFAULT) + TRIALS))
 @pytest.mark.parametrize("trial", FAULT_TRIALS, ids=[f"trial-{t}" for t in FAULT_TRIALS])
 def test_random_kills_many(trial, data, references, tmp_path):
     _trial(trial, data, references, tmp_path)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+DIST_CHILD = str(HERE / "killtime_dist_child.py")
+DIST_TRIALS = int(os.environ.get("ES_PIPE_KILL_DIST_TRIALS", "3"))
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def dist_index(tmp_path_factory) -> str:
+    from es_pipe.shard_writer import write_shards
+
+    base = tmp_path_factory.mktemp("killtime-dist-shards")
+    for i in range(8):
+        samples = [{"__key__": f"s{i}_{j:02d}", "txt": f"{i} {j}"} for j in range(24)]
+        write_shards(samples, f"{base}/d{i}-%03d.tar", "tar", 1000, index=f"{base}/i{i}.txt")
+    lines = [Path(f"{base}/i{i}.txt").read_text() for i in range(8)]
+    Path(f"{base}/index.txt").write_text("".join(lines))
+    return f"{base}/index.txt"
+
+
+def _torchrun(index: str, run: Path, attempt: int, kill: tuple[float, str] | None) -> int:
+    """One torchrun launch of 2 ranks; with ``kill=(delay, who)`` SIGKILL after ``delay``
+    seconds either one rank's process (``"rank0"``/``"rank1"``; torchrun then stops the
+    other) or the launch's whole process group (``"all"``)."""
+    import signal
+    import subprocess
+
+    run.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={WORLD}", DIST_CHILD, "--index", index, "--run", str(run)]
+    cmd += ["--attempt", str(attempt)]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    with open(run / f"torchrun.{attempt}.txt", "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            if kill is not None:
+                delay, who = kill
+                try:
+                    proc.wait(delay)
+                except subprocess.TimeoutExpired:
+                    pid_file = run / f"pid-{who}.{attempt}"
+                    if who != "all" and pid_file.exists():
+                        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                    else:
+                        os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait(180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # nothing of the launch survives
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _dist_records(run: Path, rank: int, attempt: int) -> tuple[int | None, list[dict]]:
+    path = run / f"log-rank{rank}.{attempt}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            assert i == len(lines) - 1, f"rank {rank} log.{attempt}: a torn line before the end"
+    if not out:
+        return None, []
+    return out[0]["resume"], [_strip(r) for r in out[1:]]
+
+
+def _dist_error(run: Path, attempt: int) -> str:
+    parts = [p.read_text() for p in sorted(run.glob(f"error-rank*.{attempt}.txt"))]
+    log = run / f"torchrun.{attempt}.txt"
+    return "\n".join(parts) or (log.read_text()[-3000:] if log.exists() else "")
+
+
+@pytest.fixture(scope="module")
+def dist_reference(dist_index, tmp_path_factory) -> dict[str, Any]:
+    run = tmp_path_factory.mktemp("killtime-dist-reference")
+    start = time.time()
+    assert _torchrun(dist_index, run, 0, None) == 0, _dist_error(run, 0)
+    return {
+        "records": [_dist_records(run, r, 0)[1] for r in range(WORLD)],
+        "manifests": {e: _sorted_columns(t) for e, t in _manifests(run / "manifests").items()},
+        "final": torch.load(run / "final.pt", weights_only=True),
+        "seconds": time.time() - start,
+    }
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("trial", range(DIST_TRIALS), ids=[f"dist-{t}" for t in range(DIST_TRIALS)])
+def test_torchrun_random_kills(trial, dist_index, dist_reference, tmp_path):
+    """2 ranks under torchrun (DDP, gloo), killed 1-2 times at random moments: one rank's
+    process or the whole launch; relaunched from the newest checkpoint both ranks saved;
+    compared with an uninterrupted 2-rank run (per-rank steps, manifests, final model)."""
+    gen = np.random.default_rng([SEED, 1000 + trial])
+    kills = [
+        (
+            round(float(gen.uniform(0, dist_reference["seconds"])), 3),
+            str(gen.choice(["rank0", "rank1", "all"])),
+        )
+        for _ in range(int(gen.integers(1, 3)))
+    ]
+    run = tmp_path / "run"
+    about = f"torchrun trial {trial}, ES_PIPE_KILL_SEED={SEED}, kills (delay s, who) {kills}"
+    attempt = 0
+    for kill in kills:
+        rc = _torchrun(dist_index, run, attempt, kill)
+        attempt += 1
+        if rc == 0:  # ended before the kill
+            break
+        _check_after_kill(run)
+    else:
+        rc = _torchrun(dist_index, run, attempt, None)
+        assert rc == 0, f"{about}: the last relaunch failed\n{_dist_error(run, attempt)}"
+        attempt += 1
+    for rank in range(WORLD):
+        expected = dist_reference["records"][rank]
+        stream: list[dict] = []
+        for a in range(attempt):
+            resumed, records = _dist_records(run, rank, a)
+            if resumed is None:
+                continue
+            assert resumed <= len(stream), f"{about}: rank {rank} resumed after unlogged steps"
+            stream = stream[:resumed]
+            for record in records:
+                n = record["n"]
+                assert n == len(stream) + 1 and record == expected[n - 1], (
+                    f"{about}: rank {rank}, attempt {a}, step {n} differs:\n"
+                    f"got      {record}\nexpected {expected[n - 1] if n <= len(expected) else None}"
+                )
+                stream.append(record)
+        assert len(stream) == len(expected), f"{about}: rank {rank} ended early"
+    for name, value in dist_reference["final"]["model"].items():
+        final = torch.load(run / "final.pt", weights_only=True)
+        assert torch.equal(final["model"][name], value), f"{about}: model {name} differs"
+    got = _manifests(run / "manifests")
+    assert sorted(got) == sorted(dist_reference["manifests"]), about
+    for epoch, columns in dist_reference["manifests"].items():
+        assert _sorted_columns(got[epoch]) == columns, f"{about}: epoch {epoch} manifests differ"
