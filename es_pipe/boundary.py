@@ -85,6 +85,7 @@ class EpochBoundary:
         self._origin: dict[str, str] = {}  # shard -> manifest file it was restored from
         self._written: dict[str, int] = {}  # shard -> last epoch this rank wrote it
         self._inherited: set[str] = set()  # held from a merged checkpoint, see rewind
+        self._read: set[str] | None = None  # shards read this epoch, from a checkpoint
         self.stats = {"restored": 0, "written": 0, "fresh": 0}
 
     # ------------------------------------------------------------------ restore
@@ -333,6 +334,7 @@ class EpochBoundary:
         self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}
         self._touched = set()
         self._inherited = set()
+        self._read = None
         self._chunks = []
         self._verify = set()
         self.epoch = nxt
@@ -341,10 +343,13 @@ class EpochBoundary:
         """The sampler was restored to ``epoch`` (a checkpoint): forget the decisions held
         and restore every shard again from the manifests committed before ``epoch``.
 
-        The shards the checkpoint holds count as read this epoch by this rank, unless the
-        checkpoint was ``merged`` from all ranks of a topology (elastic resume): then the
-        rank that reads a shard again writes its manifest, and a shard nobody reads again
-        (it was done) is written by its :func:`shard_owner`.
+        The shards the checkpoint's score table says this rank read in the epoch up to the
+        checkpoint (``load_read``) count as read this epoch by this rank; it also holds
+        shards it read in the epoch before, which another rank may read in this one. A
+        table without that list (es_pipe before issue 11) counts every shard it holds.
+        If the checkpoint was ``merged`` from all ranks of a topology (elastic resume),
+        the rank that reads a shard again writes its manifest, and a shard nobody reads
+        again (it was done) is written by its :func:`shard_owner`.
 
         Also at the same epoch: a fresh process that resumed from the manifests is at the
         checkpoint's epoch already, but holds nothing of it yet. Without manifests, the
@@ -357,8 +362,22 @@ class EpochBoundary:
         self._verify = set()
         self._chunks = []
         held = set(self.store.shards)
-        self._touched, self._inherited = (set(), held) if merged else (held, set())
+        read = held if self._read is None else held & self._read
+        self._touched, self._inherited = (set(), held) if merged else (read, set())
         self._written = {}
+
+    def read_state(self) -> list[str]:
+        """The shards this rank read in the current epoch so far, for a checkpoint."""
+        return sorted(self._touched)
+
+    def load_read(self, names: Sequence[str] | None) -> None:
+        """The shards read in the checkpoint's epoch up to it (``None``: unknown, every
+        shard held counts); applied now and by the ``rewind`` of the position restore."""
+        self._read = None if names is None else set(names)
+        held = set(self.store.shards)
+        if self._inherited:  # a merged position was restored already
+            return
+        self._touched = held if self._read is None else held & self._read
 
     def key_state(self) -> dict[str, list[str | None]]:
         """The key book of the shards held (keys by ordinal, ``None`` where unknown), for a

@@ -450,6 +450,8 @@ class Sampler:
                     for name, d in self.boundary.decisions.items()
                 },
             }
+        if self.boundary is not None:  # the shards this epoch's boundary decides (writes)
+            state["read"] = self.boundary.read_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -459,13 +461,18 @@ class Sampler:
         check_header(state, SCORES_KIND, "score table", "sampler.state_dict()")
         if "scores" not in state:
             raise _damaged(f"it has no 'scores' entry (its entries: {[str(k) for k in state][:8]})")
-        keys, pruning = state.get("keys", {}), state.get("pruning")
+        keys, pruning, read = state.get("keys", {}), state.get("pruning"), state.get("read")
         _check_key_book(keys)
+        if read is not None and (
+            not isinstance(read, (list, tuple)) or not all(isinstance(n, str) for n in read)
+        ):
+            raise _damaged("its 'read' entry is not a list of shard names")
         decisions = None if pruning is None else _pruning_decisions(pruning)
         self.store.load_state_dict(state.get("scores"))  # checks the table, then loads it
         if self.boundary is not None:
             self.boundary.rewind(self.epoch)
             self.boundary.load_key_state(keys)
+            self.boundary.load_read(read)
         if self.boundary is not None and decisions is not None:
             self.boundary.epoch = int(pruning["epoch"])
             self.boundary.decisions = decisions

@@ -92,17 +92,15 @@ class EvolvedSampling(tn.BaseNode):
         self._position: dict[str, Any] = {}  # stage state just before the current meta-batch
         self._exhausted = False  # the source ran out; the epoch ends at the next call
         self._done = False  # the epoch has ended
+        self._restored = False  # restored from a state, nothing emitted since
         self.pruned_by_stage = 0  # pruned samples the source handed over anyway (this run)
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self._retire()
+        self._restored = initial_state is not None
         if initial_state is None:
-            if self._clock is not None:  # one epoch clock: the sampler's
-                self._clock.set_epoch(self.sampler.epoch)
-            self.source.reset(None)
-            self._exhausted = self._done = False
-            self._check_epoch(self.sampler.epoch)
+            self._start_epoch()
         else:
             state = check_state(initial_state)
             self.sampler.check_state(state["sampler"])  # before anything changes
@@ -117,6 +115,28 @@ class EvolvedSampling(tn.BaseNode):
             self._exhausted = state["exhausted"]
             self._done = state["done"]
             self._check_epoch(expected, restored=True)
+            if self._done or self._exhausted:  # restored at the end of an epoch
+                self._next_epoch()
+
+    def _start_epoch(self) -> None:
+        """Start reading ``sampler.epoch`` from its beginning."""
+        if self._clock is not None:  # one epoch clock: the sampler's
+            self._clock.set_epoch(self.sampler.epoch)
+        self.source.reset(None)
+        self._exhausted = self._done = False
+        self._check_epoch(self.sampler.epoch)
+
+    def _next_epoch(self) -> None:
+        """A stage restored at the end of an epoch starts the next one right away (closing
+        the ended one first, where the checkpoint came before ``end_epoch``). torchdata's
+        ``Loader`` looks one item ahead after a restore and caches the state it restored
+        from: had the look-ahead met the epoch's end, that stale state would be the
+        ``state_dict()`` of the whole next epoch, and a checkpoint taken in it would send
+        a restart back to the end of the previous one."""
+        self._restored = False
+        if not self._done:
+            self.sampler.end_epoch()
+        self._start_epoch()
 
     def next(self) -> MetaBatch | SubBatch:
         current = self._current
@@ -148,6 +168,9 @@ class EvolvedSampling(tn.BaseNode):
                 samples += fresh
                 parts.append(who)
         if not samples:
+            if self._restored:  # restored where the epoch ended exactly: as in reset()
+                self._next_epoch()
+                return self.next()
             self._end_epoch()
         try:
             data = self.collate_fn(samples)
@@ -160,6 +183,7 @@ class EvolvedSampling(tn.BaseNode):
             ) from exc
         check_rows(data, len(samples))  # before any score changes, not in select()
         meta = MetaBatch(data, Identity.concat(parts), self.sampler)
+        self._restored = False
         self._current, self._position = meta, position
         if self.loss_fn is None:
             return meta

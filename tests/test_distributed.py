@@ -191,6 +191,19 @@ def test_elastic_resume_mid_epoch(before, after, stop, index, reference, tmp_pat
     assert_same_manifests(tmp_path / "m", reference, keys=False)
 
 
+def test_mid_epoch_resume_after_the_first_epoch_on_the_same_ranks(index, reference, tmp_path):
+    """Bug B of the random-time kill harness (issue 11): stopped inside epoch 1 and
+    resumed on the same 2 ranks, a rank counted the shards it still held from epoch 0 as
+    read in epoch 1, and two ranks wrote the same shard's manifest (the commit refused
+    it). Only the shards a rank read in the epoch up to the checkpoint count."""
+    run_ok(2, index, tmp_path / "m", tmp_path / "a", "--stop-at", "16", torchrun=False)
+    assert Manifests(str(tmp_path / "m")).committed() == [0]
+    run_ok(2, index, tmp_path / "m", tmp_path / "b", "--resume", str(tmp_path / "a"))
+    total = sum(scored(tmp_path / "a", 1) + scored(tmp_path / "b", 1), Counter())
+    assert set(total) == ALL_KEYS - pruned_keys(reference, 1) and max(total.values()) == 1
+    assert_same_manifests(tmp_path / "m", reference)
+
+
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_killed_rank_stops_the_others_with_a_clear_error(killed, index, tmp_path):
     codes, seconds, _ = launch(

@@ -317,3 +317,94 @@ def test_a_source_the_stage_cannot_drive_is_refused_when_it_disagrees(data, tmp_
     loader = tn.Loader(es_pipe.EvolvedSampling(Relay(source), sampler))
     with pytest.raises(ConfigError, match="reads epoch 0 but the sampler is in epoch 2"):
         iter(loader)
+
+
+def train_steps(run: Run, log: list, steps: int) -> dict:
+    """Train ``steps`` more steps (across epochs), then checkpoint, as ``train`` does."""
+    sampler, model = run.sampler, run.model
+    while True:
+        it = iter(run.loader)
+        assert sampler.epoch < EPOCHS
+        epoch = sampler.epoch
+        for meta in it:
+            x, y = meta.data["x"], meta.data["y"]
+            with torch.no_grad():
+                scored = F.cross_entropy(model(x), y, reduction="none")
+            sub = meta.select(scored if meta.needs_losses else None)
+            per = F.cross_entropy(model(sub.data["x"]), sub.data["y"], reduction="none")
+            loss = per if sub.weights is None else per * sub.weights
+            run.opt.zero_grad()
+            loss.mean().backward()
+            run.opt.step()
+            log.append((epoch, meta.keys, sub.keys, float(loss.detach().mean()).hex()))
+            steps -= 1
+            if steps == 0:
+                return checkpoint(run)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tar"])
+@pytest.mark.parametrize("way", ["end", "short"], ids=["after-loop", "after-short-select"])
+def test_a_checkpoint_in_the_epoch_after_an_end_of_epoch_restore_is_current(
+    data, tmp_path, tmp_path_factory, fmt, way
+):
+    """Bug A of the random-time kill harness (issue 11): restored at the end of an epoch,
+    torchdata's Loader looked one item ahead, met the epoch's end, started the next epoch
+    and kept the end-of-epoch state as its cached ``state_dict`` for the whole next epoch:
+    a checkpoint taken in that epoch sent the next restart back to the previous one. The
+    stage now starts the next epoch inside ``reset()``."""
+    full = uninterrupted(data, fmt, tmp_path_factory)
+    epoch = sorted({e for e, read, _, _ in full[0] if len(read) < B} & {1, 2, 3})[0]
+    head: list = []
+    saved = train(build(data, fmt, tmp_path), head, stop=(way, epoch))
+    run = restore(build(data, fmt, tmp_path), saved)
+    middle: list = []
+    saved = train_steps(run, middle, 2)  # inside the next epoch
+    assert {e for e, *_ in middle} == {epoch + 1}
+    assert saved["loader"]["root"]["sampler"]["epoch"] == epoch + 1
+    run = restore(build(data, fmt, tmp_path), saved)
+    tail: list = []
+    train(run, tail)
+    assert_same_run(head + middle + tail, run, tmp_path, full)
+
+
+def test_restored_where_the_epoch_ends_exactly_the_next_epoch_starts(tmp_path):
+    """Bug A, the other way to meet it: 2 shards x 8 samples, B=8, checkpointed after an
+    epoch's last full meta-batch (the source has not noticed its end yet). The Loader's
+    look-ahead after the restore must find the next epoch's first meta-batch, and a
+    checkpoint taken in that epoch must hold that epoch's position."""
+    keys = [f"k{i:02d}" for i in range(16)]
+    x = np.arange(16 * DIM, dtype=np.float32).reshape(16, DIM)
+    urls = write_shards(
+        {"key": np.array(keys), "x": x}, f"{tmp_path}/exact-%03d.parquet", "parquet", 8
+    )
+
+    def build_exact() -> tuple[es_pipe.Sampler, tn.Loader]:
+        sampler = es_pipe.EvolvedSampler(8, 3, seed=SEED, rank=0, world_size=1)
+        source = ParquetSource(urls, key_column="key", columns=["x"], shuffle=True, seed=SEED)
+        return sampler, tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+
+    def steps(sampler, loader, n: int | None, log: list) -> dict | None:
+        while True:
+            it = iter(loader)  # applies a loaded checkpoint
+            if sampler.epoch >= 4:
+                return None
+            epoch = sampler.epoch
+            for meta in it:
+                sub = meta.select(meta.data["x"].sum(1) % 7 + 1)
+                log.append((epoch, meta.keys, sub.keys))
+                if n is not None and len(log) == n:
+                    return {"loader": loader.state_dict(), "scores": sampler.state_dict()}
+
+    full: list = []
+    steps(*build_exact(), None, full)
+    assert [e for e, *_ in full] == [0, 0, 1, 1, 2, 2, 3, 3]
+    log: list = []
+    saved = steps(*build_exact(), 4, log)  # the end of epoch 1, not yet noticed
+    for n in (5, None):  # a checkpoint inside epoch 2, then to the end
+        sampler, loader = build_exact()
+        sampler.load_state_dict(saved["scores"])
+        loader.load_state_dict(saved["loader"])
+        saved = steps(sampler, loader, n, log)
+        if saved is not None:
+            assert saved["loader"]["root"]["sampler"]["epoch"] == 2
+    assert log == full
