@@ -303,5 +303,19 @@ def options_from_cli(items: Iterable[str] | None) -> dict[str, Any] | None:
     return options or None
 
 
+def add_storage_argument(parser: Any) -> None:
+    """Add the repeatable ``--storage-option KEY=VALUE`` to an argparse parser."""
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="an fsspec storage option for remote URLs, repeatable; dotted keys nest and "
+        "values are JSON where they parse, e.g. --storage-option key=AKIA... "
+        "--storage-option secret=... --storage-option "
+        "client_kwargs.endpoint_url=http://localhost:9000 (or anon=true)",
+    )
+
+
 def _cut(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."

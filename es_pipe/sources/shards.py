@@ -134,9 +134,7 @@ class ShardList:
             except UnbalancedBracesError as exc:
                 raise ConfigError(f"shard pattern {item!r}: {exc}; fix the braces") from None
             for url in expanded:
-                if any(c in url for c in _GLOB_CHARS) and (
-                    url == item or not _is_file(url, opts)
-                ):
+                if any(c in url for c in _GLOB_CHARS) and (url == item or not _is_file(url, opts)):
                     urls.extend(_glob(url, opts))
                 else:
                     urls.append(url)
