@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from es_pipe import __version__
+from es_pipe import __version__, storage
 from es_pipe.demo.command import add_demo_parser
 from es_pipe.errors import EsPipeError
 from es_pipe.inspect import add_inspect_parser
@@ -63,6 +63,8 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  es-pipe shard photos/ 'data/train-%06d.tar' --per-shard 5000\n"
             "  es-pipe shard tokens.parquet 's3://bucket/train-%06d.parquet' --format parquet\n"
+            "  es-pipe shard raw/ 's3://bucket/train-%06d.tar' \\\n"
+            "      --storage-option client_kwargs.endpoint_url=http://localhost:9000\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -94,6 +96,7 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
         help="read files that symbolic links in the SOURCE folder point to outside it "
         "(default: such links are refused)",
     )
+    storage.add_storage_argument(parser)
     parser.set_defaults(func=_shard)
 
 
@@ -142,7 +145,15 @@ def _shard_files(args: argparse.Namespace) -> int:
             f"cannot shard {_short(str(source))}: give a folder of files or a .parquet, "
             ".arrow, .feather or .npz table"
         )
-    urls = write_shards(data, args.out, fmt, args.per_shard, row_group_rows=args.row_group)
+    options = storage.options_from_cli(getattr(args, "storage_option", None))
+    urls = write_shards(
+        data,
+        args.out,
+        fmt,
+        args.per_shard,
+        row_group_rows=args.row_group,
+        storage_options=options,
+    )
     if not urls:
         raise EsPipeError(f"{_short(str(source))} holds no samples: nothing was written")
     print(f"wrote {len(urls)} {fmt} shards: {urls[0]} .. {urls[-1]}")
@@ -177,6 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except EsPipeError as error:
         print(f"es-pipe {args.command}: {error}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a storage misconfiguration gets one line, not a traceback
+        url = getattr(args, "out", None) or getattr(args, "root", None) or ""
+        found = storage.storage_error(exc, str(url))
+        if found is None:
+            raise
+        print(f"es-pipe {args.command}: {found}", file=sys.stderr)
         return 1
 
 

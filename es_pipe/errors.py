@@ -19,3 +19,22 @@ class ShardError(EsPipeError):
 
 class ManifestError(EsPipeError):
     """A manifest that is missing, corrupt, uncommitted or does not match its shard."""
+
+
+class StorageError(EsPipeError):
+    """Storage that cannot be reached as configured: no or invalid credentials, access
+    denied, a bucket that does not exist, an unreachable endpoint, a missing fsspec
+    backend. Configuration, not bad data: raised even under ``on_error="skip"``, never
+    retried. ``kind`` is one of ``"credentials"``, ``"denied"``, ``"bucket"``,
+    ``"region"``, ``"endpoint"``, ``"backend"``."""
+
+    def __init__(self, message: str, *, kind: str = "storage") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # picklable across DataLoader workers with its kind
+        return (_storage_error, (str(self), self.kind))
+
+
+def _storage_error(message: str, kind: str) -> StorageError:
+    return StorageError(message, kind=kind)

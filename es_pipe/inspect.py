@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from es_pipe import storage
 from es_pipe.errors import EsPipeError, ManifestError
 from es_pipe.manifest import Manifests
 
@@ -75,6 +76,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar while reading files"
     )
+    storage.add_storage_argument(parser)
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
@@ -170,7 +172,8 @@ def _few(names: list[str], n: int = 5) -> str:
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
-    manifests = Manifests(args.root)
+    options = storage.options_from_cli(getattr(args, "storage_option", None))
+    manifests = Manifests(args.root, storage_options=options)
     committed = manifests.committed()
     if not committed:
         raise ManifestError(manifests._no_epochs())

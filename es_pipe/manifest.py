@@ -65,13 +65,13 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from es_pipe import storage
 from es_pipe.errors import ConfigError, ManifestError
 from es_pipe.retry import Retry
 from es_pipe.sources import shards as shard_files
@@ -177,12 +177,18 @@ def _check_entry(entry: Mapping[str, Any], epoch: int, where: str) -> None:
 
 def fingerprint(url: str) -> dict[str, Any] | None:
     """The shard's fingerprint (see ``sources.shards.fingerprint``), or ``None`` when ``url``
-    names no file (an in-memory source's name, a directory)."""
+    names no file (an in-memory source's name, a directory). A remote shard is reached with
+    the storage options its source was given (``storage.options_for``); a storage that
+    refuses (no credentials, no bucket) is a ``StorageError``, not a missing shard."""
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = storage.url_to_fs(url)
         info = _FINGERPRINT_RETRY.call(fs.info, path, what=f"info {url}")
-    except (FileNotFoundError, ValueError, ImportError, OSError):
+    except (FileNotFoundError, ValueError, ImportError, OSError) as exc:
+        storage.raise_storage_error(exc, url)
         return None
+    except Exception as exc:
+        storage.raise_storage_error(exc, url)
+        raise
     return shard_files.fingerprint_of(url, info) if info.get("type") == "file" else None
 
 
@@ -265,7 +271,7 @@ class Manifests:
             raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
         self.url = root
         try:
-            self.fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+            self.fs, path = storage.url_to_fs(root, storage.check_options(storage_options))
         except (ValueError, ImportError) as exc:  # an unknown protocol, a missing backend
             raise ConfigError(f"manifests={root!r}: {exc}; give a folder or fsspec URL") from None
         self.root = path.rstrip("/") or "/"
@@ -310,7 +316,11 @@ class Manifests:
                 "with retry=es_pipe.Retry(attempts=...)"
             )
 
-        return self.retry.call(fn, *args, what=what, on_retry=count, exhausted=give_up)
+        try:
+            return self.retry.call(fn, *args, what=what, on_retry=count, exhausted=give_up)
+        except Exception as exc:  # no credentials, no bucket...: StorageError with the fix
+            storage.raise_storage_error(exc, self.url)
+            raise
 
     def _exists(self, path: str) -> bool:
         # not fs.exists: it answers False for any error, a transient one included
@@ -436,6 +446,7 @@ class Manifests:
         keep = {entry["path"].rsplit("/", 1)[-1] for entry in files}
         epoch_dir = self._path(f"epoch={epoch}")
         try:
+            self.fs.invalidate_cache(epoch_dir)  # object stores cache listings
             present = self._io(f"ls {epoch_dir}", self.fs.ls, epoch_dir, False)
         except FileNotFoundError:
             present = []
@@ -518,6 +529,7 @@ class Manifests:
             if time.monotonic() >= deadline:
                 done_dir = self._path(STAGING, f"epoch={epoch}", "_done")
                 try:
+                    self.fs.invalidate_cache(done_dir)
                     names = self._io(f"ls {done_dir}", self.fs.ls, done_dir, False)
                 except FileNotFoundError:
                     names = []
@@ -614,6 +626,8 @@ class Manifests:
     def committed(self, *, refresh: bool = True) -> list[int]:
         """Committed epochs, oldest first."""
         try:
+            # another rank writes the markers: s3fs/gcsfs would answer from a cached listing
+            self.fs.invalidate_cache(self._path(COMMITS))
             names = self._io("list the commit markers", self.fs.ls, self._path(COMMITS), False)
         except (FileNotFoundError, NotADirectoryError):  # nothing committed (or a file)
             return []

@@ -212,6 +212,12 @@ class Sampler:
 
         if manifests is not None and not isinstance(manifests, Manifests):
             manifests = Manifests(manifests, rank=self.rank)
+        elif manifests is not None and manifests.rank != self.rank:
+            raise ConfigError(
+                f"manifests={manifests!r} was made for rank {manifests.rank}, but this sampler "
+                f"is rank {self.rank}: two ranks would write the same files. Pass "
+                f"es_pipe.Manifests(url, rank={self.rank}, storage_options=...), or the URL"
+            )
         return EpochBoundary(
             self.store,
             prune=prune,

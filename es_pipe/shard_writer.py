@@ -22,19 +22,24 @@ import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import base_plus_ext
 
+from es_pipe import storage
 from es_pipe.errors import ConfigError
 
 __all__ = ["check_out_pattern", "samples_from_folder", "write_shards"]
 
 
-def samples_from_folder(root: str, *, follow_symlinks: bool = False) -> Iterator[dict[str, Any]]:
+def samples_from_folder(
+    root: str,
+    *,
+    follow_symlinks: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Samples from a folder of files: files sharing a key (the relative path up to the
     first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``.
 
@@ -45,8 +50,9 @@ def samples_from_folder(root: str, *, follow_symlinks: bool = False) -> Iterator
     refused with a :class:`ConfigError` before anything is read, unless
     ``follow_symlinks=True``: then links are followed wherever they lead (folder links
     too, each real folder once). Links that stay inside ``root`` are always read.
+    ``storage_options``: fsspec filesystem arguments for a remote ``root``.
     """
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root, storage.check_options(storage_options))
     base = base.rstrip("/")
     if isinstance(fs, LocalFileSystem):
         found = _local_files(base, root, follow_symlinks)
@@ -207,9 +213,18 @@ def _chunks(it: Iterable[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any
         yield chunk
 
 
-def _write_tar(url: str, samples: list[dict[str, Any]], first: int) -> None:
+def _open_write(url: str, options: Mapping[str, Any] | None) -> Any:
+    fs, path = storage.url_to_fs(url, options)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    return fs.open(path, "wb")
+
+
+def _write_tar(
+    url: str, samples: list[dict[str, Any]], first: int, options: Mapping[str, Any] | None
+) -> None:
     seen: set[str] = set()
-    with fsspec.open(url, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
+    with _open_write(url, options) as f, tarfile.open(fileobj=f, mode="w|") as tf:
         for i, sample in enumerate(samples):
             key = _check_key(str(sample.get("__key__", f"{first + i:09d}")))
             if key in seen:
@@ -233,8 +248,10 @@ def _write_tar(url: str, samples: list[dict[str, Any]], first: int) -> None:
                 tf.addfile(info, io.BytesIO(data))
 
 
-def _write_parquet(url: str, table: pa.Table, row_group_rows: int | None) -> None:
-    with fsspec.open(url, "wb") as f:
+def _write_parquet(
+    url: str, table: pa.Table, row_group_rows: int | None, options: Mapping[str, Any] | None
+) -> None:
+    with _open_write(url, options) as f:
         # page checksums: ParquetSource verifies them, so flipped bits are an error
         pq.write_table(table, f, row_group_size=row_group_rows, write_page_checksum=True)
 
@@ -247,6 +264,7 @@ def _write_all(
     per_shard: int,
     row_group_rows: int | None,
     urls: list[str],
+    options: Mapping[str, Any] | None,
 ) -> Iterator[int]:
     """Write the shards, appending each URL to ``urls`` before writing it; yields the
     shards' sample counts."""
@@ -259,21 +277,21 @@ def _write_all(
             )
         for chunk in chunks:
             urls.append(pattern % len(urls))
-            _write_parquet(urls[-1], chunk, row_group_rows)
+            _write_parquet(urls[-1], chunk, row_group_rows, options)
             yield chunk.num_rows
     else:
         samples = _table_rows(table) if table is not None else iter(samples_or_table)
         first = 0
         for chunk in _chunks(samples, per_shard):
             urls.append(pattern % len(urls))
-            _write_tar(urls[-1], chunk, first)
+            _write_tar(urls[-1], chunk, first, options)
             first += len(chunk)
             yield len(chunk)
 
 
-def _remove(urls: list[str]) -> None:
+def _remove(urls: list[str], options: Mapping[str, Any] | None) -> None:
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = storage.url_to_fs(url, options)
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
 
@@ -286,6 +304,7 @@ def write_shards(
     *,
     row_group_rows: int | None = None,
     index: str | bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Write ``samples_or_table`` into shards of ``samples_per_shard`` samples.
 
@@ -301,6 +320,10 @@ def write_shards(
         row_group_rows: Parquet row-group size (smaller groups let pruning skip more bytes).
         index: where to write the index file (``url count`` per line); ``True`` puts
             ``index.txt`` next to the shards, ``False`` writes none.
+        storage_options: fsspec filesystem arguments for the output's storage (for S3:
+            ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``).
+            Missing credentials, access denied or a bucket that does not exist raise
+            :class:`~es_pipe.StorageError` naming the fix.
 
     Returns:
         The URLs written, in order.
@@ -313,6 +336,7 @@ def write_shards(
     if samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     check_out_pattern(out_url_pattern)
+    options = storage.check_options(storage_options)
     table = _as_table(samples_or_table)
     urls: list[str] = []
     try:
@@ -325,10 +349,16 @@ def write_shards(
                 samples_per_shard,
                 row_group_rows,
                 urls,
+                options,
             )
         )
-    except BaseException:
-        _remove(urls)  # nothing half-written stays behind: not this shard, not the earlier ones
+    except BaseException as exc:
+        found = storage.storage_error(exc, urls[-1] if urls else out_url_pattern)
+        if found is not None:  # nothing was written where nothing can be reached
+            with contextlib.suppress(Exception):
+                _remove(urls, options)
+            raise found from exc
+        _remove(urls, options)  # nothing half-written stays: not this shard, not earlier ones
         raise
     if index:
         index_url = (
@@ -337,8 +367,15 @@ def write_shards(
         if "/" not in out_url_pattern and index is True:
             index_url = "index.txt"
         base = index_url.rsplit("/", 1)[0] if "/" in index_url else ""
-        with fsspec.open(index_url, "wt", encoding="utf-8") as f:
-            for url, n in zip(urls, counts, strict=True):
-                name = url[len(base) + 1 :] if base and url.startswith(base + "/") else url
-                f.write(f"{name} {n}\n")
+        lines = []
+        for url, n in zip(urls, counts, strict=True):
+            name = url[len(base) + 1 :] if base and url.startswith(base + "/") else url
+            lines.append(f"{name} {n}\n")
+        try:
+            with _open_write(index_url, options) as f:
+                f.write("".join(lines).encode("utf-8"))
+        except Exception as exc:
+            storage.raise_storage_error(exc, index_url)
+            raise
+    storage.remember(urls, options)
     return urls

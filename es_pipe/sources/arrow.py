@@ -28,13 +28,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from es_pipe import storage
 from es_pipe.errors import ConfigError, ShardError
 from es_pipe.sources.base import ShardedSource, SourceOptions
 from es_pipe.sources.shards import ShardList
@@ -246,13 +246,14 @@ class _ColumnarSource(ShardedSource):
     def _open_bytes(self, url: str, memory_map: bool = False) -> Iterator[Any]:
         """Open a shard for reading; native file for local paths, fsspec (with retried
         reads) otherwise."""
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = storage.url_to_fs(url, self.storage_options)
         try:
             if isinstance(fs, LocalFileSystem):
                 f = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
             else:
                 f = self._open_file(url)  # reads retried after transient errors
         except FileNotFoundError as exc:
+            storage.raise_storage_error(exc, url)
             raise ShardError(
                 f"shard {url!r} does not exist; fix the shard list or restore the file"
             ) from exc

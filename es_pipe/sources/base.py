@@ -36,10 +36,10 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
-import fsspec
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from es_pipe import storage
 from es_pipe.errors import ConfigError, EsPipeError, ShardError
 from es_pipe.retry import Retry, RetryingFile
 from es_pipe.sources.shards import (
@@ -89,6 +89,7 @@ class SourceOptions(TypedDict, total=False):
     pruned: PrunedSpec
     num_samples: Mapping[str, int] | None
     retry: Retry | int | None
+    storage_options: Mapping[str, Any] | None
 
 
 class ShardedSource(BaseNode[dict]):
@@ -136,6 +137,13 @@ class ShardedSource(BaseNode[dict]):
             or, with ``on_error="skip"``, is skipped. Missing files, permission errors,
             a full disk and corrupt data are never retried. Local Parquet and Arrow files
             are read natively (memory-mapped), without retries.
+        storage_options: fsspec filesystem arguments for the shards' storage, e.g. for S3
+            ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}`` (see
+            :mod:`es_pipe.storage`); default: those of a :class:`ShardList` passed as
+            ``urls``, else the backend's own configuration (``AWS_*`` variables...).
+            Missing or invalid credentials, access denied, a bucket that does not exist and
+            an unreachable endpoint raise :class:`~es_pipe.StorageError` naming the fix,
+            also under ``on_error="skip"``: they are configuration, not bad shards.
     """
 
     def __init__(
@@ -154,6 +162,7 @@ class ShardedSource(BaseNode[dict]):
         pruned: PrunedSpec = None,
         num_samples: Mapping[str, int] | None = None,
         retry: Retry | int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if on_error not in ("raise", "skip"):
@@ -165,7 +174,8 @@ class ShardedSource(BaseNode[dict]):
         for name, value in (("seed", seed), ("epoch", epoch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a non-negative int")
-        self.shards = ShardList.from_spec(urls)
+        self.shards = ShardList.from_spec(urls, storage_options=storage_options)
+        self.storage_options = self.shards.storage_options
         if num_samples is not None:
             counts = tuple(
                 num_samples.get(u, -1) if isinstance(num_samples, Mapping) else None
@@ -176,7 +186,9 @@ class ShardedSource(BaseNode[dict]):
                     "num_samples must be a mapping shard URL -> int sample count, got "
                     f"{str(num_samples)[:200]}"
                 )
-            self.shards = ShardList(self.shards.urls, tuple(int(c) for c in counts))
+            self.shards = ShardList(
+                self.shards.urls, tuple(int(c) for c in counts), self.storage_options
+            )
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.rank, self.world_size = resolve_rank(rank, world_size)
@@ -238,8 +250,12 @@ class ShardedSource(BaseNode[dict]):
         """Open a shard for binary reading on its fsspec filesystem, with reads retried
         under :attr:`retry` and counted in ``stats["retries"]``. A missing file raises
         ``FileNotFoundError``."""
-        fs, path = fsspec.core.url_to_fs(url)
-        return RetryingFile(fs, path, url=url, retry=self.retry, on_retry=self._count_retry)
+        fs, path = storage.url_to_fs(url, self.storage_options)
+        try:
+            return RetryingFile(fs, path, url=url, retry=self.retry, on_retry=self._count_retry)
+        except Exception as exc:  # no credentials, no bucket...: StorageError with the fix
+            storage.raise_storage_error(exc, url)
+            raise
 
     def _count_retry(self) -> None:
         self._stats["retries"] += 1
@@ -348,6 +364,7 @@ class ShardedSource(BaseNode[dict]):
                 self._shard_failed(exc)
                 continue
             except Exception as exc:  # a reader or filesystem error: name the shard
+                storage.raise_storage_error(exc, self._cur_url())
                 self._shard_failed(
                     ShardError(
                         f"shard {self._cur_url()!r} could not be read: "
@@ -661,6 +678,12 @@ class ShardedSource(BaseNode[dict]):
                 close()
 
     def _shard_failed(self, exc: EsPipeError) -> None:
+        found = storage.storage_error(exc, self._cur_url())
+        if found is not None:  # configuration, not a bad shard: raised under "skip" too
+            self._close_current()
+            if found is exc:
+                raise exc
+            raise found from exc
         if self.on_error == "raise" or not isinstance(exc, ShardError):
             self._close_current()
             raise exc

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import fsspec
 import numpy as np
 from braceexpand import UnbalancedBracesError, braceexpand
 
+from es_pipe import storage
 from es_pipe.errors import ConfigError, ShardError
 from es_pipe.retry import Retry
 
@@ -50,12 +50,21 @@ class ShardList:
 
     ``num_samples[i]`` is the number of samples of ``urls[i]`` when known (from an index
     file, or filled in by a reader that can count cheaply), else ``-1``.
+
+    ``storage_options``: fsspec filesystem arguments for the shards (credentials, an
+    endpoint: see :mod:`es_pipe.storage`); a source given this list reads with them. They
+    are not part of the list's identity (:attr:`digest`) and never enter a checkpoint.
     """
 
     urls: tuple[str, ...]
     num_samples: tuple[int, ...] = field(default=())
+    storage_options: Mapping[str, Any] | None = field(
+        default=None, compare=False, hash=False, repr=False
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "storage_options", storage.check_options(self.storage_options))
+        storage.remember(self.urls, self.storage_options)
         if not self.urls:
             raise ConfigError(
                 "the shard list is empty: check the pattern, glob or index file "
@@ -78,7 +87,12 @@ class ShardList:
         return f"{zlib.crc32(chr(10).join(self.urls).encode()):08x}"
 
     @classmethod
-    def from_spec(cls, spec: str | Sequence[str] | ShardList) -> ShardList:
+    def from_spec(
+        cls,
+        spec: str | Sequence[str] | ShardList,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> ShardList:
         """Expand a brace pattern, glob, single URL or list of those into a ShardList.
 
         Brace patterns are expanded textually (no listing; a missing shard is reported when
@@ -91,9 +105,16 @@ class ShardList:
         written, without a lookup. To take every URL exactly as written, with no lookup,
         expansion or globbing at all (a missing shard is then reported when it is read),
         pass :meth:`ShardList.literal` instead of strings.
+
+        ``storage_options`` are the fsspec filesystem arguments used to list globs and look
+        files up, and kept on the list for the sources (a :class:`ShardList` passed in keeps
+        its own unless ``storage_options`` is given).
         """
+        opts = storage.check_options(storage_options)
         if isinstance(spec, ShardList):
-            return spec
+            if opts is None:
+                return spec
+            return cls(spec.urls, spec.num_samples, opts)
         if isinstance(spec, (str, os.PathLike)):
             spec = [os.fspath(spec)]
         if isinstance(spec, (bytes, Mapping)) or not isinstance(spec, Iterable):
@@ -105,7 +126,7 @@ class ShardList:
         for item in spec:
             if not isinstance(item, str):
                 raise ConfigError(f"shard URLs must be strings, got {type(item).__name__}")
-            if any(c in item for c in _PATTERN_CHARS) and _is_file(item):
+            if any(c in item for c in _PATTERN_CHARS) and _is_file(item, opts):
                 urls.append(item)  # a file with braces or glob characters in its name
                 continue
             try:
@@ -113,14 +134,20 @@ class ShardList:
             except UnbalancedBracesError as exc:
                 raise ConfigError(f"shard pattern {item!r}: {exc}; fix the braces") from None
             for url in expanded:
-                if any(c in url for c in _GLOB_CHARS) and (url == item or not _is_file(url)):
-                    urls.extend(_glob(url))
+                if any(c in url for c in _GLOB_CHARS) and (url == item or not _is_file(url, opts)):
+                    urls.extend(_glob(url, opts))
                 else:
                     urls.append(url)
-        return cls(tuple(urls))
+        return cls(tuple(urls), storage_options=opts)
 
     @classmethod
-    def literal(cls, urls: Iterable[str], num_samples: Iterable[int] | None = None) -> ShardList:
+    def literal(
+        cls,
+        urls: Iterable[str],
+        num_samples: Iterable[int] | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> ShardList:
         """A shard list of URLs exactly as written: no brace expansion, no globbing, no
         lookup (``ShardList.literal(["/d/tr[1].parquet"])`` always means that file).
         ``num_samples``, if given, holds one sample count per URL."""
@@ -130,20 +157,34 @@ class ShardList:
         if not all(isinstance(u, str) for u in listed):
             raise ConfigError("shard URLs must be strings")
         counts = () if num_samples is None else tuple(int(n) for n in num_samples)
-        return cls(listed, counts)
+        return cls(listed, counts, storage_options)
 
     @classmethod
-    def from_index(cls, index_url: str) -> ShardList:
+    def from_index(
+        cls, index_url: str, *, storage_options: Mapping[str, Any] | None = None
+    ) -> ShardList:
         """Read an index file: one ``url [num_samples]`` per line, ``#`` starts a comment.
 
         Relative URLs are taken relative to the index file's directory (the layout that
-        :func:`es_pipe.shard_writer.write_shards` writes).
+        :func:`es_pipe.shard_writer.write_shards` writes). ``storage_options`` are used to
+        read the index and kept for the shards it lists.
         """
+        opts = storage.check_options(storage_options)
         try:
-            with fsspec.open(index_url, "rt", encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            fs, path = storage.url_to_fs(index_url, opts)
+            text = Retry().call(fs.cat_file, path, what=f"read {index_url}")
+            lines = text.decode("utf-8").splitlines()
         except FileNotFoundError as exc:
+            storage.raise_storage_error(exc, index_url)
             raise ShardError(f"index file {index_url!r} does not exist; check the URL") from exc
+        except UnicodeDecodeError as exc:
+            raise ShardError(
+                f"index file {index_url!r} is not UTF-8 text ({exc}); give the index file that "
+                "write_shards (or es-pipe shard) wrote"
+            ) from exc
+        except Exception as exc:
+            storage.raise_storage_error(exc, index_url)
+            raise
         base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
         urls, counts = [], []
         for lineno, line in enumerate(lines, 1):
@@ -161,20 +202,32 @@ class ShardList:
                 url = f"{base}/{url}"
             urls.append(url)
             counts.append(int(parts[1]) if len(parts) == 2 else -1)
-        return cls(tuple(urls), tuple(counts))
+        return cls(tuple(urls), tuple(counts), opts)
 
 
-def _is_file(url: str) -> bool:
+def _is_file(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``url`` names an existing file, taken literally (no pattern)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return bool(Retry().call(fs.isfile, path, what=f"info {url}"))
+    fs, path = storage.url_to_fs(url, storage_options)
+    try:  # not fs.isfile: it answers False for every error, missing credentials included
+        info = Retry().call(fs.info, path, what=f"info {url}")
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        storage.raise_storage_error(exc, url)
+        return False
+    except Exception as exc:  # a storage misconfiguration is named; anything else: no file
+        storage.raise_storage_error(exc, url)
+        return False
+    return info.get("type") == "file"
 
 
-def _glob(pattern: str) -> list[str]:
+def _glob(pattern: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """List a glob, spelling each match the way the pattern spells its fixed prefix
     (``memory://d/x-*`` lists ``memory://d/x-0``, a relative pattern stays relative)."""
-    fs, path = fsspec.core.url_to_fs(pattern)
-    found = sorted(Retry().call(fs.glob, path, what=f"glob {pattern}"))
+    fs, path = storage.url_to_fs(pattern, storage_options)
+    try:
+        found = sorted(Retry().call(fs.glob, path, what=f"glob {pattern}"))
+    except Exception as exc:
+        storage.raise_storage_error(exc, pattern)
+        raise
     cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
     head = pattern[:cut].rsplit("/", 1)[0] + "/" if "/" in pattern[:cut] else ""
     stripped = fs._strip_protocol(head).rstrip("/") + "/" if head else ""
@@ -246,18 +299,22 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
     return _checked_pair("worker", worker, "num_workers", num_workers)
 
 
-def fingerprint(url: str) -> dict[str, Any]:
+def fingerprint(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``.
 
     ``etag`` comes from object stores (None on local disks); ``mtime`` is a float of
     seconds or an ISO string, whatever the filesystem reports (None if nothing). Manifests
     store it and refuse a shard whose fingerprint changed.
     """
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url, storage_options)
     try:
         info = Retry().call(fs.info, path, what=f"info {url}")
     except FileNotFoundError as exc:
+        storage.raise_storage_error(exc, url)
         raise ShardError(f"shard {url!r} does not exist; check the shard list") from exc
+    except Exception as exc:
+        storage.raise_storage_error(exc, url)
+        raise
     return fingerprint_of(url, info)
 
 

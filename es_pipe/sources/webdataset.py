@@ -95,7 +95,7 @@ class WebDatasetSource(ShardedSource):
             exact order.
         **kwargs: see :class:`~es_pipe.sources.base.ShardedSource` (``shuffle``, ``seed``,
             ``epoch``, ``rank``, ``world_size``, ``worker``, ``num_workers``, ``equalize``,
-            ``on_error``, ``pruned``, ``num_samples``).
+            ``on_error``, ``pruned``, ``num_samples``, ``retry``, ``storage_options``).
     """
 
     def __init__(
