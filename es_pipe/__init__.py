@@ -2,7 +2,14 @@
 
 from es_pipe.batch import MetaBatch, SubBatch
 from es_pipe.elastic import merge_checkpoints, merge_scores
-from es_pipe.errors import ConfigError, EsPipeError, FeedbackError, ManifestError, ShardError
+from es_pipe.errors import (
+    ConfigError,
+    EsPipeError,
+    FeedbackError,
+    ManifestError,
+    ManifestStorageError,
+    ShardError,
+)
 from es_pipe.manifest import Manifests
 from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
@@ -32,6 +39,7 @@ __all__ = [
     "InfoBatch",
     "LossProportional",
     "ManifestError",
+    "ManifestStorageError",
     "Manifests",
     "MetaBatch",
     "Pruning",

@@ -19,3 +19,8 @@ class ShardError(EsPipeError):
 
 class ManifestError(EsPipeError):
     """A manifest that is missing, corrupt, uncommitted or does not match its shard."""
+
+
+class ManifestStorageError(ManifestError, OSError):
+    """The manifest storage refused a write (a full disk, a quota, a read-only
+    filesystem): the commit did not happen, the previous epoch stays committed."""
