@@ -7,6 +7,7 @@ from es_pipe.errors import (
     EsPipeError,
     FeedbackError,
     ManifestError,
+    ManifestStorageError,
     ShardError,
     StorageError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "InfoBatch",
     "LossProportional",
     "ManifestError",
+    "ManifestStorageError",
     "Manifests",
     "MetaBatch",
     "Pruning",

@@ -87,6 +87,11 @@ class EpochBoundary:
         self._inherited: set[str] = set()  # held from a merged checkpoint, see rewind
         self._read: set[str] | None = None  # shards read this epoch, from a checkpoint
         self.stats = {"restored": 0, "written": 0, "fresh": 0}
+        self.run: dict[str, Any] | None = None  # run identity recorded in each commit
+        # resumed from the manifests: until a shard seen is found in them, count the
+        # unknown ones; too many means the data moved or is another run's (see _restore)
+        self.expect_known = False
+        self._unknown: list[str] = []
 
     # ------------------------------------------------------------------ restore
 
@@ -97,6 +102,9 @@ class EpochBoundary:
         if self.manifests is None:
             return
         epoch = self.manifests.find(shard, before=self.epoch, epochs=self._committed_epochs())
+        if self.expect_known:
+            anywhere = self.manifests.find(shard, epochs=self._committed_epochs())
+            self._expect_known(shard, epoch is not None or anywhere is not None)
         if epoch is None or self._written.get(shard, -1) >= epoch:
             return
         # held from a checkpoint (state_dict): its scores are authoritative, but this
@@ -140,6 +148,30 @@ class EpochBoundary:
             self.decisions[shard] = pruning.from_state(state, manifest.meta.get("factor", 1.0))
         else:
             self.decisions.pop(shard, None)
+
+    def _expect_known(self, shard: str, known: bool) -> None:
+        """After resuming from the manifests, the first shards seen must be in them: a run
+        whose first ``min(4, shards committed)`` shards are all unknown reads other data
+        (moved to new URLs, or another run's folder), and would restore nothing while
+        continuing at the committed epoch and step."""
+        if known:
+            self.expect_known = False
+            return
+        self._unknown.append(shard)
+        epochs = self._committed_epochs()
+        committed = len(self.manifests.marker(epochs[-1])["files"]) if epochs else 0
+        if len(self._unknown) < max(1, min(4, committed)):
+            return
+        example = next(iter(self.manifests.shards(epochs[-1])), None) if epochs else None
+        raise ManifestError(
+            f"resumed at epoch {self.epoch} from {self.manifests.url}, but none of the first "
+            f"{len(self._unknown)} shards read ({', '.join(self._unknown[:2])}, ...) is in its "
+            f"committed manifests (which name shards like {example!r}): the data moved, or "
+            "the folder is another run's. If the data moved, map the old URLs: "
+            "manifests=es_pipe.Manifests(url, relocate={'old_prefix': 'new_prefix'}); "
+            "otherwise start over with resume=False or a new manifests= folder, or pass "
+            "resume='force' to continue anyway"
+        )
 
     def _committed_epochs(self) -> list[int]:
         """The committed epochs, listed once per epoch, not once per shard."""
@@ -205,7 +237,7 @@ class EpochBoundary:
                 "manifests= needs each sample's ordinal in its shard ('__index__'); es_pipe's "
                 "sources add it, or add it in your map step"
             )
-        key_array = pa.array(keys, pa.string())
+        key_array = key_text(keys)
         if self._verify & names:
             self._check_keys(shards, key_array, ordinals)
         self._chunks.append((shards, np.asarray(ordinals, np.int64), key_array))
@@ -319,6 +351,7 @@ class EpochBoundary:
                     expected_ranks=self.world_size,
                     timeout=self.commit_timeout,
                     hyper={**self.hyper, "step": step},
+                    run=self.run,
                 )
             else:  # the barrier: the next epoch reads what this commit publishes
                 self.manifests.wait_committed(
@@ -414,6 +447,34 @@ class EpochBoundary:
             index[ordinals[picked]] = len(base) + np.arange(len(picked))
             self.keys[name] = combined.take(pa.array(index))
         return dict(self.keys)
+
+
+def key_text(keys: Sequence[Any]) -> pa.Array:
+    """Sample keys as the text stored in manifests. Strings are kept; other keys follow
+    one rule, so that the same sample always gets the same text: ``str()`` of ints (and
+    of tuples and anything else), bytes decoded as UTF-8, and bytes that are not UTF-8
+    (also tar member names decoded with ``surrogateescape``) written as ``\\xNN``
+    escapes. The fast path is one Arrow conversion; only keys that are not plain UTF-8
+    strings take the per-key path."""
+    try:
+        return pa.array(keys, pa.string())
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+        return pa.array([_one_key(key) for key in keys], pa.string())
+
+
+def _one_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+            raw = key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        raw = bytes(key)
+    else:
+        return str(key)
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def shard_owner(shard: str, world_size: int) -> int:

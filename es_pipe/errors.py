@@ -38,3 +38,8 @@ class StorageError(EsPipeError):
 
 def _storage_error(message: str, kind: str) -> StorageError:
     return StorageError(message, kind=kind)
+
+
+class ManifestStorageError(ManifestError, OSError):
+    """The manifest storage refused a write (a full disk, a quota, a read-only
+    filesystem): the commit did not happen, the previous epoch stays committed."""

@@ -48,14 +48,19 @@ commit never leaves a truncated marker behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -72,15 +77,23 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from es_pipe import storage
-from es_pipe.errors import ConfigError, ManifestError
+from es_pipe.errors import ConfigError, ManifestError, ManifestStorageError
 from es_pipe.retry import Retry
 from es_pipe.sources import shards as shard_files
 
 _FINGERPRINT_RETRY = Retry()
 MARKER_FORMAT = "es_pipe.commit"
 DONE_FORMAT = "es_pipe.done"
+LEASE_FORMAT = "es_pipe.lease"
 COMMITS = "_commits"
 STAGING = "_staging"
+LEASE = "_lease.json"
+MAX_INT32 = 2**31 - 1  # epochs and steps are stored as int32
+_PROCESS_TOKEN = secrets.token_hex(6)  # one launch of a single process: one attempt
+_STORAGE_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n)
+)
+_OURS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*-[0-9a-f]{12}\.parquet$")
 MARKER_FIELDS = ("shard", "path", "rows", "pruned", "size", "crc32")
 _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
 _DONE_RE = re.compile(r"^rank=(\d+)\.json$")
@@ -154,16 +167,19 @@ def _check_relative(path: str, where: str) -> str:
 
 def _check_entry(entry: Mapping[str, Any], epoch: int, where: str) -> None:
     """A file entry of a done-file or marker names files where es_pipe puts them, and
-    nowhere else: ``epoch=N/NAME.parquet`` (and ``_staging/epoch=N/NAME.part``), NAME a
-    :func:`safe_name`. Anything else (``..``, an absolute path, a URL, another epoch's
-    folder, a commit marker) was not written by es_pipe and is refused before any file
-    is read, copied or written."""
+    nowhere else: ``epoch=N/NAME.parquet`` (and ``_staging/epoch=N/a-ATTEMPT/NAME.part``),
+    NAME a :func:`safe_name`. Anything else (``..``, an absolute path, a URL, another
+    epoch's folder, a commit marker) was not written by es_pipe and is refused before any
+    file is read, copied or written."""
     for field, folder, suffix in (("path", "", ".parquet"), ("staged", STAGING, ".parquet.part")):
         if field not in entry or (field == "staged" and entry[field] is None):
             continue
         path = _check_relative(entry[field], where)
         head = f"{folder}/epoch={int(epoch)}/" if folder else f"epoch={int(epoch)}/"
         name = path[len(head) :]
+        if folder:  # staged files live in their attempt's folder: a-TAG/NAME
+            tag, _, name = name.partition("/")
+            name = name if tag.startswith("a-") and _NAME_RE.match(tag) else ""
         if not (path.startswith(head) and name.endswith(suffix) and _NAME_RE.match(name)):
             raise ManifestError(
                 f"{where} names the file {path!r} for epoch {epoch}; es_pipe puts it at "
@@ -238,10 +254,18 @@ class Manifests:
     Args:
         root: directory or fsspec URL (``s3://bucket/run-17/manifests``).
         rank: this process's rank (names its staged files and done-file).
-        attempt: identifies one launch of the job, the same on every rank; the committer
-            only accepts done-files of its own attempt. Default: ``ES_PIPE_ATTEMPT``, else
-            torchelastic's ``TORCHELASTIC_RUN_ID`` + ``TORCHELASTIC_RESTART_COUNT``, else
-            ``"local"``.
+        attempt: identifies one launch of the job, the same on every rank and new for
+            every launch; the committer only accepts done-files of its own attempt, and a
+            rank only trusts a commit marker of its own attempt. Default: ``ES_PIPE_ATTEMPT``,
+            else torchelastic's ``TORCHELASTIC_RUN_ID`` + ``TORCHELASTIC_RESTART_COUNT``,
+            else a random token of this process (the sampler broadcasts rank 0's over
+            ``torch.distributed`` when it is initialized, see :meth:`begin`).
+        relocate: ``{"old_prefix": "new_prefix"}``: the data moved; shard URLs of the
+            committed manifests that start with an old prefix are read under the new one.
+        lease_timeout: seconds after the last heartbeat of a job holding this root
+            (``_lease.json``) before another job may take the root over.
+        takeover: take the root over from the job that holds its lease even if that job
+            looks alive (only when you know it is dead: two live jobs would mix their data).
         storage_options: passed to fsspec.
         progress: show a tqdm bar when reading many files (``None``: when > 16 files).
         retry: how filesystem calls are retried after transient errors (a reset
@@ -266,6 +290,9 @@ class Manifests:
         storage_options: Mapping[str, Any] | None = None,
         progress: bool | None = False,
         retry: Retry | int | None = None,
+        relocate: Mapping[str, str] | None = None,
+        lease_timeout: float = 600.0,
+        takeover: bool = False,
     ) -> None:
         if not isinstance(root, str) or not root:
             raise ConfigError(f"manifests={root!r} must be a directory path or fsspec URL")
@@ -276,7 +303,15 @@ class Manifests:
             raise ConfigError(f"manifests={root!r}: {exc}; give a folder or fsspec URL") from None
         self.root = path.rstrip("/") or "/"
         self.rank = int(rank)
-        self.attempt = attempt or _default_attempt()
+        self._attempt = attempt or _default_attempt()
+        self.relocate = _check_relocate(relocate)
+        if isinstance(lease_timeout, bool) or not isinstance(lease_timeout, (int, float)):
+            raise ConfigError(f"lease_timeout={lease_timeout!r} must be a number of seconds")
+        if not lease_timeout > 0:
+            raise ConfigError(f"lease_timeout={lease_timeout!r} must be > 0 seconds")
+        self.lease_timeout = float(lease_timeout)
+        self.takeover = bool(takeover)
+        self._lease_stop: threading.Event | None = None
         self.progress = progress
         self._token = secrets.token_hex(4)
         self.retry = Retry.of(retry)
@@ -297,6 +332,16 @@ class Manifests:
 
     def __repr__(self) -> str:
         return f"Manifests({self.url!r}, rank={self.rank}, attempt={self.attempt!r})"
+
+    @property
+    def attempt(self) -> str:
+        """This launch's attempt id (see the class docstring)."""
+        return self._attempt or _PROCESS_TOKEN
+
+    def _stage(self, epoch: int, *parts: str) -> str:
+        """Relative path in this attempt's staging folder of ``epoch``: attempts never
+        share a staged file or a done-file."""
+        return "/".join([STAGING, f"epoch={int(epoch)}", attempt_folder(self.attempt), *parts])
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -371,7 +416,7 @@ class Manifests:
         }
         data = encode_table(table, meta)
         name = safe_name(shard)
-        staged = f"{STAGING}/epoch={int(epoch)}/{name}.r{self.rank}-{self._token}.parquet.part"
+        staged = self._stage(epoch, f"{name}.r{self.rank}-{self._token}.parquet.part")
         self._put(self._path(staged), data, atomic=False)
         entry = {
             "shard": shard,
@@ -412,7 +457,7 @@ class Manifests:
             "written": _now(),
             "files": entries,
         }
-        path = self._path(STAGING, f"epoch={int(epoch)}", "_done", f"rank={self.rank}.json")
+        path = self._path(self._stage(epoch, "_done", f"rank={self.rank}.json"))
         self._put(path, json.dumps(done, indent=1).encode(), atomic=True)
         return path
 
@@ -424,35 +469,55 @@ class Manifests:
         timeout: float = 300.0,
         poll: float = 0.2,
         hyper: Mapping[str, Any] | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Make ``epoch`` visible: wait for every expected rank's done-file, publish the
-        files, write the marker last. Returns the marker."""
+        """Make ``epoch`` visible: wait for every expected rank's done-file of this
+        attempt, publish the files, write the marker last. Returns the marker.
+
+        Touches only what es_pipe wrote: a symlink on the way out of the root is refused
+        before anything changes, and a file in ``epoch=N/`` that es_pipe did not write is
+        left there (with a warning). ``run`` is the run identity recorded in the marker
+        (see :meth:`begin`). A full disk raises :class:`ManifestStorageError`; the previous
+        epoch stays committed."""
         epoch = int(epoch)
         ranks = sorted(range(expected_ranks) if isinstance(expected_ranks, int) else expected_ranks)
+        self._refuse_links(f"epoch={epoch}", COMMITS, STAGING)
         dones = self._wait_for_ranks(epoch, ranks, timeout, poll)
         files = _pick_files(epoch, dones)
+        self._check_lease_held()
+        try:
+            marker = self._publish_epoch(epoch, ranks, files, hyper, run)
+        except OSError as exc:
+            raise _storage_error(exc, f"committing epoch {epoch} of {self.url}") from exc
+        # best effort: a leftover staging folder is ignored by every reader. The lease is
+        # this attempt's (or nobody's), so other attempts' staged files are leftovers of
+        # dead launches; a folder linked out of the root is not followed (rmtree refuses)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.rm(self._path(STAGING, f"epoch={epoch}"), recursive=True)
+        return marker
+
+    def _publish_epoch(
+        self,
+        epoch: int,
+        ranks: list[int],
+        files: list[dict[str, Any]],
+        hyper: Mapping[str, Any] | None,
+        run: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Steps 1-3 of the commit protocol (module docstring)."""
         # 1. later and equal markers become stale: the epoch is re-run from here.
         for stale in sorted((e for e in self.committed(refresh=True) if e >= epoch), reverse=True):
             warnings.warn(
                 f"re-committing epoch {epoch} of {self.url}: removing the commit of epoch "
                 f"{stale} (the run went back to an earlier checkpoint)",
-                stacklevel=2,
+                stacklevel=3,
             )
             self._rm(self._marker_path(stale))
             self._markers.pop(stale, None)
-        # 2. publish: every named file to its committed place.
+        # 2. publish: every named file to its committed place; remove our stale ones.
         for entry in files:
             self._publish(entry)
-        keep = {entry["path"].rsplit("/", 1)[-1] for entry in files}
-        epoch_dir = self._path(f"epoch={epoch}")
-        try:
-            self.fs.invalidate_cache(epoch_dir)  # object stores cache listings
-            present = self._io(f"ls {epoch_dir}", self.fs.ls, epoch_dir, False)
-        except FileNotFoundError:
-            present = []
-        for other in present:
-            if other.rstrip("/").rsplit("/", 1)[-1] not in keep:
-                self._rm(other, recursive=True)
+        self._remove_unnamed(epoch, {entry["path"].rsplit("/", 1)[-1] for entry in files})
         # 3. the marker, last.
         marker = {
             "format": MARKER_FORMAT,
@@ -469,12 +534,55 @@ class Manifests:
                 for entry in sorted(files, key=lambda e: e["path"])
             ],
         }
+        if run is not None:
+            marker["run"] = {**run, "shards": shard_set_digest(e["shard"] for e in files)}
         self._put(self._marker_path(epoch), json.dumps(marker, indent=1).encode(), atomic=True)
         self._markers[epoch] = marker
-        # best effort: a leftover staging folder is ignored by every reader
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self.fs.rm(self._path(STAGING, f"epoch={epoch}"), recursive=True)
         return marker
+
+    def _remove_unnamed(self, epoch: int, keep: set[str]) -> None:
+        """Remove files of ``epoch=N/`` that this commit does not name, if es_pipe wrote
+        them (a manifest file of an earlier commit of the epoch); leave anything else."""
+        epoch_dir = self._path(f"epoch={epoch}")
+        try:
+            self.fs.invalidate_cache(epoch_dir)  # object stores cache listings
+            present = self._io(f"ls {epoch_dir}", self.fs.ls, epoch_dir, True)
+        except FileNotFoundError:
+            present = []
+        foreign = []
+        for info in present:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name in keep:
+                continue
+            if info.get("type") == "file" and not info.get("islink") and _OURS_RE.match(name):
+                self._rm(info["name"])
+            else:
+                foreign.append(name)
+        if foreign:
+            warnings.warn(
+                f"{epoch_dir} holds {len(foreign)} entries es_pipe did not write "
+                f"({', '.join(sorted(foreign)[:5])}); left in place. Plain readers of the root "
+                "will see them: move them out of the manifests folder",
+                stacklevel=4,
+            )
+
+    def _refuse_links(self, *parts: str) -> None:
+        """Refuse (before writing or removing anything) a folder of the root that is a
+        symlink, or any path that resolves outside the root: the commit would move or
+        delete files that are not es_pipe's."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return  # object stores have no links
+        real_root = os.path.realpath(self.root)
+        for part in parts:
+            path = self._path(part)
+            real = os.path.realpath(path)
+            inside = real == real_root or real.startswith(real_root.rstrip("/") + "/")
+            if os.path.islink(path) or not inside:
+                raise ManifestError(
+                    f"{path} is a symlink (to {real}); es_pipe only writes and deletes inside "
+                    f"the manifests folder {self.root}, and never follows a link out of it. "
+                    "Remove the link, or give manifests= a folder of its own"
+                )
 
     def _wait_for_ranks(
         self, epoch: int, ranks: list[int], timeout: float, poll: float
@@ -483,25 +591,10 @@ class Manifests:
         found: dict[int, dict[str, Any]] = {}
         while True:
             for rank in ranks:
-                if rank in found:
-                    continue
-                path = self._path(STAGING, f"epoch={epoch}", "_done", f"rank={rank}.json")
-                try:
-                    done = json.loads(self._io(f"read {path}", self.fs.cat_file, path))
-                except FileNotFoundError:
-                    continue
-                except ValueError as exc:
-                    raise ManifestError(
-                        f"done-file {path} is not valid JSON ({exc}); delete it and re-run the "
-                        "epoch from the last checkpoint"
-                    ) from exc
-                if done.get("format") != DONE_FORMAT or done.get("epoch") != epoch:
-                    raise ManifestError(
-                        f"{path} is not an es_pipe done-file of epoch {epoch}; delete it and "
-                        "re-run the epoch from the last checkpoint"
-                    )
-                if done.get("attempt") == self.attempt:
-                    found[rank] = done
+                if rank not in found:
+                    done = self._read_done(epoch, rank)
+                    if done is not None and done.get("attempt") == self.attempt:
+                        found[rank] = done
             missing = [rank for rank in ranks if rank not in found]
             if not missing:
                 return found
@@ -515,43 +608,79 @@ class Manifests:
                 )
             time.sleep(poll)
 
+    def _read_done(self, epoch: int, rank: int) -> dict[str, Any] | None:
+        """This attempt's done-file of ``rank`` for ``epoch``, checked (None: not yet)."""
+        path = self._path(self._stage(epoch, "_done", f"rank={rank}.json"))
+        fix = "delete it and re-run the epoch from the last checkpoint"
+        try:
+            raw = self._io(f"read {path}", self.fs.cat_file, path)
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            raise ManifestError(f"done-file {path} is not a file ({exc}); {fix}") from None
+        done = _load_json(raw, f"done-file {path}", fix)
+        if (
+            not isinstance(done, dict)
+            or done.get("format") != DONE_FORMAT
+            or done.get("epoch") != epoch
+        ):
+            raise ManifestError(f"{path} is not an es_pipe done-file of epoch {epoch}; {fix}")
+        _check_done(done, path, fix)
+        return done
+
     def wait_committed(
         self, epoch: int, *, ranks: int, timeout: float, poll: float = 0.2, max_poll: float = 2.0
     ) -> None:
-        """Block until ``epoch`` is committed (by rank 0): the barrier a rank passes before
-        it reads the next epoch's scores and pruning decisions. Files, not collectives: no
-        process group is needed, and a dead rank shows up as a named missing done-file.
-        The polling interval grows from ``poll`` to ``max_poll``, so that thousands of
-        waiting ranks do not flood an object store with listings."""
+        """Block until ``epoch`` is committed by rank 0 of THIS attempt: the barrier a rank
+        passes before it reads the next epoch's scores and pruning decisions. A marker of
+        another attempt (a killed launch that committed the epoch before) does not count:
+        rank 0 is about to replace it. Files, not collectives: no process group is needed,
+        and a dead rank shows up as a named missing done-file. The polling interval grows
+        from ``poll`` to ``max_poll``, so that thousands of waiting ranks do not flood an
+        object store with listings."""
         epoch = int(epoch)
         deadline = time.monotonic() + timeout
-        while epoch not in self.committed():
+        while not self._committed_by_me(epoch):
             if time.monotonic() >= deadline:
-                done_dir = self._path(STAGING, f"epoch={epoch}", "_done")
-                try:
-                    self.fs.invalidate_cache(done_dir)
-                    names = self._io(f"ls {done_dir}", self.fs.ls, done_dir, False)
-                except FileNotFoundError:
-                    names = []
-                finished = {
-                    int(m.group(1))
-                    for m in (_DONE_RE.match(n.rstrip("/").rsplit("/", 1)[-1]) for n in names)
-                    if m
-                }
-                missing = [r for r in range(ranks) if r not in finished]
-                who = (
-                    f"ranks {missing} have not written their done-files"
-                    if missing
-                    else "every rank finished; rank 0 did not commit (is it alive?)"
-                )
-                raise ManifestError(
-                    f"epoch {epoch} of {self.url} was not committed within {timeout:.0f} s: "
-                    f"{who}. A rank that died or fell behind stops the epoch; restart the job "
-                    "from its last checkpoint (the previous epoch stays the committed one), or "
-                    "raise commit_timeout="
-                )
+                raise ManifestError(self._not_committed(epoch, ranks, timeout))
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
             poll = min(max_poll, poll * 1.5)
+
+    def _committed_by_me(self, epoch: int) -> bool:
+        """Whether the marker of ``epoch`` is there and was written by this attempt."""
+        if epoch not in self.committed():
+            return False
+        self._markers.pop(epoch, None)  # read it again: it may be a stale one, replaced
+        try:
+            marker = self.marker(epoch)
+        except ManifestError:
+            return False  # replaced or removed between the listing and the read
+        return marker.get("attempt") == self.attempt
+
+    def _not_committed(self, epoch: int, ranks: int, timeout: float) -> str:
+        done_dir = self._path(self._stage(epoch, "_done"))
+        try:
+            self.fs.invalidate_cache(done_dir)
+            names = self._io(f"ls {done_dir}", self.fs.ls, done_dir, False)
+        except FileNotFoundError:
+            names = []
+        finished = {
+            int(m.group(1))
+            for m in (_DONE_RE.match(n.rstrip("/").rsplit("/", 1)[-1]) for n in names)
+            if m
+        }
+        missing = [r for r in range(ranks) if r not in finished]
+        who = (
+            f"ranks {missing} have not written their done-files"
+            if missing
+            else "every rank finished; rank 0 did not commit (is it alive?)"
+        )
+        return (
+            f"epoch {epoch} of {self.url} was not committed by this launch (attempt "
+            f"{self.attempt!r}) within {timeout:.0f} s: {who}. A rank that died or fell "
+            "behind stops the epoch; restart the job from its last checkpoint (the previous "
+            "epoch stays the committed one), or raise commit_timeout="
+        )
 
     def _publish(self, entry: dict[str, Any]) -> None:
         src, dst = self._path(entry["staged"]), self._path(entry["path"])
@@ -588,8 +717,22 @@ class Manifests:
         """Write ``data`` whole, in one PUT (object stores); on a local disk through a
         hidden temporary name and ``os.replace`` when ``atomic``. Retried after transient
         errors; a write that fails removes what it wrote (a filesystem without atomic
-        writes may keep a prefix), so no half-written file is left under its name."""
-        self._io(f"write {path}", self._put_once, path, data, atomic)
+        writes may keep a prefix), so no half-written file is left under its name.
+        A full disk (or quota, or read-only filesystem) raises
+        :class:`ManifestStorageError`; a file where es_pipe needs a folder raises
+        :class:`ManifestError`."""
+        try:
+            self._io(f"write {path}", self._put_once, path, data, atomic)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ManifestError(
+                f"cannot write {path}: a file of the manifests folder {self.root} stands where "
+                f"es_pipe keeps a folder ({exc}). Remove it, or give manifests= a folder of "
+                "its own"
+            ) from None
+        except OSError as exc:
+            if getattr(exc, "errno", None) in _STORAGE_ERRNOS:
+                raise _storage_error(exc, f"writing {path}") from exc
+            raise
 
     def _put_once(self, path: str, data: bytes | pa.Buffer, atomic: bool) -> None:
         if isinstance(self.fs, LocalFileSystem):
@@ -618,6 +761,216 @@ class Manifests:
                     self.fs.rm(path)
                 raise
 
+    # ------------------------------------------------------------------ one run per root
+
+    def begin(
+        self,
+        *,
+        world_size: int = 1,
+        identity: Mapping[str, Any] | None = None,
+        resume: bool | str = True,
+    ) -> int | None:
+        """Start a run on this root (every rank calls it once, before training): agree on
+        the attempt id, refuse a root that is not usable as a folder, take the lease
+        (rank 0) and, when resuming, check that the committed epochs belong to this run.
+
+        Returns the newest committed epoch this run continues after (``None``: start at
+        epoch 0). ``identity`` is ``{"fingerprint": ..., "run_id": ...}`` (see
+        :func:`run_fingerprint`); ``resume="force"`` adopts committed epochs of another
+        identity on purpose (with a warning)."""
+        self._agree_on_attempt(world_size)
+        self._refuse_files(COMMITS, STAGING)
+        self._refuse_links(COMMITS, STAGING)
+        if self.rank == 0:
+            self.acquire_lease(run_id=(identity or {}).get("run_id"))
+        if not resume:
+            return None
+        latest = self.latest()
+        if latest is not None and identity is not None:
+            self._check_identity(latest, identity, force=resume == "force")
+        return latest
+
+    def _agree_on_attempt(self, world_size: int) -> None:
+        """Ranks of one launch share one attempt id: the one given or set in the
+        environment, else rank 0's random token broadcast over torch.distributed."""
+        if self._attempt is not None or world_size <= 1:
+            return
+        try:
+            import torch.distributed as dist
+
+            ready = dist.is_available() and dist.is_initialized()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            ready = False
+        if not ready:
+            raise ConfigError(
+                f"manifests= on {world_size} ranks: the ranks of one launch must share an "
+                "attempt id, new for every launch. Initialise torch.distributed before "
+                "creating the sampler (es_pipe then broadcasts rank 0's id), launch with "
+                "torchrun, or set ES_PIPE_ATTEMPT to the same fresh value on every rank"
+            )
+        token = [_PROCESS_TOKEN if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        self._attempt = str(token[0])
+
+    def _refuse_files(self, *parts: str) -> None:
+        """A file where es_pipe keeps a folder fails now, not after an epoch of training."""
+        for part in parts:
+            path = self._path(part)
+            try:
+                kind = self._io(f"info {path}", self.fs.info, path).get("type")
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if kind != "directory":
+                raise ManifestError(
+                    f"{path} is a {kind}, where es_pipe keeps the folder {part}/ of the "
+                    f"manifests root {self.url}. Remove it, or give manifests= a folder of "
+                    "its own"
+                )
+
+    def _check_identity(self, latest: int, identity: Mapping[str, Any], *, force: bool) -> None:
+        """Refuse to continue the committed epochs of another run."""
+        marker = self.marker(latest)
+        stored = marker.get("run")
+        if not isinstance(stored, dict):
+            warnings.warn(
+                f"the commit of epoch {latest} under {self.url} has no run identity (written "
+                "by an older es_pipe); continuing it without checking that it is this run's",
+                stacklevel=4,
+            )
+            return
+        diffs = [
+            f"{k} {stored.get(k)!r} (now {identity.get(k)!r})"
+            for k in ("run_id", "fingerprint")
+            if stored.get(k) != identity.get(k)
+        ]
+        if not diffs:
+            return
+        what = (
+            f"the committed epochs under {self.url} (newest {latest}, step "
+            f"{marker.get('hyper', {}).get('step')!r}) were written by another run: "
+            + "; ".join(diffs)
+        )
+        if force:
+            warnings.warn(what + "; adopting them anyway (resume='force')", stacklevel=4)
+            return
+        raise ManifestError(
+            what + ". The fingerprint covers the policy, B, b, scoring and pruning rule. "
+            "Start over with resume=False (replaces those epochs as it commits), give "
+            "manifests= a new folder, or pass resume='force' to adopt them deliberately"
+        )
+
+    def acquire_lease(self, *, run_id: str | None = None) -> dict[str, Any]:
+        """Claim the root for this attempt (``_lease.json``): a live lease of another
+        attempt raises :class:`ManifestError` at once; a stale one is taken over. A
+        daemon thread renews the heartbeat until the process exits."""
+        mine = {
+            "format": LEASE_FORMAT,
+            "attempt": self.attempt,
+            "run_id": run_id,
+            "launch": _launch_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "created": time.time(),
+            "heartbeat": time.time(),
+            "timeout": self.lease_timeout,
+        }
+        held = self.read_lease()
+        if held is not None and held.get("attempt") != self.attempt:
+            reason = _stale_reason(held, mine)
+            if reason is None and not self.takeover:
+                raise ManifestError(self._lease_refusal(held))
+            warnings.warn(
+                f"taking over {self._path(LEASE)} from attempt {held.get('attempt')!r} "
+                f"({reason or 'takeover=True'})",
+                stacklevel=3,
+            )
+        self._put(self._path(LEASE), json.dumps(mine, indent=1).encode(), atomic=True)
+        time.sleep(0.05)  # two jobs racing for a free root: the last writer wins
+        self._check_lease_held()
+        self._renew_in_background(mine)
+        return mine
+
+    def read_lease(self) -> dict[str, Any] | None:
+        """The lease of the root (``None``: no job holds it)."""
+        path = self._path(LEASE)
+        try:
+            raw = self._io(f"read {path}", self.fs.cat_file, path)
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            raise ManifestError(f"{path} is not a file ({exc}); remove it") from None
+        lease = _load_json(raw, f"lease {path}", "delete it (no job holds the root then)")
+        if not isinstance(lease, dict) or lease.get("format") != LEASE_FORMAT:
+            raise ManifestError(f"{path} is not an es_pipe lease; delete it")
+        return lease
+
+    def _lease_refusal(self, held: Mapping[str, Any]) -> str:
+        age = time.time() - float(held.get("heartbeat") or 0)
+        return (
+            f"{self.url} is in use by another job: attempt {held.get('attempt')!r} on host "
+            f"{held.get('host')!r} (pid {held.get('pid')}) renewed its lease {age:.0f} s ago "
+            f"(taken over after {held.get('timeout')} s without renewal). Two jobs on one "
+            "manifests folder would commit each other's data. Give this job a folder of its "
+            "own (manifests=...), wait for the other job to end, or, if it is dead, pass "
+            "es_pipe.Manifests(url, takeover=True)"
+        )
+
+    def _check_lease_held(self) -> None:
+        """Before committing: the lease (if any) is still this attempt's."""
+        held = self.read_lease()
+        if held is not None and held.get("attempt") != self.attempt:
+            raise ManifestError(
+                f"not committing to {self.url}: its lease was taken over by attempt "
+                f"{held.get('attempt')!r} (host {held.get('host')!r}, pid {held.get('pid')}); "
+                "another job now writes this folder, and an epoch never mixes two runs. Stop "
+                "one of the jobs, or give each a folder of its own"
+            )
+
+    def _renew_in_background(self, lease: dict[str, Any]) -> None:
+        """A daemon thread renews the heartbeat every ``lease_timeout / 4`` seconds while
+        this object lives (weakly held: a dropped sampler does not keep it alive), and the
+        lease is released at exit."""
+        if self._lease_stop is not None:
+            return
+        stop = self._lease_stop = threading.Event()
+        period = max(0.05, self.lease_timeout / 4)
+        ref = weakref.ref(self)
+
+        def renew() -> None:
+            while not stop.wait(period):
+                owner = ref()
+                if owner is None or not owner._renew_once(lease):
+                    return
+
+        def release() -> None:
+            owner = ref()
+            if owner is not None:
+                owner.release_lease()
+
+        threading.Thread(target=renew, name="es_pipe-lease", daemon=True).start()
+        atexit.register(release)
+
+    def _renew_once(self, lease: dict[str, Any]) -> bool:
+        """One heartbeat; ``False`` once the lease is no longer this attempt's."""
+        try:
+            held = self.read_lease()
+            if held is None or held.get("attempt") != self.attempt:
+                return False  # taken over: the commit refuses, see _check_lease_held
+            lease["heartbeat"] = time.time()
+            self._put(self._path(LEASE), json.dumps(lease, indent=1).encode(), atomic=True)
+        except Exception:  # a missed heartbeat is retried at the next one
+            pass
+        return True
+
+    def release_lease(self) -> None:
+        """Give the root back (at exit): remove the lease if it is still this attempt's."""
+        if self._lease_stop is not None:
+            self._lease_stop.set()
+        with contextlib.suppress(Exception):
+            held = self.read_lease()
+            if held is not None and held.get("attempt") == self.attempt:
+                self.fs.rm(self._path(LEASE))
+
     # ------------------------------------------------------------------ reading
 
     def _marker_path(self, epoch: int) -> str:
@@ -634,6 +987,11 @@ class Manifests:
         epochs = []
         for name in names:
             match = _MARKER_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+            if match and int(match.group(1)) >= MAX_INT32:
+                raise ManifestError(
+                    f"{name}: epoch {match.group(1)} is out of range (at most {MAX_INT32 - 1}); "
+                    "the marker was not written by es_pipe. Delete it"
+                )
             if match:
                 epochs.append(int(match.group(1)))
         if refresh:
@@ -681,14 +1039,17 @@ class Manifests:
                 + f"; committed epochs: {_ranges(committed)}. Read one of those (the newest "
                 f"is {committed[-1]})"
             ) from None
-        try:
-            marker = json.loads(raw)
-        except ValueError as exc:
+        except (IsADirectoryError, NotADirectoryError) as exc:
             raise ManifestError(
-                f"commit marker {path} is not valid JSON ({exc}): it was edited, or written "
-                "half by a filesystem without atomic writes that crashed during the commit. "
+                f"commit marker {path} is not a file ({exc}); it was not written by es_pipe. "
                 "Delete it to fall back to the previous epoch"
-            ) from exc
+            ) from None
+        marker = _load_json(
+            raw,
+            f"commit marker {path}",
+            "it was edited, or written half by a filesystem without atomic writes that "
+            "crashed during the commit. Delete it to fall back to the previous epoch",
+        )
         if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
             raise ManifestError(
                 f"{path} is not an es_pipe commit marker; restore it, or delete it to fall back to "
@@ -706,7 +1067,10 @@ class Manifests:
         marker = self.marker(epoch)
         cached = self._by_shard.get(epoch)
         if cached is None or cached[0] is not marker:  # built once per marker read
-            cached = (marker, {entry["shard"]: entry for entry in marker["files"]})
+            cached = (
+                marker,
+                {relocated(entry["shard"], self.relocate): entry for entry in marker["files"]},
+            )
             self._by_shard[epoch] = cached
         return cached[1]
 
@@ -739,6 +1103,7 @@ class Manifests:
                 "that epoch); leave epoch= out to get the newest epoch that has it"
             )
         table, meta, path = self._read_entry(epoch, entry)
+        shard = relocated(entry["shard"], self.relocate)
         columns = {
             "score": table.column("score").to_numpy(),
             "loss": table.column("loss").to_numpy(),
@@ -890,13 +1255,14 @@ def file_meta(schema: pa.Schema, path: str) -> dict[str, Any]:
             f"{path} has no es_pipe metadata; it was not written by es_pipe. Point manifests= at "
             "the folder es_pipe writes, or remove the file"
         )
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise ManifestError(
-            f"{path}: es_pipe metadata is not valid JSON ({exc}); the file was edited or damaged: "
-            "restore it, or delete its epoch's commit marker to fall back to the previous epoch"
-        ) from exc
+    meta = _load_json(
+        raw,
+        f"{path}: es_pipe metadata",
+        "the file was edited or damaged: restore it, or delete its epoch's commit marker to "
+        "fall back to the previous epoch",
+    )
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{path}: es_pipe metadata is not a mapping; the file was edited")
     _check_version(meta.get("schema_version"), path)
     expected = arrow_schema()
     if not schema.remove_metadata().equals(expected):
@@ -980,14 +1346,127 @@ def _version() -> str:
     return __version__
 
 
-def _default_attempt() -> str:
+def _default_attempt() -> str | None:
+    """The attempt id the launcher gives every rank alike (``None``: none; then a random
+    token of this process, or rank 0's broadcast, see :meth:`Manifests.begin`)."""
     explicit = os.environ.get("ES_PIPE_ATTEMPT")
     if explicit:
         return explicit
-    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    run = _launch_id()
     if run:
         return f"{run}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return "local"
+    return None
+
+
+def _launch_id() -> str | None:
+    """torchelastic's run id, shared by the ranks and restarts of one launch ("none", its
+    default without rendezvous id, is not unique: ignored)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run if run and run != "none" else None
+
+
+def attempt_folder(attempt: str) -> str:
+    """The staging folder name of an attempt: safe characters plus a hash."""
+    tail = _SAFE_RE.sub("_", attempt)[:40]
+    return f"a-{tail}-{hashlib.sha1(attempt.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _stale_reason(held: Mapping[str, Any], mine: Mapping[str, Any]) -> str | None:
+    """Why a lease of another attempt may be taken over (``None``: it is live)."""
+    age = time.time() - float(held.get("heartbeat") or 0)
+    if age > float(held.get("timeout") or 0):
+        return f"no heartbeat for {age:.0f} s"
+    if held.get("host") == mine["host"] and not _alive(held.get("pid")):
+        return f"its process {held.get('pid')} on this host is gone"
+    if mine["launch"] is not None and held.get("launch") == mine["launch"]:
+        return "an earlier restart of this launch"
+    if mine["run_id"] is not None and held.get("run_id") == mine["run_id"]:
+        return f"the same run_id {mine['run_id']!r}, restarted"
+    return None
+
+
+def _alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _load_json(raw: bytes, what: str, fix: str) -> Any:
+    """JSON of an es_pipe file; a damaged one (invalid, not UTF-8, absurdly nested) is a
+    :class:`ManifestError` that says ``fix``."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ManifestError(f"{what} is not valid JSON ({detail}); {fix}") from None
+
+
+_DONE_TYPES = {"shard": str, "path": str, "staged": str, "rows": int, "size": int, "crc32": int}
+
+
+def _check_done(done: Mapping[str, Any], path: str, fix: str) -> None:
+    """The fields of a done-file the commit relies on, with their types."""
+    files = done.get("files")
+    if not isinstance(files, list):
+        raise ManifestError(f"done-file {path} has no list of 'files'; {fix}")
+    for entry in files:
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), t) and not isinstance(entry.get(k), bool)
+            for k, t in _DONE_TYPES.items()
+        ):
+            raise ManifestError(
+                f"done-file {path} has a damaged file entry ({str(entry)[:200]}); {fix}"
+            )
+
+
+def _storage_error(exc: OSError, what: str) -> ManifestStorageError:
+    return ManifestStorageError(
+        getattr(exc, "errno", None) or errno.EIO,
+        f"{what} failed: the storage refused the write ({type(exc).__name__}: {exc}). The "
+        "previous epoch stays the committed one; free space (or fix the storage) and call "
+        "again, or restart from the last checkpoint",
+    )
+
+
+def _check_relocate(relocate: Mapping[str, str] | None) -> dict[str, str]:
+    if relocate is None:
+        return {}
+    if not isinstance(relocate, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in relocate.items()
+    ):
+        raise ConfigError(
+            f"relocate={relocate!r}: give {{'old_prefix': 'new_prefix'}}, e.g. "
+            "{'s3://old-bucket/data/': 's3://new-bucket/data/'}"
+        )
+    return dict(relocate)
+
+
+def relocated(shard: str, relocate: Mapping[str, str]) -> str:
+    """``shard`` under its new prefix (the longest old prefix that matches wins)."""
+    for old in sorted(relocate, key=len, reverse=True):
+        if shard.startswith(old):
+            return relocate[old] + shard[len(old) :]
+    return shard
+
+
+def shard_set_digest(shards: Iterable[str]) -> dict[str, Any]:
+    """The shard set of a commit: count and a SHA-1 of the sorted names."""
+    names = sorted(set(shards))
+    digest = hashlib.sha1("\n".join(names).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return {"count": len(names), "sha1": digest}
+
+
+def run_fingerprint(hyper: Mapping[str, Any]) -> str:
+    """A fingerprint of the hyper-parameters that change what the scores mean (policy
+    and its betas, B, b, scoring, pruning rule, ...): 16 hex digits."""
+    text = json.dumps(hyper, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _ranges(epochs: list[int]) -> str:

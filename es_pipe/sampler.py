@@ -104,7 +104,14 @@ class Sampler:
             shards are restored from it the first time they show up.
         resume: with ``manifests`` that already hold committed epochs, continue after the
             newest (epoch and step from its commit) unless a checkpoint is loaded; ``False``
-            starts over at epoch 0 (and replaces the old epochs as it commits).
+            starts over at epoch 0 (and replaces the old epochs as it commits). Only the
+            same run is continued: the commits record a run identity (a fingerprint of the
+            policy, B, b, scoring and pruning rule, plus ``run_id``), and epochs of another
+            run raise ``ManifestError``, as does data that moved (no shard seen is in the
+            committed manifests: pass ``manifests=es_pipe.Manifests(url, relocate=...)``).
+            ``"force"`` adopts another run's epochs deliberately (with a warning).
+        run_id: an optional name of this run, recorded in every commit and required to
+            match when resuming (e.g. your experiment id).
         rank, world_size: who writes which manifests; rank 0 commits each epoch once every
             rank's files are there (default: torch.distributed, else RANK/WORLD_SIZE).
         on_mismatch: a manifest whose shard fingerprint differs from the shard:
@@ -129,7 +136,8 @@ class Sampler:
         seed: int = 0,
         prune: Pruning | None = None,
         manifests: Any = None,
-        resume: bool = True,
+        resume: bool | Literal["force"] = True,
+        run_id: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         on_mismatch: Literal["raise", "fresh"] = "raise",
@@ -173,6 +181,11 @@ class Sampler:
             )
         if on_mismatch not in ("raise", "fresh"):
             raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
+        if resume not in (True, False, "force"):
+            raise ConfigError(f"resume={resume!r}: use True, False or 'force'")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ConfigError(f"run_id={run_id!r} must be a non-empty string or None")
+        self.run_id = run_id
         timeout = commit_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"commit_timeout={commit_timeout!r} must be a number of seconds > 0")
@@ -203,8 +216,8 @@ class Sampler:
             self.boundary = self._make_boundary(
                 prune, manifests, on_mismatch, commit_timeout, total_epochs
             )
-            if resume:
-                self._resume_from_manifests()
+            if manifests is not None:
+                self._begin_run(prune, resume)
 
     def _make_boundary(self, prune, manifests, on_mismatch, timeout, total):
         from es_pipe.boundary import EpochBoundary
@@ -230,19 +243,47 @@ class Sampler:
             commit_timeout=timeout,
         )
 
-    def _resume_from_manifests(self) -> None:
+    def identity(self, prune: Pruning | None = None) -> dict[str, Any]:
+        """This run's identity, recorded in every commit and checked when resuming: the
+        user's ``run_id`` and a fingerprint of the hyper-parameters that change what the
+        scores and pruning decisions mean (not the seed or the training length)."""
+        from dataclasses import asdict, is_dataclass
+
+        from es_pipe.manifest import run_fingerprint
+
+        policy = asdict(self.policy) if is_dataclass(self.policy) else {}
+        meaning = {
+            "policy": {"name": self.policy.name, **policy},
+            "meta_batch_size": self.meta_batch_size,
+            "batch_size": self.batch_size,
+            "scoring": self.scoring,
+            "replacement": self.replacement,
+            "reweight": self.reweight,
+            "init": self.init,
+            "prune": None if prune is None else prune.describe(),
+        }
+        return {"run_id": self.run_id, "fingerprint": run_fingerprint(meaning)}
+
+    def _begin_run(self, prune: Pruning | None, resume: bool | str) -> None:
+        """Claim the manifests folder and, when resuming, continue after its newest commit
+        if it is this run's (see ``resume``)."""
         manifests = self.boundary.manifests
-        latest = None if manifests is None else manifests.latest()
+        identity = self.identity(prune)
+        self.boundary.run = identity
+        latest = manifests.begin(world_size=self.world_size, identity=identity, resume=resume)
         if latest is None:
             return
         step = manifests.marker(latest).get("hyper", {}).get("step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        if step is not None and (
+            isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**31 - 1
+        ):
             raise ManifestError(
                 f"the commit marker of epoch {latest} under {manifests.url} records step "
                 f"{step!r}, not a step count; restore the marker or start with resume=False"
             )
         self.epoch = self.boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
+        self.boundary.expect_known = resume != "force"
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters, JSON-friendly (recorded in manifests)."""
