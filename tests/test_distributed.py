@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -50,11 +51,12 @@ def launch(world, index, manifests, out, *extra, torchrun=True, timeout=180):
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
         codes = [proc.returncode]
         output = proc.stdout + proc.stderr
-    else:
+    else:  # no rendezvous: the launcher gives its ranks one fresh attempt id
+        attempt = uuid.uuid4().hex
         procs = [
             subprocess.Popen(
                 [sys.executable, *args],
-                env={**env, "RANK": str(r), "WORLD_SIZE": str(world)},
+                env={**env, "RANK": str(r), "WORLD_SIZE": str(world), "ES_PIPE_ATTEMPT": attempt},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
