@@ -94,7 +94,7 @@ _STORAGE_ERRNOS = frozenset(
     getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n)
 )
 _OURS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*-[0-9a-f]{12}\.parquet$")
-MARKER_FIELDS = ("shard", "path", "rows", "pruned", "size", "crc32")
+MARKER_FIELDS = ("shard", "path", "rows", "pruned", "repruned", "size", "crc32")
 _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
 _DONE_RE = re.compile(r"^rank=(\d+)\.json$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -424,6 +424,8 @@ class Manifests:
             "path": f"epoch={int(epoch)}/{name}.parquet",
             "rows": table.num_rows,
             "pruned": int(pc.sum(table.column("pruned")).as_py() or 0),
+            # pruned again: left out of this epoch too (streak >= 2); for `inspect`
+            "repruned": int(pc.sum(pc.greater_equal(table.column("streak"), 2)).as_py() or 0),
             "size": data.size,
             "crc32": _crc(data),
             "fallback": bool(fallback),
@@ -1294,9 +1296,12 @@ def _check_marker(marker: dict[str, Any], epoch: int, path: str) -> None:
             ):
                 problem = f"a file entry is not {{shard, path, size, crc32}}: {str(entry)[:200]}"
                 break
-            pruned = entry.get("pruned", 0)  # optional: markers before pruned counts
-            if isinstance(pruned, bool) or not isinstance(pruned, int) or pruned < 0:
-                problem = f"a file entry's 'pruned' is not a count: {str(entry)[:200]}"
+            for count in ("pruned", "repruned"):  # optional: markers before these counts
+                value = entry.get(count, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    problem = f"a file entry's {count!r} is not a count: {str(entry)[:200]}"
+                    break
+            if problem:
                 break
     if problem:
         raise ManifestError(
