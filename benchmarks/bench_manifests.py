@@ -182,14 +182,24 @@ def _write_epochs(root: str, epochs: int, rows: int, shards: int) -> None:
 
 def _peak_rss_mib(root: str, pythonpath: str) -> float:
     """Peak RSS (MiB) of ``es-pipe inspect ROOT --epoch 0`` in a fresh subprocess."""
-    code = "import sys; from es_pipe.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys, es_pipe; from es_pipe.cli import main; "
+        "print(es_pipe.__file__, file=sys.stderr); sys.exit(main(sys.argv[1:]))"
+    )
     cmd = [sys.executable, "-c", code, "inspect", root, "--epoch", "0", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: not a checkout (`python -c` puts the cwd first on sys.path, before PYTHONPATH)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=os.path.dirname(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode()
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"{cmd} failed: {err[-2000:]}")
+    imported = err.splitlines()[0]
+    if not imported.startswith(os.path.join(pythonpath, "es_pipe")):
+        raise SystemExit(f"PYTHONPATH={pythonpath} imported es_pipe from {imported}")
     return usage.ru_maxrss / 1024  # KiB on Linux
 
 

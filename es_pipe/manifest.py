@@ -516,6 +516,9 @@ class Manifests:
             )
             self._rm(self._marker_path(stale))
             self._markers.pop(stale, None)
+        # every later epoch=M/ is now uncommitted: an abandoned run's files, which plain
+        # readers of ROOT/**/*.parquet would take for data
+        self._remove_abandoned(epoch)
         # 2. publish: every named file to its committed place; remove our stale ones.
         for entry in files:
             self._publish(entry)
@@ -541,6 +544,31 @@ class Manifests:
         self._put(self._marker_path(epoch), json.dumps(marker, indent=1).encode(), atomic=True)
         self._markers[epoch] = marker
         return marker
+
+    def _remove_abandoned(self, epoch: int) -> None:
+        """Remove es_pipe's files from ``epoch=M/`` folders with ``M > epoch`` (no marker
+        names them once step 1 ran: files of a run that went back to an earlier
+        checkpoint, or of a publication that crashed before its marker); a folder left
+        empty goes too. A linked folder is not followed, and anything es_pipe did not
+        write is left in place (with a warning)."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            entries = self._io(f"ls {self.root}", self.fs.ls, self.root, True)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for info in entries:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            match = re.fullmatch(r"epoch=(\d+)", name)
+            if not match or int(match.group(1)) <= epoch or info.get("type") != "directory":
+                continue
+            path = self._path(name)
+            if isinstance(self.fs, LocalFileSystem) and os.path.islink(path):
+                warnings.warn(f"{path} is a symlink; es_pipe leaves it alone", stacklevel=4)
+                continue
+            self._remove_unnamed(int(match.group(1)), set())
+            with contextlib.suppress(Exception):  # best effort: not empty, or no folders
+                if not self._io(f"ls {path}", self.fs.ls, path, False):
+                    self.fs.rmdir(path)
 
     def _remove_unnamed(self, epoch: int, keep: set[str]) -> None:
         """Remove files of ``epoch=N/`` that this commit does not name, if es_pipe wrote
@@ -1189,6 +1217,41 @@ class Manifests:
         return table.append_column(
             "epoch", pa.array(np.full(table.num_rows, epoch, np.int32), pa.int32())
         )
+
+    def dataset(self, epochs: Iterable[int] | None = None) -> Any:
+        """The committed epochs (default: all; else those of ``epochs``) as one
+        ``pyarrow.dataset.Dataset`` with an ``epoch`` column: exactly the files their
+        commit markers name, so that DuckDB, pandas or Polars read committed rows only
+        (never an epoch being published, nor one a crash or a re-run abandoned).
+        ``ManifestError`` when nothing is committed or an epoch asked for is not."""
+        import pyarrow.dataset as ds
+
+        wanted = self.committed() if epochs is None else sorted({int(e) for e in epochs})
+        if not wanted:
+            raise ManifestError(self._no_epochs())
+        paths = [self._path(f["path"]) for e in wanted for f in self.marker(e)["files"]]
+        schema = arrow_schema().append(pa.field("epoch", pa.int32(), nullable=False))
+        return ds.dataset(
+            paths,
+            schema=schema,
+            format="parquet",
+            filesystem=self.fs,
+            partitioning=ds.partitioning(pa.schema([("epoch", pa.int32())]), flavor="hive"),
+            partition_base_dir=self.root,
+        )
+
+
+def manifests_dataset(
+    root: str,
+    epochs: Iterable[int] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """The committed manifests under ``root`` as a ``pyarrow.dataset.Dataset`` (see
+    :meth:`Manifests.dataset`): the one line other engines need, e.g.
+    ``duckdb.sql("select epoch, avg(pruned::int) from m group by 1")`` after
+    ``m = es_pipe.manifests_dataset(root)``."""
+    return Manifests(root, storage_options=storage_options).dataset(epochs)
 
 
 # --------------------------------------------------------------------------- encoding
