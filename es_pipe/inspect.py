@@ -41,7 +41,11 @@ examples:
   es-pipe inspect runs/17/manifests --json | jq .epochs
       the same facts as JSON
 
-plain SQL over committed epochs (DuckDB):
+SQL over committed epochs only (DuckDB from Python; the dataset names exactly the
+committed files):
+  m = es_pipe.manifests_dataset("ROOT")
+  duckdb.sql("select epoch, avg(pruned::int) from m group by 1 order by 1")
+or the DuckDB CLI over a glob, filtered to the committed epochs:
   duckdb -c "select epoch, avg(pruned::int) from 'ROOT/**/*.parquet' where epoch <= LAST
              group by 1 order by 1"
   (LAST = the newest committed epoch this command prints: a run may be publishing the next)
@@ -546,6 +550,7 @@ def render(report: dict[str, Any]) -> str:
                 out.append(f"shards only in {d[side]}: {_few(d[f'shards_only_in_{side}'])}")
     out += [
         "",
+        f"committed rows only, from Python: es_pipe.manifests_dataset({report['root']!r})",
         f"plain SQL: select epoch, avg(pruned::int) from '{report['root']}/**/*.parquet' "
         f"where epoch <= {report['committed'][-1]} group by 1 order by 1",
     ]
