@@ -523,6 +523,7 @@ class Manifests:
         for entry in files:
             self._publish(entry)
         self._remove_unnamed(epoch, {entry["path"].rsplit("/", 1)[-1] for entry in files})
+        self._check_lease_held()  # again: the folder may have been taken while publishing
         # 3. the marker, last.
         marker = {
             "format": MARKER_FORMAT,
@@ -946,8 +947,20 @@ class Manifests:
         )
 
     def _check_lease_held(self) -> None:
-        """Before committing: the lease (if any) is still this attempt's."""
+        """Before committing: the lease is still this attempt's. A job that took the lease
+        (:meth:`acquire_lease`) and finds none lost it: another job took it over and has
+        since ended (releasing it), or it was removed; committing now would replace that
+        job's epochs. Without :meth:`acquire_lease` (the plain API), only another
+        attempt's lease refuses."""
         held = self.read_lease()
+        if held is None and self._lease_stop is not None:
+            raise ManifestError(
+                f"not committing to {self.url}: this job (attempt {self.attempt!r}) took its "
+                "lease, and the lease is gone: another job took the folder over and ended, or "
+                "the lease file was removed. Its committed epochs would be replaced. Restart "
+                "this job from its last checkpoint (it takes the folder again), or give each "
+                "job a folder of its own"
+            )
         if held is not None and held.get("attempt") != self.attempt:
             raise ManifestError(
                 f"not committing to {self.url}: its lease was taken over by attempt "
