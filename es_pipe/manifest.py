@@ -560,11 +560,20 @@ class Manifests:
         for info in entries:
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             match = re.fullmatch(r"epoch=(\d+)", name)
-            if not match or int(match.group(1)) <= epoch or info.get("type") != "directory":
+            if not match or int(match.group(1)) <= epoch:
                 continue
             path = self._path(name)
-            if isinstance(self.fs, LocalFileSystem) and os.path.islink(path):
-                warnings.warn(f"{path} is a symlink; es_pipe leaves it alone", stacklevel=4)
+            if info.get("islink") or (
+                isinstance(self.fs, LocalFileSystem) and os.path.islink(path)
+            ):
+                warnings.warn(
+                    f"{path} is a symlink; es_pipe never follows a link out of the manifests "
+                    "folder and leaves it alone. Plain readers of the root may read what it "
+                    "points to: remove it",
+                    stacklevel=4,
+                )
+                continue
+            if info.get("type") != "directory":
                 continue
             self._remove_unnamed(int(match.group(1)), set())
             with contextlib.suppress(Exception):  # best effort: not empty, or no folders
