@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -167,6 +170,7 @@ def test_a_step_of_2_to_the_31_in_a_marker_is_refused_on_resume(tmp_path):
         es_pipe.EvolvedSampler(8, 4, seed=1, manifests=str(root))
 
 
+# held at 3d23362 already (kept as guards); the done-file cases below did not
 @pytest.mark.parametrize(
     "damage",
     [
@@ -202,24 +206,57 @@ def test_commits_or_staging_as_a_file_is_refused_before_training(tmp_path, where
 
 
 def test_a_crashed_launchs_done_file_is_not_taken_for_a_live_rank(tmp_path):
-    """Launch 1's rank 1 finished epoch 0 and the launch crashed; launch 2's rank 0 must
-    wait for launch 2's rank 1, not commit launch 1's files."""
-    old = Manifests(str(tmp_path), rank=1, attempt="launch-1")
-    old.write_shard(0, "b.tar", _cols(4))
-    old.finish(0)
-    rank0 = Manifests(str(tmp_path), rank=0, attempt="launch-2")
+    """Launch 1 (another process, default attempt id) finished epoch 0 on rank 1 and
+    crashed; launch 2's rank 0 (this process, default attempt id) must wait for launch
+    2's rank 1, not commit launch 1's file (the default id was the constant "local")."""
+    code = (
+        "import sys, numpy as np; from es_pipe.manifest import Manifests; "
+        "m = Manifests(sys.argv[1], rank=1); n = 4; "
+        "m.write_shard(0, 'b.tar', {'score': np.zeros(n, np.float32), "
+        "'loss': np.ones(n, np.float32), 'visits': np.ones(n, np.uint32), "
+        "'step': np.full(n, 99, np.int32)}); m.finish(0)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ES_PIPE_", "TORCHELASTIC"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True, timeout=120)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("ES_PIPE_ATTEMPT", "TORCHELASTIC_RUN_ID"):
+            mp.delenv(name, raising=False)
+        rank0 = Manifests(str(tmp_path), rank=0)
     rank0.write_shard(0, "a.tar", _cols(4))
     rank0.finish(0)
     with pytest.raises(ManifestError, match=r"ranks \[1\] of \[0, 1\] have not finished"):
         rank0.commit(0, expected_ranks=2, timeout=0.3)
     assert rank0.committed() == []
-    rank1 = Manifests(str(tmp_path), rank=1, attempt="launch-2")
+    rank1 = Manifests(str(tmp_path), rank=1, attempt=rank0.attempt)  # launch 2's rank 1
     rank1.write_shard(0, "b.tar", _cols(4, epoch=5))
     rank1.finish(0)
     marker = rank0.commit(0, expected_ranks=2)
-    assert marker["attempt"] == "launch-2"
+    assert marker["attempt"] == rank0.attempt
     got = Manifests(str(tmp_path)).read_shard("b.tar", 0)
-    assert got.meta["attempt"] == "launch-2" and got.columns["step"].tolist() == [5] * 4
+    assert got.meta["attempt"] == rank0.attempt and got.columns["step"].tolist() == [5] * 4
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["files"][0].pop("staged"),
+        lambda d: d["files"][0].update(size="12"),
+        lambda d: d["files"].__setitem__(0, "a.tar"),
+        lambda d: d.update(files={"a": 1}),
+    ],
+    ids=["no-staged", "size-text", "entry-text", "files-dict"],
+)
+def test_malformed_done_files_are_manifest_errors(tmp_path, damage):
+    m = Manifests(str(tmp_path), attempt="a")
+    m.write_shard(0, "a.tar", _cols(4))
+    done = Path(m.finish(0))
+    content = json.loads(done.read_text())
+    damage(content)
+    done.write_text(json.dumps(content))
+    with pytest.raises(ManifestError, match="done-file"):
+        m.commit(0)
+    assert m.committed() == []
 
 
 # --------------------------------------------------------------------------- user files
