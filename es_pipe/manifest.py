@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +80,9 @@ from es_pipe import storage
 from es_pipe.errors import ConfigError, ManifestError, ManifestStorageError
 from es_pipe.retry import Retry
 from es_pipe.sources import shards as shard_files
+
+if TYPE_CHECKING:
+    import pyarrow.dataset
 
 _FINGERPRINT_RETRY = Retry()
 MARKER_FORMAT = "es_pipe.commit"
@@ -1240,7 +1243,7 @@ class Manifests:
             "epoch", pa.array(np.full(table.num_rows, epoch, np.int32), pa.int32())
         )
 
-    def dataset(self, epochs: Iterable[int] | None = None) -> Any:
+    def dataset(self, epochs: Iterable[int] | None = None) -> pyarrow.dataset.Dataset:
         """The committed epochs (default: all; else those of ``epochs``) as one
         ``pyarrow.dataset.Dataset`` with an ``epoch`` column: exactly the files their
         commit markers name, so that DuckDB, pandas or Polars read committed rows only
@@ -1268,7 +1271,7 @@ def manifests_dataset(
     epochs: Iterable[int] | None = None,
     *,
     storage_options: Mapping[str, Any] | None = None,
-) -> Any:
+) -> pyarrow.dataset.Dataset:
     """The committed manifests under ``root`` as a ``pyarrow.dataset.Dataset`` (see
     :meth:`Manifests.dataset`): the one line other engines need, e.g.
     ``duckdb.sql("select epoch, avg(pruned::int) from m group by 1")`` after
