@@ -194,7 +194,10 @@ def _counts(manifests: Manifests, committed: list[int], shard: str | None) -> li
         # those left out of E as well (pruned at E-1 again: the marker's 'repruned')
         left_out = total(twice, names, "pruned")
         again = total(before, names, "repruned")
-        returned = None if left_out is None or again is None else left_out - again
+        if left_out == 0:
+            returned: int | None = 0  # nothing was left out of E-1
+        else:
+            returned = None if left_out is None or again is None else left_out - again
         pruned = total(now, names, "pruned")
         out.append(
             {
