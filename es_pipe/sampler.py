@@ -190,6 +190,7 @@ class Sampler:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"commit_timeout={commit_timeout!r} must be a number of seconds > 0")
         self.policy = policy
+        self.prune = prune
         self.meta_batch_size = meta_batch_size
         self.batch_size = batch_size
         self.schedule = Schedule(burn_in, anneal, total_steps, total_epochs)
@@ -201,6 +202,11 @@ class Sampler:
         self.store = ScoreStore()
         self.step = 0
         self.epoch = 0
+        # a restored position's step while its score table is not loaded, and a loaded
+        # score table (with its step, None if it names none) while its position is not
+        self._position_step: int | None = None
+        self._scores_waiting = False
+        self._scores_step: int | None = None
         self._steps_in_epoch = 0
         self._steps_last_epoch = 0
         self.rank, self.world_size = resolve_rank(rank, world_size)
@@ -290,7 +296,7 @@ class Sampler:
         from dataclasses import asdict, is_dataclass
 
         policy = asdict(self.policy) if is_dataclass(self.policy) else {}
-        prune = self.boundary.prune if getattr(self, "boundary", None) else None
+        prune = self.prune
         return {
             "policy": {"name": self.policy.name, **policy},
             "meta_batch_size": self.meta_batch_size,
@@ -330,6 +336,13 @@ class Sampler:
 
     def select(self, who: Identity, losses: Any | None, n: int) -> Selection:
         """Choose members of a meta-batch of ``n`` from their losses, then record scores."""
+        if self._position_step is not None:
+            raise ConfigError(
+                f"the loader was restored to step {self._position_step}, but this sampler's "
+                "score table was not: without it the run would go on from an empty table. "
+                "Save sampler.state_dict() with loader.state_dict() and restore both "
+                "(sampler.load_state_dict(saved) before or after loader.load_state_dict)"
+            )
         phase, k = self.phase, self.sub_batch_size(n)
         if losses is None and self.needs_losses:
             raise FeedbackError(
@@ -414,7 +427,10 @@ class Sampler:
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> dict[str, Any]:
-        """Position and RNG state: small and JSON-friendly. Scores: ``state_dict``."""
+        """Position and RNG state: small and JSON-friendly; it rides in the loader's state.
+        Its other half is ``state_dict()`` (the scores), saved at the same step: each
+        names its step, and restoring one without the other, or halves of two steps,
+        raises ``ConfigError``."""
         return {
             "kind": POSITION_KIND,
             "version": STATE_VERSION,
@@ -469,12 +485,26 @@ class Sampler:
         ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``.
         A damaged state raises ``ConfigError`` and changes nothing."""
         self.check_state(state)
+        self._pair_step(position=state["step"], scores=self._scores_step)  # before changes
         merged = bool(state.get("merged"))
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
         if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
             self.boundary.rewind(self.epoch, merged=merged)
+        if not self._scores_waiting and state["step"] > 0:
+            self._position_step = state["step"]  # select() refuses until the scores come
+        self._scores_waiting, self._scores_step = False, None
+
+    def _pair_step(self, *, position: int | None, scores: int | None) -> None:
+        """Refuse the two halves of a checkpoint when they were saved at different steps."""
+        if position is None or scores is None or position == scores:
+            return
+        raise ConfigError(
+            f"the sampler's score table is from step {scores} but the loader position is "
+            f"from step {position}: they are halves of two checkpoints. Restore the "
+            "sampler.state_dict() and loader.state_dict() saved together (at the same step)"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
@@ -485,6 +515,7 @@ class Sampler:
         state: dict[str, Any] = {
             "kind": SCORES_KIND,
             "version": STATE_VERSION,
+            "step": self.step,
             "scores": self.store.state_dict(),
         }
         if self.boundary is not None and self.boundary.manifests is not None:
@@ -515,7 +546,14 @@ class Sampler:
         ):
             raise _damaged("its 'read' entry is not a list of shard names")
         decisions = None if pruning is None else _pruning_decisions(pruning)
+        step = state.get("step")  # absent in states up to version 1 without it, and merged
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise _damaged(f"its 'step' is {step!r}, not a non-negative int")
+        self._pair_step(position=self._position_step, scores=step)
         self.store.load_state_dict(state.get("scores"))  # checks the table, then loads it
+        self._scores_waiting = self._position_step is None
+        self._scores_step = step if self._scores_waiting else None
+        self._position_step = None
         if self.boundary is not None:
             self.boundary.rewind(self.epoch)
             self.boundary.load_key_state(keys)
