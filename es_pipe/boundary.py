@@ -59,10 +59,7 @@ class EpochBoundary:
                 "es_pipe.InfoBatch()"
             )
         if prune is not None and prune.needs_total_epochs() and total_epochs is None:
-            raise ConfigError(
-                "prune=Pruning(anneal=...) counts back from the end of training: also pass "
-                "total_epochs=... to the sampler, or use Pruning(anneal=0)"
-            )
+            raise prune.total_epochs_missing()
         self.store = store
         self.prune = prune
         self.manifests = manifests

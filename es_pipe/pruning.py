@@ -132,6 +132,20 @@ class Pruning:
     def needs_total_epochs(self) -> bool:
         return (self.anneal.n if isinstance(self.anneal, Epochs) else self.anneal) > 0
 
+    def total_epochs_missing(self) -> ConfigError:
+        """The error for a rule that counts back from the end of training without
+        ``total_epochs``, in the words the user wrote the rule with."""
+        if self.name == "infobatch":
+            return ConfigError(
+                f"InfoBatch(delta={1.0 - float(self.anneal):g}) trains on the full data for "
+                "the last 1 - delta of the epochs, so it needs to know where training ends: "
+                "pass the sampler total_epochs=..., or InfoBatch(delta=1.0)"
+            )
+        return ConfigError(
+            f"Pruning(anneal={self.anneal!r}) counts back from the end of training: pass "
+            "the sampler total_epochs=..., or Pruning(anneal=0)"
+        )
+
     def active(self, epoch: int, total_epochs: float | None) -> bool:
         """Whether this rule prunes in ``epoch`` (0-based), by its own schedule."""
         if epoch < self.burn_in or self.ratio == 0.0:
@@ -139,10 +153,7 @@ class Pruning:
         if not self.needs_total_epochs():
             return True
         if total_epochs is None:
-            raise ConfigError(
-                "Pruning(anneal=...) counts back from the end of training: pass the "
-                "sampler total_epochs=..., or Pruning(anneal=0)"
-            )
+            raise self.total_epochs_missing()
         span = self.anneal.n if isinstance(self.anneal, Epochs) else self.anneal * total_epochs
         return epoch < total_epochs - span
 

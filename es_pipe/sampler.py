@@ -122,9 +122,9 @@ class Sampler:
     def __init__(
         self,
         policy: Policy,
-        *,
         meta_batch_size: int,
         batch_size: int,
+        *,
         burn_in: Span = 0,
         anneal: Span = 0,
         total_steps: int | None = None,
