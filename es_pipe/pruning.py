@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -136,9 +136,10 @@ class Pruning:
         """The error for a rule that counts back from the end of training without
         ``total_epochs``, in the words the user wrote the rule with."""
         if self.name == "infobatch":
+            delta = 1.0 - float(cast(float, self.anneal))
             return ConfigError(
-                f"InfoBatch(delta={1.0 - float(self.anneal):g}) trains on the full data for "
-                "the last 1 - delta of the epochs, so it needs to know where training ends: "
+                f"InfoBatch(delta={delta:g}) trains on the full data for the last 1 - delta "
+                "of the epochs, so it needs to know where training ends: "
                 "pass the sampler total_epochs=..., or InfoBatch(delta=1.0)"
             )
         return ConfigError(

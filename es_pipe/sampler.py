@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,10 @@ from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes, is_count
 from es_pipe.sources.shards import resolve_rank
+
+if TYPE_CHECKING:
+    from es_pipe.boundary import EpochBoundary
+    from es_pipe.manifest import Manifests
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,11 @@ class Identity:
     def concat(cls, parts: Sequence[Identity]) -> Identity:
         if len(parts) == 1:
             return parts[0]
-        ordinals = [part.ordinals for part in parts]
+        ordinals = [part.ordinals for part in parts if part.ordinals is not None]
         return cls(
             ShardCodes.concat([part.shards for part in parts]),
             [key for part in parts for key in part.keys],
-            None if any(o is None for o in ordinals) else np.concatenate(ordinals),
+            np.concatenate(ordinals) if len(ordinals) == len(parts) else None,
         )
 
 
@@ -217,15 +221,22 @@ class Sampler:
                 "other ranks committed. Pass manifests='s3://bucket/run/manifests' (any "
                 "folder every rank can reach)"
             )
-        self.boundary = None
+        self.boundary: EpochBoundary | None = None
         if prune is not None or manifests is not None:
             self.boundary = self._make_boundary(
                 prune, manifests, on_mismatch, commit_timeout, total_epochs
             )
-            if manifests is not None:
-                self._begin_run(prune, resume)
+            if self.boundary.manifests is not None:
+                self._begin_run(self.boundary, self.boundary.manifests, prune, resume)
 
-    def _make_boundary(self, prune, manifests, on_mismatch, timeout, total):
+    def _make_boundary(
+        self,
+        prune: Pruning | None,
+        manifests: Any,
+        on_mismatch: Literal["raise", "fresh"],
+        timeout: float,
+        total: float | None,
+    ) -> EpochBoundary:
         from es_pipe.boundary import EpochBoundary
         from es_pipe.manifest import Manifests
 
@@ -257,7 +268,7 @@ class Sampler:
 
         from es_pipe.manifest import run_fingerprint
 
-        policy = asdict(self.policy) if is_dataclass(self.policy) else {}
+        policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
         meaning = {
             "policy": {"name": self.policy.name, **policy},
             "meta_batch_size": self.meta_batch_size,
@@ -270,12 +281,17 @@ class Sampler:
         }
         return {"run_id": self.run_id, "fingerprint": run_fingerprint(meaning)}
 
-    def _begin_run(self, prune: Pruning | None, resume: bool | str) -> None:
+    def _begin_run(
+        self,
+        boundary: EpochBoundary,
+        manifests: Manifests,
+        prune: Pruning | None,
+        resume: bool | str,
+    ) -> None:
         """Claim the manifests folder and, when resuming, continue after its newest commit
         if it is this run's (see ``resume``)."""
-        manifests = self.boundary.manifests
         identity = self.identity(prune)
-        self.boundary.run = identity
+        boundary.run = identity
         latest = manifests.begin(world_size=self.world_size, identity=identity, resume=resume)
         if latest is None:
             return
@@ -287,15 +303,15 @@ class Sampler:
                 f"the commit marker of epoch {latest} under {manifests.url} records step "
                 f"{step!r}, not a step count; restore the marker or start with resume=False"
             )
-        self.epoch = self.boundary.epoch = latest + 1
+        self.epoch = boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
-        self.boundary.expect_known = resume != "force"
+        boundary.expect_known = resume != "force"
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters, JSON-friendly (recorded in manifests)."""
         from dataclasses import asdict, is_dataclass
 
-        policy = asdict(self.policy) if is_dataclass(self.policy) else {}
+        policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
         prune = self.prune
         return {
             "policy": {"name": self.policy.name, **policy},
@@ -367,9 +383,9 @@ class Sampler:
         if self.boundary is not None:  # ESWP: 1/keep weights of kept low-score samples
             positions = picked.cpu().numpy()
             ordinals = None if who.ordinals is None else who.ordinals[positions]
-            rescale = self.boundary.weights(who.shards.take(positions), ordinals)
-            if rescale is not None:
-                rescale = torch.from_numpy(rescale).to(device)
+            keep = self.boundary.weights(who.shards.take(positions), ordinals)
+            if keep is not None:
+                rescale = torch.from_numpy(keep).to(device)
                 importance = rescale if importance is None else importance * rescale
 
         if loss is not None:
@@ -550,7 +566,7 @@ class Sampler:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise _damaged(f"its 'step' is {step!r}, not a non-negative int")
         self._pair_step(position=self._position_step, scores=step)
-        self.store.load_state_dict(state.get("scores"))  # checks the table, then loads it
+        self.store.load_state_dict(state["scores"])  # checks the table, then loads it
         self._scores_waiting = self._position_step is None
         self._scores_step = step if self._scores_waiting else None
         self._position_step = None
@@ -559,7 +575,7 @@ class Sampler:
             self.boundary.load_key_state(keys)
             self.boundary.load_read(read)
         if self.boundary is not None and decisions is not None:
-            self.boundary.epoch = int(pruning["epoch"])
+            self.boundary.epoch = int(state["pruning"]["epoch"])
             self.boundary.decisions = decisions
 
 
@@ -634,7 +650,7 @@ def _pruning_decisions(pruning: Any) -> dict[str, Any]:
             raise _damaged(f"the pruning state of shard {name!r} is not a 1-D uint8 tensor")
         if not sampling._is_real(factor) or not math.isfinite(factor) or factor <= 0:
             raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
-        decisions[name] = from_state(state.numpy(), factor)
+        decisions[name] = from_state(state.numpy(), float(factor))
     return decisions
 
 

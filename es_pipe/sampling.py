@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -37,9 +37,18 @@ class Policy(Protocol):
     ``s(t-1)`` and, when known, the current losses ``l(t)``; ``score`` returns ``s(t)``.
     """
 
-    name: str
-    needs_losses: bool  # does selection need a gradient-free forward pass?
-    nonnegative: bool  # are weights proportional to losses (so losses must be >= 0)?
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs_losses(self) -> bool:
+        """Does selection need a gradient-free forward pass?"""
+        ...
+
+    @property
+    def nonnegative(self) -> bool:
+        """Are weights proportional to losses (so losses must be >= 0)?"""
+        ...
 
     def weigh(self, prior: Tensor, losses: Tensor | None) -> Tensor | None: ...
 
@@ -284,25 +293,26 @@ class Schedule:
                     + ("int" if label == "total_steps" else "number")
                 )
         object.__setattr__(self, "burn_in", _as_span(self.burn_in, "burn_in"))
-        object.__setattr__(self, "anneal", _as_span(self.anneal, "anneal"))
-        if self.anneal.n > 0:
-            total = self.total_steps if isinstance(self.anneal, Steps) else self.total_epochs
+        anneal = _as_span(self.anneal, "anneal")
+        object.__setattr__(self, "anneal", anneal)
+        if anneal.n > 0:
+            total = self.total_steps if isinstance(anneal, Steps) else self.total_epochs
             if total is None:
-                unit = "total_steps" if isinstance(self.anneal, Steps) else "total_epochs"
+                unit = "total_steps" if isinstance(anneal, Steps) else "total_epochs"
                 raise ConfigError(
-                    f"anneal={self.anneal!r} counts back from the end of training: "
-                    f"also pass {unit}=..."
+                    f"anneal={anneal!r} counts back from the end of training: also pass {unit}=..."
                 )
 
     def phase(self, step: int, epoch: float) -> Phase:
         """The phase of meta-batch ``step`` (0-based) in ``epoch`` (0-based, fractional)."""
-        if self._within(self.burn_in, step, epoch):
+        burn_in = cast("Steps | Epochs", self.burn_in)  # spans since __post_init__
+        anneal = cast("Steps | Epochs", self.anneal)
+        if self._within(burn_in, step, epoch):
             return "burn_in"
-        anneal = self.anneal
         if anneal.n > 0:
-            if isinstance(anneal, Steps) and step >= self.total_steps - anneal.n:
+            if isinstance(anneal, Steps) and step >= (self.total_steps or 0) - anneal.n:
                 return "anneal"
-            if isinstance(anneal, Epochs) and epoch >= self.total_epochs - anneal.n:
+            if isinstance(anneal, Epochs) and epoch >= (self.total_epochs or 0) - anneal.n:
                 return "anneal"
         return "evolve"
 
@@ -311,7 +321,7 @@ class Schedule:
         return step < span.n if isinstance(span, Steps) else epoch < span.n
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
     """An int or float, not a bool (numpy numbers included)."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_)

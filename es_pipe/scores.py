@@ -75,6 +75,9 @@ class ScoreStore:
     """Score, last loss, visit count and last step of every sample held, by shard."""
 
     def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
         self._arena = {name: np.zeros(0, dtype) for name, dtype in COLUMNS.items()}
         self._blocks: dict[str, tuple[int, int]] = {}  # shard -> (offset, capacity)
         self._lengths: dict[str, int] = {}  # shard -> 1 + highest ordinal seen
@@ -265,7 +268,7 @@ class ScoreStore:
         """Restore exactly what ``state_dict`` returned, replacing everything held. A
         damaged table raises ``ConfigError`` and changes nothing."""
         check_table(state)
-        self.__init__()
+        self._clear()
         cursor = 0
         for name, rows in zip(state["shards"], state["lengths"]):
             self.load_shard(
