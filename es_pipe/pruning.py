@@ -45,8 +45,9 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from es_pipe.checks import is_int, is_real
 from es_pipe.errors import ConfigError
-from es_pipe.sampling import Epochs, _is_real
+from es_pipe.sampling import Epochs
 
 UPWEIGHT = np.uint8(0x80)
 STREAK = np.uint8(0x7F)
@@ -86,21 +87,19 @@ class Pruning:
             raise ConfigError(f"Pruning ratio={self.ratio!r} must be in [0, 1), e.g. 0.3")
         anneal = self.anneal
         if isinstance(anneal, Epochs):
-            if not (_is_real(anneal.n) and math.isfinite(anneal.n) and anneal.n >= 0):
+            if not (is_real(anneal.n) and math.isfinite(anneal.n) and anneal.n >= 0):
                 raise ConfigError(f"Pruning anneal={anneal!r} must be a non-negative length")
         elif not (isinstance(anneal, (int, float)) and 0.0 <= anneal <= 1.0):
             raise ConfigError(
                 f"Pruning anneal={anneal!r}: give a fraction of total_epochs in [0, 1] "
                 "(0.125 = no pruning in the last eighth) or es_pipe.Epochs(n)"
             )
-        if isinstance(self.burn_in, bool) or not isinstance(self.burn_in, int):
+        if not is_int(self.burn_in):
             raise ConfigError(f"Pruning burn_in={self.burn_in!r} must be an int of epochs")
         if self.burn_in < 1:
             raise ConfigError("Pruning burn_in must be >= 1: epoch 0 has no scores to prune by")
-        if self.max_streak is not None and (
-            isinstance(self.max_streak, bool)
-            or not isinstance(self.max_streak, int)
-            or not 1 <= self.max_streak <= int(STREAK)
+        if self.max_streak is not None and not is_int(
+            self.max_streak, at_least=1, below=int(STREAK) + 1
         ):
             raise ConfigError(
                 f"Pruning max_streak={self.max_streak!r} must be None or an int in [1, 127]"

@@ -7,7 +7,6 @@ RNG position are updated together, at the end, or not at all.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from es_pipe import sampling
+from es_pipe.checks import is_int, is_positive_number
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
 from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
@@ -148,7 +148,7 @@ class Sampler:
         commit_timeout: float = 300.0,
     ) -> None:
         for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, at_least=1):
                 raise ConfigError(f"{label}={value!r} must be a positive int")
         if batch_size > meta_batch_size:
             raise ConfigError(
@@ -159,7 +159,7 @@ class Sampler:
             raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
         if scoring not in ("forward", "history"):
             raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed, at_least=0):
             raise ConfigError(f"seed={seed!r} must be a non-negative int")
         if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
             raise ConfigError(
@@ -191,7 +191,7 @@ class Sampler:
             raise ConfigError(f"run_id={run_id!r} must be a non-empty string or None")
         self.run_id = run_id
         timeout = commit_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if not is_positive_number(timeout):
             raise ConfigError(f"commit_timeout={commit_timeout!r} must be a number of seconds > 0")
         self.policy = policy
         self.prune = prune
@@ -296,9 +296,7 @@ class Sampler:
         if latest is None:
             return
         step = manifests.marker(latest).get("hyper", {}).get("step")
-        if step is not None and (
-            isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**31 - 1
-        ):
+        if step is not None and not is_int(step, at_least=0, below=2**31 - 1):
             raise ManifestError(
                 f"the commit marker of epoch {latest} under {manifests.url} records step "
                 f"{step!r}, not a step count; restore the marker or start with resume=False"
@@ -464,14 +462,14 @@ class Sampler:
         check_header(state, POSITION_KIND, "position", "the loader's state_dict()")
         for name in POSITION_FIELDS:
             value = state.get(name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value, at_least=0):
                 raise ConfigError(
                     f"the sampler position in this checkpoint has {name}={value!r}, not a "
                     "non-negative int: the checkpoint is damaged. Restore another checkpoint, "
                     "or start the epoch over from manifests= without a loader checkpoint"
                 )
         world = state.get("world_size", 1)
-        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        if not is_int(world, at_least=1):
             raise ConfigError(
                 f"the sampler position in this checkpoint has world_size={world!r}, not a "
                 "positive int: the checkpoint is damaged; restore another one"
@@ -563,7 +561,7 @@ class Sampler:
             raise _damaged("its 'read' entry is not a list of shard names")
         decisions = None if pruning is None else _pruning_decisions(pruning)
         step = state.get("step")  # absent in states up to version 1 without it, and merged
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        if step is not None and not is_int(step, at_least=0):
             raise _damaged(f"its 'step' is {step!r}, not a non-negative int")
         self._pair_step(position=self._position_step, scores=step)
         self.store.load_state_dict(state["scores"])  # checks the table, then loads it
@@ -648,7 +646,7 @@ def _pruning_decisions(pruning: Any) -> dict[str, Any]:
             or (state.numel() and not 0 <= int(state.min()) <= int(state.max()) <= 255)
         ):
             raise _damaged(f"the pruning state of shard {name!r} is not a 1-D uint8 tensor")
-        if not sampling._is_real(factor) or not math.isfinite(factor) or factor <= 0:
+        if not is_positive_number(factor):
             raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
         decisions[name] = from_state(state.numpy(), float(factor))
     return decisions

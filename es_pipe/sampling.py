@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeGuard, cast
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from es_pipe.checks import is_real
 from es_pipe.errors import ConfigError
 
 Phase = Literal["burn_in", "evolve", "anneal"]
@@ -263,7 +264,7 @@ def _as_span(span: Span, label: str) -> Steps | Epochs:
             f"{label}={span!r}: give an int (steps), es_pipe.Steps(n) or es_pipe.Epochs(n)"
         )
     span = Steps(span) if isinstance(span, int) else span
-    if not (_is_real(span.n) and math.isfinite(span.n) and span.n >= 0):
+    if not (is_real(span.n) and math.isfinite(span.n) and span.n >= 0):
         raise ConfigError(f"{label}={span!r} must be a finite, non-negative length")
     return span
 
@@ -286,7 +287,7 @@ class Schedule:
         for label, total in totals:
             kind = (int, np.integer) if label == "total_steps" else (int, float, np.number)
             if total is not None and not (
-                isinstance(total, kind) and _is_real(total) and 0 < total < math.inf
+                isinstance(total, kind) and is_real(total) and 0 < total < math.inf
             ):
                 raise ConfigError(
                     f"{label}={total!r} must be None or a positive, finite "
@@ -319,13 +320,6 @@ class Schedule:
     @staticmethod
     def _within(span: Steps | Epochs, step: int, epoch: float) -> bool:
         return step < span.n if isinstance(span, Steps) else epoch < span.n
-
-
-def _is_real(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
-    """An int or float, not a bool (numpy numbers included)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
 
 
 # --------------------------------------------------------------------------- rng
