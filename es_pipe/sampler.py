@@ -20,7 +20,7 @@ from es_pipe.checks import is_int, is_positive_number
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
 from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
-from es_pipe.scores import ScoreStore, ShardCodes, is_count
+from es_pipe.scores import ScoreStore, ShardCodes, damaged, is_count
 from es_pipe.sources.shards import resolve_rank
 
 if TYPE_CHECKING:
@@ -611,11 +611,7 @@ def check_header(state: Any, kind: str, what: str, source: str) -> None:
 
 
 def _damaged(what: str) -> ConfigError:
-    return ConfigError(
-        f"the sampler's score table (sampler.state_dict()) is damaged: {what}. Restore "
-        "another checkpoint, or resume from the committed manifests (manifests=) without "
-        "loading a score table"
-    )
+    return damaged(what, "the sampler's score table (sampler.state_dict())")
 
 
 def _check_key_book(keys: Any) -> None:
