@@ -11,7 +11,7 @@ from es_pipe.errors import (
     ShardError,
     StorageError,
 )
-from es_pipe.manifest import Manifests
+from es_pipe.manifest import Manifests, manifests_dataset
 from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler
@@ -55,6 +55,7 @@ __all__ = [
     "SubBatch",
     "Uniform",
     "evolve",
+    "manifests_dataset",
     "merge_checkpoints",
     "merge_scores",
 ]
