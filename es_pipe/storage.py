@@ -11,6 +11,11 @@ Every place es_pipe takes a URL (the sources, :class:`~es_pipe.sources.ShardList
         "client_kwargs": {"endpoint_url": "http://minio:9000", "region_name": "us-east-1"},
     }
 
+For S3, es_pipe lowers botocore's own retries to ``{"max_attempts": 2, "mode":
+"standard"}`` unless ``config_kwargs={"retries": ...}`` says otherwise: botocore's default
+(5 tries, exponential backoff) takes about 9 s to report an endpoint that cannot be
+reached, and es_pipe retries transient read and write errors itself (:class:`~es_pipe.Retry`).
+
 Without them, the backend's own configuration applies (for S3: ``AWS_*`` environment
 variables, ``~/.aws``, instance roles; for GCS: application default credentials).
 
@@ -48,6 +53,7 @@ __all__ = [
 ]
 
 _LOCAL = ("", "file", "local")
+S3_RETRIES = {"max_attempts": 2, "mode": "standard"}  # botocore's, under es_pipe's Retry
 _remembered: dict[str, dict[str, Any]] = {}
 _lock = threading.Lock()
 
@@ -152,6 +158,10 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
     backend that is not installed is a :class:`StorageError` naming the package."""
     # deep copy: botocore rewrites nested dicts (config_kwargs["retries"]) in place
     options = copy.deepcopy(options_for(url, storage_options))
+    if protocol_of(url) in ("s3", "s3a"):
+        config = options.setdefault("config_kwargs", {})
+        if isinstance(config, dict):
+            config.setdefault("retries", dict(S3_RETRIES))
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
