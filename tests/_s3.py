@@ -12,11 +12,13 @@ is left running). Without ``moto[server]`` or ``s3fs`` the tests are skipped, sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,17 +92,14 @@ def _set_auth(endpoint: str, count: str) -> None:
         assert response.status == 200
 
 
-@pytest.fixture(scope="session")
-def s3():
-    moto_server = pytest.importorskip(
-        "moto.server", reason="the S3 tests need moto[server]: pip install 'moto[server]>=5'"
-    )
-    pytest.importorskip("s3fs", reason="the S3 tests need s3fs: pip install s3fs")
-    boto3 = pytest.importorskip("boto3", reason="the S3 tests need boto3 (moto's dependency)")
+@contextlib.contextmanager
+def moto_s3() -> Iterator[S3]:
+    """Start the server with its two users and authentication on; stop it on exit."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request
-    server = moto_server.ThreadedMotoServer(
-        ip_address="127.0.0.1", port=_free_port(), verbose=False
-    )
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
@@ -135,3 +134,14 @@ def s3():
             _set_auth(endpoint, "inf")
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    pytest.importorskip(
+        "moto.server", reason="the S3 tests need moto[server]: pip install 'moto[server]>=5'"
+    )
+    pytest.importorskip("s3fs", reason="the S3 tests need s3fs: pip install s3fs")
+    pytest.importorskip("boto3", reason="the S3 tests need boto3 (moto's dependency)")
+    with moto_s3() as server:
+        yield server
