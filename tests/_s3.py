@@ -134,6 +134,10 @@ def moto_s3() -> Iterator[S3]:
             _set_auth(endpoint, "inf")
         finally:
             server.stop()
+            thread = server._thread
+            if thread is not None:  # nothing of the server outlives the session
+                thread.join(timeout=10)
+                assert not thread.is_alive(), "moto's server thread did not stop"
 
 
 @pytest.fixture(scope="session")
