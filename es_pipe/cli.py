@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from es_pipe import __version__, storage
 from es_pipe.demo.command import add_demo_parser
@@ -226,8 +227,15 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (and status 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="es-pipe",
         description=(
             "Evolved Sampling (ES/ESWP) for streaming PyTorch data pipelines: train on the "

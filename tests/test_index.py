@@ -42,7 +42,7 @@ def one_clear_line(proc: subprocess.CompletedProcess, *words: str) -> None:
         for line in proc.stderr.splitlines()
         if line.strip() and "shards counted" not in line  # the progress bar's
     ]
-    assert len(lines) == 1 or lines[0].startswith("usage:"), proc.stderr
+    assert len(lines) == 1, proc.stderr
     for word in words:
         assert word in proc.stderr, proc.stderr
 
