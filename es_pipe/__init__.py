@@ -11,6 +11,7 @@ from es_pipe.errors import (
     ShardError,
     StorageError,
 )
+from es_pipe.hf import from_hf
 from es_pipe.manifest import Manifests, manifests_dataset
 from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
@@ -56,6 +57,7 @@ __all__ = [
     "Uniform",
     "evolve",
     "manifests_dataset",
+    "from_hf",
     "merge_checkpoints",
     "merge_scores",
 ]
