@@ -16,6 +16,7 @@ from torch.utils.data import default_collate as torch_collate
 
 from es_pipe.batch import MetaBatch, SubBatch, check_rows
 from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.identity import EpochRepeats, check_unique, identify
 from es_pipe.sampler import Identity, Sampler
 from es_pipe.sources.base import ShardedSource
 
@@ -94,10 +95,13 @@ class EvolvedSampling(tn.BaseNode):
         self._done = False  # the epoch has ended
         self._restored = False  # restored from a state, nothing emitted since
         self.pruned_by_stage = 0  # pruned samples the source handed over anyway (this run)
+        self.repeats = EpochRepeats()  # samples seen again within the epoch (see identity)
+        self._pads = pads(self.source)  # equalize="pad" repeats samples on purpose
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self._retire()
+        self.repeats.clear()
         self._restored = initial_state is not None
         if initial_state is None:
             self._start_epoch()
@@ -123,6 +127,7 @@ class EvolvedSampling(tn.BaseNode):
         if self._clock is not None:  # one epoch clock: the sampler's
             self._clock.set_epoch(self.sampler.epoch)
         self.source.reset(None)
+        self.repeats.clear()
         self._exhausted = self._done = False
         self._check_epoch(self.sampler.epoch)
 
@@ -167,6 +172,9 @@ class EvolvedSampling(tn.BaseNode):
                 fresh, who = self._unpruned(fresh, identify(fresh))
                 samples += fresh
                 parts.append(who)
+        who = Identity.concat(parts) if parts else None
+        if who is not None and not self._pads:  # before any score changes
+            check_unique(who)
         if not samples:
             if self._restored:  # restored where the epoch ended exactly: as in reset()
                 self._next_epoch()
@@ -182,7 +190,9 @@ class EvolvedSampling(tn.BaseNode):
                 "collate_fn that handles them"
             ) from exc
         check_rows(data, len(samples))  # before any score changes, not in select()
-        meta = MetaBatch(data, Identity.concat(parts), self.sampler)
+        if not self._pads:
+            self.repeats.add(who)
+        meta = MetaBatch(data, who, self.sampler)
         self._restored = False
         self._current, self._position = meta, position
         if self.loss_fn is None:
@@ -285,6 +295,8 @@ class EvolvedSampling(tn.BaseNode):
         return [samples[i] for i in kept.tolist()], who.take(kept)
 
     def _end_epoch(self) -> None:
+        if self.repeats.count:
+            warnings.warn(self.repeats.message(self.sampler.epoch), stacklevel=3)
         self.sampler.end_epoch()
         self._done = True
         raise StopIteration
@@ -337,6 +349,18 @@ def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
     return driven, None
 
 
+def pads(node: Any) -> bool:
+    """Whether an es_pipe source with ``equalize="pad"`` (which re-reads samples within an
+    epoch on purpose) feeds the stage, through nodes, wrappers or a DataLoader."""
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen and len(seen) < 64:
+        seen.add(id(node))
+        if isinstance(node, ShardedSource):
+            return node.equalize == "pad"
+        node = next((getattr(node, link) for link in _LINKS if hasattr(node, link)), None)
+    return False
+
+
 def source_states(state: Any) -> list[Mapping[str, Any]]:
     """The es_pipe source states nested in a node's state."""
     if not isinstance(state, Mapping):
@@ -344,42 +368,6 @@ def source_states(state: Any) -> list[Mapping[str, Any]]:
     if {"version", "digest", "cursors", "stream", "epoch"} <= state.keys():
         return [state]
     return [found for value in state.values() for found in source_states(value)]
-
-
-def identify(samples: list[Any]) -> Identity:
-    """The identities of buffered samples: ``__shard__`` (default ``""``), ``__key__`` and,
-    when every sample has one, ``__index__``."""
-    try:
-        keys = [sample["__key__"] for sample in samples]
-    except (KeyError, TypeError, IndexError):
-        raise ConfigError(
-            "every sample must be a dict with a stable '__key__' (and ideally '__shard__' and "
-            "'__index__') so that scores follow samples across epochs; es_pipe's sources "
-            "add them, webdataset adds '__key__', or add them in your map step"
-        ) from None
-    shards = [sample.get("__shard__", "") for sample in samples]
-    ordinals = [sample.get("__index__") for sample in samples]
-    if None in keys or not all(isinstance(shard, str) for shard in shards):
-        raise ConfigError(
-            "a sample has '__key__' None or a '__shard__' that is not a str: give every sample "
-            "a stable, non-None '__key__' and the shard's name as '__shard__'"
-        )
-    if None in ordinals:
-        return Identity.of(shards, keys, None)
-    try:
-        array = np.asarray(ordinals)
-    except ValueError:  # ragged sequences
-        array = np.asarray(ordinals, dtype=object)
-    if (
-        array.ndim != 1
-        or array.dtype.kind not in "iu"
-        or (array.size and not 0 <= array.min() <= array.max() < 2**31)
-    ):
-        raise ConfigError(
-            "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
-            f"got {ordinals[:3]}"
-        )
-    return Identity.of(shards, keys, array)
 
 
 def evolve(
