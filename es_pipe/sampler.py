@@ -18,6 +18,7 @@ from torch import Tensor
 
 from es_pipe import sampling
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
+from es_pipe.prune_hook import PrunedHook
 from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes, is_count
@@ -409,7 +410,7 @@ class Sampler:
         """The hook for the sources, ``Source(..., pruned=sampler.pruned)``:
         ``sampler.pruned(shard, epoch=None)`` gives the sorted int64 ordinals of ``shard``
         to skip in ``epoch`` (default: the current one), or ``None``."""
-        return PrunedHook(self)
+        return PrunedHook(self.boundary)
 
     # ------------------------------------------------------------------ state
 
@@ -598,22 +599,6 @@ def _pruning_decisions(pruning: Any) -> dict[str, Any]:
             raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
         decisions[name] = from_state(state.numpy(), factor)
     return decisions
-
-
-class PrunedHook:
-    """``Source(..., pruned=sampler.pruned)``: which ordinals of a shard an epoch skips
-    (called for the shards a stream reads), and how many (``count``, for ``equalize=``,
-    asked for every shard by every rank: answered from the commit marker, so no rank loads
-    the scores of shards it does not read)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self._boundary = sampler.boundary
-
-    def __call__(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
-        return None if self._boundary is None else self._boundary.pruned(shard, epoch)
-
-    def count(self, shard: str, epoch: int) -> int:
-        return 0 if self._boundary is None else self._boundary.pruned_count(shard, epoch)
 
 
 class EvolvedSampler(Sampler):

@@ -53,11 +53,20 @@ class EvolvedSampling(tn.BaseNode):
     follows the sampler across restarts, resumes from manifests and end-of-epoch
     checkpoints. The stage finds the source's ``set_epoch`` through torchdata nodes
     (``tn.Mapper``, ``tn.ParallelMapper``, ``tn.Prefetcher``, ...), ``tn.IterableWrapper``
-    and a ``DataLoader`` over :class:`~es_pipe.sources.SourceDataset`. DataLoader workers
-    with ``persistent_workers=True`` keep their own copies and are not reached: use
-    non-persistent workers. A restored checkpoint whose source epoch disagrees with the
-    sampler's is refused (``ConfigError``). Sources without ``set_epoch`` (a webdataset
-    pipeline, a list) keep their own epoch count.
+    and a ``DataLoader`` over :class:`~es_pipe.sources.SourceDataset`. A restored
+    checkpoint whose source epoch disagrees with the sampler's is refused
+    (``ConfigError``). Sources without ``set_epoch`` (a webdataset pipeline, a list) keep
+    their own epoch count. DataLoader workers with
+    ``persistent_workers=True`` keep their copy of a :class:`~es_pipe.sources.SourceDataset`
+    for the whole run; its epoch reaches them through shared memory, and their pruning
+    hook reads each epoch's decisions from the sampler's manifests (see
+    :mod:`es_pipe.prune_hook`). Pruned samples a source hands over anyway are dropped by
+    the stage, counted in ``pruned_by_stage`` and warned once.
+
+    Identity (:mod:`es_pipe.identity`): a meta-batch holding one ``(shard, key)`` twice is
+    refused (``ConfigError`` naming both samples); samples seen again within an epoch are
+    counted in ``repeats`` and warned at the epoch's end. Samples repeated on purpose by
+    ``equalize="pad"`` are exempt.
 
     State (``state_dict``/``reset``): the source's state, the sampler's position and RNG
     (seed, step) and the epoch flags. A meta-batch emitted but not yet answered is not
@@ -95,6 +104,8 @@ class EvolvedSampling(tn.BaseNode):
         self._done = False  # the epoch has ended
         self._restored = False  # restored from a state, nothing emitted since
         self.pruned_by_stage = 0  # pruned samples the source handed over anyway (this run)
+        self._pruned_before = 0  # pruned_by_stage when the epoch started
+        self._warned_pruned = False  # the lost-I/O warning is given once per stage
         self.repeats = EpochRepeats()  # samples seen again within the epoch (see identity)
         self._pads = pads(self.source)  # equalize="pad" repeats samples on purpose
 
@@ -128,6 +139,7 @@ class EvolvedSampling(tn.BaseNode):
             self._clock.set_epoch(self.sampler.epoch)
         self.source.reset(None)
         self.repeats.clear()
+        self._pruned_before = self.pruned_by_stage
         self._exhausted = self._done = False
         self._check_epoch(self.sampler.epoch)
 
@@ -297,9 +309,27 @@ class EvolvedSampling(tn.BaseNode):
     def _end_epoch(self) -> None:
         if self.repeats.count:
             warnings.warn(self.repeats.message(self.sampler.epoch), stacklevel=3)
+        self._warn_pruned_read()
         self.sampler.end_epoch()
         self._done = True
         raise StopIteration
+
+    def _warn_pruned_read(self) -> None:
+        """Once per stage: the source read samples that ESWP pruned (the stage dropped them:
+        training is right, the I/O saving is lost)."""
+        dropped = self.pruned_by_stage - self._pruned_before
+        if not dropped or self._warned_pruned:
+            return
+        self._warned_pruned = True
+        warnings.warn(
+            f"epoch {self.sampler.epoch}: the source read and decoded {dropped} samples that "
+            "ESWP pruned, and the stage dropped them (training is right, the reading they "
+            "cost is lost). Give the source the hook, Source(..., pruned=sampler.pruned); "
+            "behind DataLoader workers with persistent_workers=True, also give the sampler "
+            "manifests= (the workers read each epoch's decisions from them) or use "
+            "non-persistent workers. Warned once; stage.pruned_by_stage counts them all",
+            stacklevel=4,
+        )
 
     def _retire(self) -> None:
         if self._current is not None:
