@@ -7,6 +7,7 @@ RNG position are updated together, at the end, or not at all.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes, is_count
 from es_pipe.sources.shards import resolve_rank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,14 @@ class Sampler:
         self.epoch = self.boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
         self.boundary.expect_known = resume != "force"
+        log.info(
+            "resuming from the manifests under %s: epoch %d committed, continuing at epoch %d, "
+            "step %d",
+            manifests.url,
+            latest,
+            self.epoch,
+            self.step,
+        )
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters, JSON-friendly (recorded in manifests)."""
@@ -474,6 +485,7 @@ class Sampler:
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
+        log.debug("sampler restored to epoch %d, step %d", self.epoch, self.step)
         if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
             self.boundary.rewind(self.epoch, merged=merged)
 

@@ -6,6 +6,7 @@ prefetching workers cannot see it. Everything upstream stays parallel.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from es_pipe.sampler import Identity, Sampler
 from es_pipe.sources.base import ShardedSource
 
 LossFn = Callable[[Any], Any]
+log = logging.getLogger(__name__)
 
 
 def default_collate(samples: list[Any]) -> Any:
@@ -107,7 +109,9 @@ class EvolvedSampling(tn.BaseNode):
         self._pruned_before = 0  # pruned_by_stage when the epoch started
         self._warned_pruned = False  # the lost-I/O warning is given once per stage
         self.repeats = EpochRepeats()  # samples seen again within the epoch (see identity)
-        self._pads = pads(self.source)  # equalize="pad" repeats samples on purpose
+        self._sharded = find_source(self.source)
+        # equalize="pad" repeats samples on purpose
+        self._pads = self._sharded is not None and self._sharded.equalize == "pad"
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -130,6 +134,12 @@ class EvolvedSampling(tn.BaseNode):
             self._exhausted = state["exhausted"]
             self._done = state["done"]
             self._check_epoch(expected, restored=True)
+            log.info(
+                "stage restored in epoch %d at step %d%s",
+                expected,
+                self.sampler.step,
+                " (the epoch's end)" if self._done or self._exhausted else "",
+            )
             if self._done or self._exhausted:  # restored at the end of an epoch
                 self._next_epoch()
 
@@ -310,17 +320,33 @@ class EvolvedSampling(tn.BaseNode):
         if self.repeats.count:
             warnings.warn(self.repeats.message(self.sampler.epoch), stacklevel=3)
         self._warn_pruned_read()
+        log.info(
+            "epoch %d ended at step %d (%d samples dropped as pruned by the stage so far)",
+            self.sampler.epoch,
+            self.sampler.step,
+            self.pruned_by_stage,
+        )
         self.sampler.end_epoch()
         self._done = True
         raise StopIteration
 
     def _warn_pruned_read(self) -> None:
         """Once per stage: the source read samples that ESWP pruned (the stage dropped them:
-        training is right, the I/O saving is lost)."""
+        training is right, the I/O saving is lost). A warning where an es_pipe source could
+        have skipped them (no hook, or persistent workers without manifests); a log line for
+        other upstreams, which have no hook."""
         dropped = self.pruned_by_stage - self._pruned_before
         if not dropped or self._warned_pruned:
             return
         self._warned_pruned = True
+        if self._sharded is None:  # a list, a webdataset pipeline: no hook to skip with
+            log.info(
+                "epoch %d: the stage dropped %d samples that ESWP pruned (an upstream "
+                "without the pruned= hook reads them; es_pipe's sources skip them unread)",
+                self.sampler.epoch,
+                dropped,
+            )
+            return
         warnings.warn(
             f"epoch {self.sampler.epoch}: the source read and decoded {dropped} samples that "
             "ESWP pruned, and the stage dropped them (training is right, the reading they "
@@ -379,16 +405,17 @@ def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
     return driven, None
 
 
-def pads(node: Any) -> bool:
-    """Whether an es_pipe source with ``equalize="pad"`` (which re-reads samples within an
-    epoch on purpose) feeds the stage, through nodes, wrappers or a DataLoader."""
+def find_source(node: Any) -> ShardedSource | None:
+    """The es_pipe source that feeds the stage, through torchdata nodes, wrappers or a
+    DataLoader over a :class:`~es_pipe.sources.SourceDataset`; ``None`` for other
+    upstreams (a webdataset pipeline, a list)."""
     seen: set[int] = set()
     while node is not None and id(node) not in seen and len(seen) < 64:
         seen.add(id(node))
         if isinstance(node, ShardedSource):
-            return node.equalize == "pad"
+            return node
         node = next((getattr(node, link) for link in _LINKS if hasattr(node, link)), None)
-    return False
+    return None
 
 
 def source_states(state: Any) -> list[Mapping[str, Any]]:
