@@ -61,10 +61,7 @@ class EpochBoundary:
                 "es_pipe.InfoBatch()"
             )
         if prune is not None and prune.needs_total_epochs() and total_epochs is None:
-            raise ConfigError(
-                "prune=Pruning(anneal=...) counts back from the end of training: also pass "
-                "total_epochs=... to the sampler, or use Pruning(anneal=0)"
-            )
+            raise prune.total_epochs_missing()
         self.store = store
         self.prune = prune
         self.manifests = manifests
@@ -157,17 +154,18 @@ class EpochBoundary:
         whose first ``min(4, shards committed)`` shards are all unknown reads other data
         (moved to new URLs, or another run's folder), and would restore nothing while
         continuing at the committed epoch and step."""
-        if known:
+        manifests = self.manifests
+        if known or manifests is None:
             self.expect_known = False
             return
         self._unknown.append(shard)
         epochs = self._committed_epochs()
-        committed = len(self.manifests.marker(epochs[-1])["files"]) if epochs else 0
+        committed = len(manifests.marker(epochs[-1])["files"]) if epochs else 0
         if len(self._unknown) < max(1, min(4, committed)):
             return
-        example = next(iter(self.manifests.shards(epochs[-1])), None) if epochs else None
+        example = next(iter(manifests.shards(epochs[-1])), None) if epochs else None
         raise ManifestError(
-            f"resumed at epoch {self.epoch} from {self.manifests.url}, but none of the first "
+            f"resumed at epoch {self.epoch} from {manifests.url}, but none of the first "
             f"{len(self._unknown)} shards read ({', '.join(self._unknown[:2])}, ...) is in its "
             f"committed manifests (which name shards like {example!r}): the data moved, or "
             "the folder is another run's. If the data moved, map the old URLs: "
@@ -179,7 +177,9 @@ class EpochBoundary:
     def _committed_epochs(self) -> list[int]:
         """The committed epochs, listed once per epoch, not once per shard."""
         if self._committed is None:
-            self._committed = self.manifests.committed(refresh=False)
+            self._committed = (
+                [] if self.manifests is None else self.manifests.committed(refresh=False)
+            )
         return self._committed
 
     def _fingerprint(self, shard: str) -> dict[str, Any] | None:

@@ -75,6 +75,9 @@ class ScoreStore:
     """Score, last loss, visit count and last step of every sample held, by shard."""
 
     def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
         self._arena = {name: np.zeros(0, dtype) for name, dtype in COLUMNS.items()}
         self._blocks: dict[str, tuple[int, int]] = {}  # shard -> (offset, capacity)
         self._lengths: dict[str, int] = {}  # shard -> 1 + highest ordinal seen
@@ -265,7 +268,7 @@ class ScoreStore:
         """Restore exactly what ``state_dict`` returned, replacing everything held. A
         damaged table raises ``ConfigError`` and changes nothing."""
         check_table(state)
-        self.__init__()
+        self._clear()
         cursor = 0
         for name, rows in zip(state["shards"], state["lengths"]):
             self.load_shard(
@@ -278,11 +281,13 @@ class ScoreStore:
         }
 
 
-def _damaged(what: str) -> ConfigError:
+def damaged(
+    what: str, where: str = "the score table (sampler.state_dict()['scores'])"
+) -> ConfigError:
+    """The error for a score table (or the sampler state holding it) that cannot load."""
     return ConfigError(
-        f"the score table (sampler.state_dict()['scores']) is damaged: {what}. Restore "
-        "another checkpoint, or resume from the committed manifests (manifests=) without "
-        "loading a score table"
+        f"{where} is damaged: {what}. Restore another checkpoint, or resume from the "
+        "committed manifests (manifests=) without loading a score table"
     )
 
 
@@ -290,21 +295,21 @@ def check_table(table: Any) -> None:
     """Raise ``ConfigError`` unless ``table`` is a score table ``ScoreStore.load_state_dict``
     can load: shard names and lengths, a key book, and finite columns of matching size."""
     if not isinstance(table, Mapping):
-        raise _damaged(f"it is a {type(table).__name__}, not a dict")
+        raise damaged(f"it is a {type(table).__name__}, not a dict")
     missing = [k for k in ("shards", "lengths", "keys", *COLUMNS) if k not in table]
     if missing:
-        raise _damaged(f"it lacks the entries {missing}")
+        raise damaged(f"it lacks the entries {missing}")
     shards, lengths, keys = table["shards"], table["lengths"], table["keys"]
     if not isinstance(shards, (list, tuple)) or not all(isinstance(n, str) for n in shards):
-        raise _damaged("'shards' is not a list of shard names")
+        raise damaged("'shards' is not a list of shard names")
     if len(set(shards)) != len(shards):
-        raise _damaged("a shard is listed twice")
+        raise damaged("a shard is listed twice")
     if (
         not isinstance(lengths, (list, tuple))
         or len(lengths) != len(shards)
         or not all(is_count(n) for n in lengths)
     ):
-        raise _damaged("'lengths' is not one non-negative int per shard")
+        raise damaged("'lengths' is not one non-negative int per shard")
     if not isinstance(keys, Mapping) or not all(
         isinstance(name, str)
         and isinstance(book, (list, tuple))
@@ -312,21 +317,21 @@ def check_table(table: Any) -> None:
         and len(set(book)) == len(book)
         for name, book in keys.items()
     ):
-        raise _damaged("'keys' is not a map from shard names to lists of unique keys")
+        raise damaged("'keys' is not a map from shard names to lists of unique keys")
     rows = sum(lengths)
     for column, (low, high, floating) in _RANGES.items():
         values = table[column]
         if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() != rows:
             shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-            raise _damaged(f"column {column!r} is {shape}, not a 1-D tensor of {rows} values")
+            raise damaged(f"column {column!r} is {shape}, not a 1-D tensor of {rows} values")
         if values.is_floating_point() != floating or values.is_complex():
-            raise _damaged(f"column {column!r} has dtype {values.dtype}")
+            raise damaged(f"column {column!r} has dtype {values.dtype}")
         if floating:
             bad = int((~torch.isfinite(values) | (values.abs() > high)).sum())
             if bad:
-                raise _damaged(f"{bad} values of {column!r} are NaN, infinite or too large")
+                raise damaged(f"{bad} values of {column!r} are NaN, infinite or too large")
         elif rows and not (low <= int(values.min()) and int(values.max()) < high):
-            raise _damaged(
+            raise damaged(
                 f"column {column!r} holds values outside [{low}, {high}) "
                 f"(from {int(values.min())} to {int(values.max())})"
             )

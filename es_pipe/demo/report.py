@@ -247,7 +247,16 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    keep = ("task", "method", "seed", "epochs", "metric", "final", "train_s", "cpu_s")
+    keep: tuple[str, ...] = (
+        "task",
+        "method",
+        "seed",
+        "epochs",
+        "metric",
+        "final",
+        "train_s",
+        "cpu_s",
+    )
     keep += ("stage_s", "score_s", "forward_s", "backward_s", "forwarded", "backprop", "steps")
     return [{k: getattr(r, k) for k in keep} for r in results]
 
