@@ -67,9 +67,12 @@ class PrunedHook:
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled for a worker started by spawn: the view alone travels (the sampler's
         score table and its open manifest root stay in the trainer's process)."""
-        if self._boundary is None and self._view is None:
+        view = self._view
+        if view is None and self._boundary is not None:
+            view = WorkerView.of(self._boundary)
+        if view is None:
             return (PrunedHook, (None,))
-        return (PrunedHook._of_view, (self._view or WorkerView.of(self._boundary),))
+        return (PrunedHook._of_view, (view,))
 
 
 class WorkerView:

@@ -42,7 +42,10 @@ class Identity:
 
     @classmethod
     def of(
-        cls, shards: Sequence[str], keys: Sequence[str], ordinals: Sequence[int] | None = None
+        cls,
+        shards: Sequence[str],
+        keys: Sequence[str],
+        ordinals: Sequence[int] | np.ndarray | None = None,
     ) -> Identity:
         as_array = None if ordinals is None else np.asarray(ordinals, dtype=np.int64)
         return cls(ShardCodes.encode(shards), keys, as_array)

@@ -187,13 +187,14 @@ class EvolvedSampling(tn.BaseNode):
         if self._exhausted:
             self._end_epoch()
         position = self._snapshot()
-        samples, parts = [], []
+        samples: list[Any] = []
+        parts: list[Identity] = []
         while len(samples) < self.sampler.meta_batch_size and not self._exhausted:
             fresh = self._pull(self.sampler.meta_batch_size - len(samples))
             if fresh:
-                fresh, who = self._unpruned(fresh, identify(fresh))
+                fresh, part = self._unpruned(fresh, identify(fresh))
                 samples += fresh
-                parts.append(who)
+                parts.append(part)
         who = Identity.concat(parts) if parts else None
         if who is not None and not self._pads:  # before any score changes
             check_unique(who)
@@ -212,9 +213,9 @@ class EvolvedSampling(tn.BaseNode):
                 "collate_fn that handles them"
             ) from exc
         check_rows(data, len(samples))  # before any score changes, not in select()
-        if not self._pads:
+        if who is not None and not self._pads:
             self.repeats.add(who)
-        meta = MetaBatch(data, who, self.sampler)
+        meta = MetaBatch(data, Identity.concat(parts), self.sampler)
         self._restored = False
         self._current, self._position = meta, position
         if self.loss_fn is None:

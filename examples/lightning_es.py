@@ -3,13 +3,14 @@ resuming through Lightning's own checkpoint.
 
 Three things make the stage a Lightning citizen:
 
-* **The loader.** ``train_dataloader()`` returns the stage wrapped in :class:`EpochLoader`.
-  Lightning saves the state of every train loader that has ``state_dict``/
-  ``load_state_dict`` in its checkpoint (``loops.fit_loop.state_dict.combined_loader``) and
-  restores it on a resume inside an epoch: the stage's position (source cursors, sampler
-  step, RNG, epoch) rides there.
-* **The score table** rides in the checkpoint through a ``Callback``'s ``state_dict`` /
-  ``load_state_dict`` (:class:`SamplerCheckpoint`), like an optimizer's state.
+* **The loader.** ``train_dataloader()`` returns the stage wrapped in :class:`EpochLoader`
+  (one ``iter()`` per epoch).
+* **The checkpoint.** A ``Callback``'s ``state_dict``/``load_state_dict``
+  (:class:`StageCheckpoint`) carries the sampler's score table and the stage's position
+  (source cursors, sampler step, RNG, epoch), saved together, in Lightning's own
+  checkpoint; ``Trainer.fit(ckpt_path=...)`` restores them before the first batch. Not
+  Lightning's stateful-loader path: it restores a loader only for a checkpoint taken
+  inside an epoch, while the score table must come back for every checkpoint.
 * **The feedback channel.** Lightning fetches one batch ahead of ``training_step`` (to know
   which batch is the last); the stage refuses to emit a meta-batch before the one before it
   is answered, since its selection must see the current scores. So ``training_step`` takes
@@ -52,32 +53,39 @@ def make_samples(n: int, dim: int = 16, seed: int = 0) -> list[dict[str, Any]]:
 
 
 class EpochLoader:
-    """The stage as the stateful iterable Lightning expects: one ``iter()`` per epoch, no
-    look-ahead, ``state_dict``/``load_state_dict`` (which Lightning saves in its checkpoint
-    and restores on a resume inside an epoch).
+    """The stage as the iterable Lightning expects: one ``iter()`` per epoch, and no
+    look-ahead. Its state travels in Lightning's checkpoint through :class:`StageCheckpoint`
+    (the callback restores it before Lightning builds its loaders), not as a stateful
+    loader: Lightning restores a loader's state only for a checkpoint taken inside an epoch.
 
-    One subtlety: a checkpoint taken after an epoch's last step, before Lightning asked for
-    the batch that ends it, restores a stage with nothing left in that epoch; the stage then
-    continues into the next one. Lightning counts that resumed iterator as the old epoch,
-    so the first meta-batch of the next epoch is kept back here, and handed out by the
-    iterator of Lightning's next epoch: Lightning's epochs stay the stage's epochs."""
+    Two details keep Lightning's epochs the stage's epochs:
+
+    * Lightning calls ``iter()`` twice before training (once to check the loader): an
+      ``iter()`` before anything was handed out since the last one is the same iteration.
+    * A checkpoint taken after an epoch's last step, before Lightning asked for the batch
+      that ends it, restores a stage with nothing left in that epoch; the stage then goes on
+      into the next one. Lightning resumes that epoch, so its iterator ends at once, and the
+      next epoch's first meta-batch, met on the way, opens Lightning's next epoch."""
 
     def __init__(self, stage: es_pipe.EvolvedSampling) -> None:
         self.stage = stage
-        self._pending: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # a stage state to resume from
         self._early: Any = None  # the next epoch's first meta-batch, met while resuming
-        self._first: Any = None
-        self._ended = False
+        self._first: Any = None  # this epoch's first meta-batch, met while resuming
+        self._ended = False  # this iteration has nothing left
+        self._fresh = False  # started, and nothing handed out since
 
     def __iter__(self) -> EpochLoader:
-        self._first, self._ended = None, False
+        if self._fresh:
+            return self
+        self._fresh, self._first, self._ended = True, None, False
         if self._early is not None:  # the stage is in this epoch already
             self._first, self._early = self._early, None
             return self
         state, self._pending = self._pending, None
         self.stage.reset(state)
-        if state is not None:
-            was = state["sampler"]["epoch"] - int(state["done"])  # the checkpoint's epoch
+        if state is not None and not state["done"]:  # resumed inside an epoch (Lightning's)
+            was = state["sampler"]["epoch"]
             try:
                 first = next(self.stage)
             except StopIteration:
@@ -90,6 +98,7 @@ class EpochLoader:
         return self
 
     def __next__(self) -> Any:
+        self._fresh = False
         if self._ended:
             raise StopIteration
         if self._first is not None:
@@ -97,29 +106,29 @@ class EpochLoader:
             return first
         return next(self.stage)
 
-    def state_dict(self) -> dict[str, Any]:
+    def save(self) -> dict[str, Any]:
+        """The stage's state: the source's position, the sampler's step, RNG and epoch."""
         return self.stage.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending, self._early = state_dict, None
+    def restore(self, state: dict[str, Any]) -> None:
+        """Resume from ``save()``'s state at the next ``iter()``."""
+        self._pending, self._early, self._fresh = state, None, False
 
 
-class SamplerCheckpoint(L.Callback):
-    """Carries the sampler in Lightning's checkpoint: its score table and its position
-    (step, epoch, RNG). The stage's full position (source cursors included) rides in the
-    train loader's state, which Lightning saves and restores itself, but only for a
-    checkpoint taken inside an epoch: one taken at an epoch's end resumes with a fresh
-    iterator, which starts the epoch the restored sampler is in."""
+class StageCheckpoint(L.Callback):
+    """Carries the stage in Lightning's checkpoint: the sampler's score table and the
+    stage's position (source cursors, sampler step, RNG, epoch), saved together and
+    restored together, at any step or epoch end."""
 
-    def __init__(self, sampler: es_pipe.Sampler) -> None:
-        self.sampler = sampler
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scores": self.sampler.state_dict(), "position": self.sampler.get_state()}
+        return {"scores": self.loader.stage.sampler.state_dict(), "stage": self.loader.save()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state_dict["scores"])
-        self.sampler.load_state(state_dict["position"])
+        self.loader.stage.sampler.load_state_dict(state_dict["scores"])
+        self.loader.restore(state_dict["stage"])
 
 
 class ESModule(L.LightningModule):
@@ -130,12 +139,11 @@ class ESModule(L.LightningModule):
         super().__init__()
         dim = samples[0]["x"].numel()
         self.net = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, 4))
-        self.samples = samples
-        self.sampler = sampler
+        self.loader = EpochLoader(es_pipe.EvolvedSampling(samples, sampler))
         self.trained: list[tuple[int, int, list[str]]] = []  # (epoch, step, keys) per step
 
     def train_dataloader(self) -> EpochLoader:
-        return EpochLoader(es_pipe.EvolvedSampling(self.samples, self.sampler))
+        return self.loader
 
     def training_step(self, dataloader_iter: Iterator[Any]) -> torch.Tensor:
         meta, _, _ = next(dataloader_iter)  # StopIteration ends Lightning's epoch
@@ -165,7 +173,7 @@ def fit(
     L.seed_everything(0, verbose=False)
     sampler = es_pipe.EvolvedSampler.recommended(32, total_epochs=epochs, seed=0)
     module = ESModule(samples, sampler)
-    callbacks: list[L.Callback] = [SamplerCheckpoint(sampler)]
+    callbacks: list[L.Callback] = [StageCheckpoint(module.loader)]
     if every or every_epoch:
         when = {"every_n_epochs": 1} if every_epoch else {"every_n_train_steps": every}
         callbacks.append(

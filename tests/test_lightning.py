@@ -91,8 +91,8 @@ def test_resume_inside_and_at_the_end_of_an_epoch(example, whole, tmp_path, at):
 
 
 def test_resume_from_an_end_of_epoch_checkpoint(example, whole, tmp_path):
-    """Lightning does not restore the loader's state from a checkpoint taken at an epoch's
-    end: the sampler's position rides in the callback's state."""
+    """A checkpoint taken at an epoch's end (after the stage ended it): Lightning starts
+    the next epoch, and so does the restored stage."""
     root = tmp_path / "epochs"
     example.fit(example.make_samples(192), epochs=3, root=root, every_epoch=True)
     first = min(root.glob("step=*.ckpt"), key=lambda p: int(p.stem[5:]))
