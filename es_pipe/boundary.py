@@ -16,6 +16,7 @@ The math is in :mod:`es_pipe.pruning`, the files in :mod:`es_pipe.manifest`.
 
 from __future__ import annotations
 
+import logging
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from es_pipe.pruning import Decision, Pruning
 from es_pipe.scores import ScoreStore, ShardCodes
 
 OnMismatch = Literal["raise", "fresh"]
+log = logging.getLogger(__name__)
 
 
 class EpochBoundary:
@@ -139,6 +141,7 @@ class EpochBoundary:
             self._verify.add(shard)
             self._origin[shard] = manifest.path
             self.stats["restored"] += 1
+            log.debug("restored the scores of shard %s from %s", shard, manifest.path)
         if epoch + 1 == self.epoch:
             state = columns["streak"].astype(np.uint8)
             state[columns["weight"] != 1.0] |= pruning.UPWEIGHT
@@ -353,6 +356,13 @@ class EpochBoundary:
                     hyper={**self.hyper, "step": step},
                     run=self.run,
                 )
+                log.info(
+                    "epoch %d committed under %s (%d ranks, step %d)",
+                    ended,
+                    self.manifests.url,
+                    self.world_size,
+                    step,
+                )
             else:  # the barrier: the next epoch reads what this commit publishes
                 self.manifests.wait_committed(
                     ended, ranks=self.world_size, timeout=self.commit_timeout
@@ -365,6 +375,15 @@ class EpochBoundary:
             self._checked = set()  # next epoch: compare with the newest commit again
             self._committed = None
         self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}
+        if self.prune is not None:
+            log.info(
+                "epoch %d ended: %d of the %d shards read prune %d samples in epoch %d",
+                ended,
+                len(self.decisions),
+                len(decisions),
+                sum(len(d.pruned) for d in self.decisions.values()),
+                nxt,
+            )
         self._touched = set()
         self._inherited = set()
         self._read = None

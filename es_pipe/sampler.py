@@ -7,6 +7,7 @@ RNG position are updated together, at the end, or not at all.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +19,7 @@ from torch import Tensor
 from es_pipe import sampling
 from es_pipe.checks import is_int, is_positive_number
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
+from es_pipe.prune_hook import PrunedHook
 from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes, damaged, is_count
@@ -26,6 +28,8 @@ from es_pipe.sources.shards import resolve_rank
 if TYPE_CHECKING:
     from es_pipe.boundary import EpochBoundary
     from es_pipe.manifest import Manifests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,10 @@ class Identity:
 
     @classmethod
     def of(
-        cls, shards: Sequence[str], keys: Sequence[str], ordinals: Sequence[int] | None = None
+        cls,
+        shards: Sequence[str],
+        keys: Sequence[str],
+        ordinals: Sequence[int] | np.ndarray | None = None,
     ) -> Identity:
         as_array = None if ordinals is None else np.asarray(ordinals, dtype=np.int64)
         return cls(ShardCodes.encode(shards), keys, as_array)
@@ -304,6 +311,14 @@ class Sampler:
         self.epoch = boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
         boundary.expect_known = resume != "force"
+        log.info(
+            "resuming from the manifests under %s: epoch %d committed, continuing at epoch %d, "
+            "step %d",
+            manifests.url,
+            latest,
+            self.epoch,
+            self.step,
+        )
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters, JSON-friendly (recorded in manifests)."""
@@ -436,7 +451,7 @@ class Sampler:
         """The hook for the sources, ``Source(..., pruned=sampler.pruned)``:
         ``sampler.pruned(shard, epoch=None)`` gives the sorted int64 ordinals of ``shard``
         to skip in ``epoch`` (default: the current one), or ``None``."""
-        return PrunedHook(self)
+        return PrunedHook(self.boundary)
 
     # ------------------------------------------------------------------ state
 
@@ -504,6 +519,7 @@ class Sampler:
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
+        log.debug("sampler restored to epoch %d, step %d", self.epoch, self.step)
         if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
             self.boundary.rewind(self.epoch, merged=merged)
         if not self._scores_waiting and state["step"] > 0:
@@ -646,22 +662,6 @@ def _pruning_decisions(pruning: Any) -> dict[str, Any]:
             raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
         decisions[name] = from_state(state.numpy(), float(factor))
     return decisions
-
-
-class PrunedHook:
-    """``Source(..., pruned=sampler.pruned)``: which ordinals of a shard an epoch skips
-    (called for the shards a stream reads), and how many (``count``, for ``equalize=``,
-    asked for every shard by every rank: answered from the commit marker, so no rank loads
-    the scores of shards it does not read)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self._boundary = sampler.boundary
-
-    def __call__(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
-        return None if self._boundary is None else self._boundary.pruned(shard, epoch)
-
-    def count(self, shard: str, epoch: int) -> int:
-        return 0 if self._boundary is None else self._boundary.pruned_count(shard, epoch)
 
 
 class EvolvedSampler(Sampler):
