@@ -47,9 +47,11 @@ __all__ = ["KEY_RE", "iter_tar_samples"]
 BLOCK = 512
 READ_SIZE = 1 << 20
 CHUNK = 64  # samples per chunk handed to the node
+_AFTER_SEEK = 64 << 10  # the first read after a seek (grows x4 per read to READ_SIZE)
 KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _ZERO = bytes(BLOCK)
+_Z100, _Z167 = bytes(100), bytes(167)  # an empty link name; an empty prefix and padding
 _ENC, _ERR = "utf-8", "surrogateescape"  # tarfile's defaults on a UTF-8 system
 _REGULAR = frozenset(tarfile.REGULAR_TYPES) - {tarfile.GNUTYPE_SPARSE}
 _SUPPORTED = frozenset(tarfile.SUPPORTED_TYPES)
@@ -65,13 +67,14 @@ class _Bad(Exception):
 class _Buffer:
     """Sequential reads of a file through a large buffer; forward skips seek."""
 
-    __slots__ = ("base", "buf", "f", "pos", "seekable")
+    __slots__ = ("ahead", "base", "buf", "f", "pos", "seekable")
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.buf = b""
         self.pos = 0
         self.base = 0  # file offset of buf[0]
+        self.ahead = READ_SIZE  # bytes read ahead; small after a seek, to not undo it
         try:
             self.seekable = bool(f.seekable())
         except Exception:
@@ -84,11 +87,12 @@ class _Buffer:
         self.base += self.pos
         self.pos = 0
         while have < n:
-            b = self.f.read(max(n - have, READ_SIZE))
+            b = self.f.read(max(n - have, self.ahead))
             if not b:
                 break
             parts.append(b)
             have += len(b)
+        self.ahead = min(READ_SIZE, self.ahead * 4)
         self.buf = b"".join(parts) if len(parts) != 1 else parts[0]
         return have >= n
 
@@ -111,6 +115,7 @@ class _Buffer:
         self.buf, self.pos, self.base = b"", 0, target
         if self.seekable:
             self.f.seek(target)
+            self.ahead = _AFTER_SEEK
             return
         while here < target:  # a stream: read and drop
             b = self.f.read(min(target - here, READ_SIZE))
@@ -322,7 +327,9 @@ def iter_tar_samples(
     """
     s = _Buffer(f)
     members = _Members(s, url)
+    ok_static = members.ok_static
     take, skip, key_match = s.take, s.skip, KEY_RE.match
+    adler, decode = zlib.adler32, _ENC
     regular = _REGULAR
     ordinal = -1
     kept = 0
@@ -333,28 +340,63 @@ def iter_tar_samples(
     error: BaseException | None = None
     try:
         while True:
-            member = members.next()
-            if member is None:
-                break
-            name, typ, size = member
-            if typ not in regular:
-                if size:
-                    skip(_padded(size))
-                continue
+            # The fast path, inline: a plain regular file whose header is in the buffer
+            # and whose fields were all seen valid before (the first header never is).
+            buf, pos = s.buf, s.pos
+            hdr = buf[pos : pos + BLOCK]
+            typ = hdr[156] if len(hdr) == BLOCK else -1
+            size = -1
+            if (typ == 48 or typ == 0) and hdr.endswith(_Z167) and hdr.startswith(_Z100, 157):
+                field = hdr[148:156]
+                try:  # int() of the stripped field: equal to tarfile.nti where it succeeds
+                    size = int(hdr[124:136].rstrip(b" \0"), 8)
+                    chksum = int(field.rstrip(b" \0"), 8)
+                except ValueError:
+                    size = -1
+                # No prefix, no link name: 267 zero bytes, so the byte sum is below
+                # adler32's modulus and adler32 gives it exactly (1 + sum); tarfile sums
+                # the checksum field as 8 spaces.
+                if not (
+                    size >= 0
+                    and chksum == 256 + (adler(hdr) & 0xFFFF) - (adler(field) & 0xFFFF)
+                    and hdr[100:124] + hdr[136:148] + hdr[329:345] in ok_static
+                ):
+                    size = -1
+                else:
+                    end = hdr.find(0, 0, 100)
+                    name = hdr[: end if end >= 0 else 100].decode(decode, _ERR)
+                    if typ == 0 and name.endswith("/"):
+                        size = -1
+                    else:
+                        s.pos = pos + BLOCK
+            if size < 0:  # everything else: the full parser
+                member = members.next()
+                if member is None:
+                    break
+                name, typ_b, size = member
+                if typ_b not in regular:
+                    if size:
+                        skip(_padded(size))
+                    continue
             if name.startswith("__") and (
                 _META.match(name) or ("/" not in name and name.endswith("__"))
             ):
                 skip(_padded(size))
                 continue
-            m = key_match(name)
-            if m is None:
-                skip(_padded(size))
-                bad_sample(
-                    f"shard {url!r}: member {name!r} has no key (webdataset names "
-                    "are KEY.EXTENSION); rename or remove that member"
-                )
-                continue
-            prefix, suffix = m.group(1), m.group(2)
+            slash = name.rfind("/")
+            dot = name.find(".", slash + 1)
+            if dot > slash + 1 and "\n" not in name:  # what KEY_RE's first try matches
+                prefix, suffix = name[:dot], name[dot + 1 :]
+            else:
+                m = key_match(name)
+                if m is None:
+                    skip(_padded(size))
+                    bad_sample(
+                        f"shard {url!r}: member {name!r} has no key (webdataset names "
+                        "are KEY.EXTENSION); rename or remove that member"
+                    )
+                    continue
+                prefix, suffix = m.groups()
             if prefix != key:
                 if cur is not None:
                     out.append(cur)
@@ -380,7 +422,7 @@ def iter_tar_samples(
                     skip(_padded(size))
                     continue
                 cur = {"__key__": prefix, "__shard__": url, "__index__": ordinal}
-            if cur is None:  # pruned, delivered before a resume, or bad: not copied
+            elif cur is None:  # pruned, delivered before a resume, or bad: not copied
                 skip(_padded(size))
                 continue
             suffix = suffix.lower()
@@ -392,6 +434,12 @@ def iter_tar_samples(
                 )
                 cur = None
                 continue
+            p = s.pos
+            after = p + ((size + 511) & ~511)
+            if after <= len(s.buf):  # the fast path: data and padding in the buffer
+                cur[suffix] = s.buf[p : p + size]
+                s.pos = after
+                continue
             at = s.offset
             data = take(size)
             if data is None:
@@ -400,9 +448,7 @@ def iter_tar_samples(
                     f"{key!r}): the data of member {name!r} at byte {at} ends early "
                     "(unexpected end of data); re-create or re-download the shard"
                 )
-            pad = _padded(size) - size
-            if pad:
-                skip(pad)
+            skip(_padded(size) - size)
             cur[suffix] = data
     except _EndError as exc:
         error = ShardError(
