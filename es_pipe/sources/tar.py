@@ -164,6 +164,9 @@ class _Members:
         self.s = stream
         self.url = url
         self.ok_static: set[bytes] = set()
+        # mode+uid+gid and devmajor+devminor of the last header checked here (the fast
+        # path of iter_tar_samples takes headers with the same bytes as valid)
+        self.ids = self.dev = b"\xff"  # matches no header before the first one
         self.first = True
 
     def next(self) -> tuple[str, bytes, int] | None:
@@ -184,6 +187,7 @@ class _Members:
             size = _check_header(hdr, self.ok_static)
         except _Bad as exc:
             self._end_error(at, f"is invalid ({exc})", subsequent)
+        self.ids, self.dev = hdr[100:124], hdr[329:345]
         self.first = False
         if size < 0:
             raise ShardError(
@@ -327,7 +331,6 @@ def iter_tar_samples(
     """
     s = _Buffer(f)
     members = _Members(s, url)
-    ok_static = members.ok_static
     take, skip, key_match = s.take, s.skip, KEY_RE.match
     adler, decode = zlib.adler32, _ENC
     regular = _REGULAR
@@ -340,35 +343,36 @@ def iter_tar_samples(
     error: BaseException | None = None
     try:
         while True:
-            # The fast path, inline: a plain regular file whose header is in the buffer
-            # and whose fields were all seen valid before (the first header never is).
+            # The fast path, inline: a plain regular file (type "0", no prefix, no link
+            # name) whose header is in the buffer and whose mode, uid, gid and device
+            # fields are those of the last header the full parser checked.
             buf, pos = s.buf, s.pos
-            hdr = buf[pos : pos + BLOCK]
-            typ = hdr[156] if len(hdr) == BLOCK else -1
             size = -1
-            if (typ == 48 or typ == 0) and hdr.endswith(_Z167) and hdr.startswith(_Z100, 157):
+            if (
+                len(buf) - pos >= BLOCK
+                and buf[pos + 156] == 48
+                and buf.startswith(members.ids, pos + 100)
+                and buf.startswith(members.dev, pos + 329)
+                and buf.startswith(_Z167, pos + 345)
+                and buf.startswith(_Z100, pos + 157)
+            ):
+                hdr = buf[pos : pos + BLOCK]
                 field = hdr[148:156]
                 try:  # int() of the stripped field: equal to tarfile.nti where it succeeds
                     size = int(hdr[124:136].rstrip(b" \0"), 8)
                     chksum = int(field.rstrip(b" \0"), 8)
+                    int(hdr[136:148].rstrip(b" \0"), 8)  # mtime: only checked
                 except ValueError:
                     size = -1
-                # No prefix, no link name: 267 zero bytes, so the byte sum is below
-                # adler32's modulus and adler32 gives it exactly (1 + sum); tarfile sums
+                # 267 zero bytes (prefix, padding, link name): the byte sum is below
+                # adler32's modulus, so adler32 gives it exactly (1 + sum); tarfile sums
                 # the checksum field as 8 spaces.
-                if not (
-                    size >= 0
-                    and chksum == 256 + (adler(hdr) & 0xFFFF) - (adler(field) & 0xFFFF)
-                    and hdr[100:124] + hdr[136:148] + hdr[329:345] in ok_static
-                ):
-                    size = -1
-                else:
+                if size >= 0 and chksum == 256 + (adler(hdr) & 0xFFFF) - (adler(field) & 0xFFFF):
                     end = hdr.find(0, 0, 100)
                     name = hdr[: end if end >= 0 else 100].decode(decode, _ERR)
-                    if typ == 0 and name.endswith("/"):
-                        size = -1
-                    else:
-                        s.pos = pos + BLOCK
+                    s.pos = pos + BLOCK
+                else:
+                    size = -1
             if size < 0:  # everything else: the full parser
                 member = members.next()
                 if member is None:
