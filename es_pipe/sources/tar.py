@@ -48,6 +48,7 @@ BLOCK = 512
 READ_SIZE = 1 << 20
 CHUNK = 64  # samples per chunk handed to the node
 _AFTER_SEEK = 64 << 10  # the first read after a seek (grows x4 per read to READ_SIZE)
+_SEEK_MIN = 256 << 10  # skips shorter than this past the buffer are read, not seeked
 KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _ZERO = bytes(BLOCK)
@@ -112,6 +113,13 @@ class _Buffer:
             return
         target = self.base + end
         here = self.base + len(self.buf)
+        if target - here < _SEEK_MIN:  # a short hop: read on rather than seek and restart
+            if self.fill(n):
+                self.pos += n
+                return
+            end = self.pos + n  # the file ends within the hop: the next read finds it
+            target = self.base + end
+            here = self.base + len(self.buf)
         self.buf, self.pos, self.base = b"", 0, target
         if self.seekable:
             self.f.seek(target)
