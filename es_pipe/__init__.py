@@ -64,8 +64,8 @@ __all__ = [
     "SubBatch",
     "Uniform",
     "evolve",
-    "manifests_dataset",
     "from_hf",
+    "manifests_dataset",
     "merge_checkpoints",
     "merge_scores",
 ]
