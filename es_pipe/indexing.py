@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Literal
@@ -37,13 +37,12 @@ import pyarrow.parquet as pq
 from fsspec.compression import compr
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_compression
-from webdataset.tariterators import base_plus_ext
 
 from es_pipe import storage
 from es_pipe.errors import ConfigError, EsPipeError, ShardError
 from es_pipe.retry import Retry, RetryingFile
 from es_pipe.sources.shards import ShardList
-from es_pipe.sources.webdataset import _BLOCK, _META, _TailReader
+from es_pipe.sources.tar import iter_tar_samples
 
 __all__ = ["count_samples", "format_of", "index_shards", "index_text"]
 
@@ -93,38 +92,24 @@ def _open(url: str, storage_options: Mapping[str, Any] | None, retry: Retry) -> 
 
 
 def _count_tar(url: str, f: BinaryIO) -> int:
+    """Samples in a tar, counted by the tar reader itself from the headers alone (every
+    payload is skipped, never read into memory): a truncated or corrupt tar raises
+    ``ShardError``, never a short count."""
+    counted: list[int] = []
     with contextlib.ExitStack() as stack:
         compression = infer_compression(url)
         if compression is not None:
             f = stack.enter_context(compr[compression](f, mode="rb"))
-        tail = _TailReader(f)
-        try:
-            tf = tarfile.open(fileobj=tail, mode="r|")  # noqa: SIM115 (f is closed by `with`)
-        except tarfile.ReadError as exc:
-            raise ShardError(
-                f"shard {url!r} is not a readable tar ({exc}); re-create or re-download it"
-            ) from exc
-        count, key = 0, None
-        try:
-            for info in tf:
-                tf.members = []  # stream mode: do not accumulate TarInfo objects
-                if not info.isreg() or _META.match(info.name):
-                    continue
-                prefix, _ = base_plus_ext(info.name)
-                if prefix is not None and prefix != key:
-                    count, key = count + 1, prefix
-        except tarfile.ReadError as exc:
-            raise ShardError(
-                f"shard {url!r} is truncated or corrupt after {count} samples ({exc}); "
-                "re-create or re-download it"
-            ) from exc
-        end = tail.block_at(tf.offset)
-        if end is None or len(end) < _BLOCK or end.count(0) != _BLOCK:
-            raise ShardError(
-                f"shard {url!r} ends without a valid end-of-archive block after {count} "
-                "samples: the file is truncated; re-create or re-download it"
-            )
-        return count
+        for _ in iter_tar_samples(
+            f,
+            url,
+            start=sys.maxsize,  # hand out no sample: count them
+            pruned=set(),
+            bad_sample=lambda message: None,  # counted as the reader counts samples
+            check_count=counted.append,
+        ):
+            pass
+    return counted[-1] if counted else 0
 
 
 def _count_arrow(url: str, f: Any) -> int:
