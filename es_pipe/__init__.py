@@ -1,4 +1,11 @@
-"""es_pipe: Evolved Sampling (ES/ESWP) as a stage of streaming PyTorch data pipelines."""
+"""es_pipe: Evolved Sampling (ES/ESWP) as a stage of streaming PyTorch data pipelines.
+
+The library reports through the ``logging.getLogger("es_pipe")`` logger (epoch ends and
+commits, resumes and restores at INFO, skipped shards and samples at INFO, per-shard
+detail at DEBUG), besides its warnings. It adds no handler of its own.
+"""
+
+import logging
 
 from es_pipe.batch import MetaBatch, SubBatch
 from es_pipe.elastic import merge_checkpoints, merge_scores
@@ -11,6 +18,7 @@ from es_pipe.errors import (
     ShardError,
     StorageError,
 )
+from es_pipe.hf import from_hf
 from es_pipe.manifest import Manifests, manifests_dataset
 from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
@@ -28,6 +36,7 @@ from es_pipe.scores import ScoreStore
 from es_pipe.stage import EvolvedSampling, evolve
 
 __version__ = "0.1.0"
+logging.getLogger("es_pipe").addHandler(logging.NullHandler())
 
 __all__ = [
     "ConfigError",
@@ -55,6 +64,7 @@ __all__ = [
     "SubBatch",
     "Uniform",
     "evolve",
+    "from_hf",
     "manifests_dataset",
     "merge_checkpoints",
     "merge_scores",

@@ -37,6 +37,21 @@ def take(data: Any, indices: Tensor) -> Any:
     )
 
 
+def move(data: Any, device: Any, non_blocking: bool = False) -> Any:
+    """A collated batch with its tensors on ``device`` (dicts, tuples, named tuples and
+    lists of them; other leaves, such as numpy arrays and strings, as they are)."""
+    if isinstance(data, Tensor):
+        return data.to(device, non_blocking=non_blocking)
+    if isinstance(data, Mapping):
+        return {name: move(value, device, non_blocking) for name, value in data.items()}
+    if isinstance(data, tuple):
+        moved = [move(v, device, non_blocking) for v in data]
+        return type(data)(*moved) if hasattr(type(data), "_fields") else tuple(moved)
+    if isinstance(data, list):
+        return [move(v, device, non_blocking) for v in data]
+    return data
+
+
 def check_rows(data: Any, n: int, where: str = "batch") -> None:
     """Raise ``ConfigError`` unless every tensor, array, list and tuple entry of a collated
     batch has ``n`` rows (``take`` selects rows of each)."""
@@ -84,6 +99,16 @@ class SubBatch:
     def __len__(self) -> int:
         return len(self.who.keys)
 
+    def to(self, device: Any, *, non_blocking: bool = False, **_: Any) -> SubBatch:
+        """Move ``data`` and ``weights`` to ``device``, in place, and return this sub-batch
+        (the same object: the stage checks that it is reported). Frameworks that move a
+        batch with ``batch.to(device)`` (Lightning's batch transfer) move it like any
+        other."""
+        self.data = move(self.data, device, non_blocking)
+        if self.weights is not None:
+            self.weights = self.weights.to(device, non_blocking=non_blocking)
+        return self
+
     def report(self, losses: Any) -> None:
         """Feed back the per-sample training losses of this sub-batch (history scoring)."""
         if self._sampler.scoring != "history":
@@ -122,6 +147,14 @@ class MetaBatch:
     @property
     def keys(self) -> list[str]:
         return list(self.who.keys)
+
+    def to(self, device: Any, *, non_blocking: bool = False, **_: Any) -> MetaBatch:
+        """Move the collated ``data`` to ``device``, in place, and return this meta-batch
+        (the same object: it is the one the stage waits to see answered). Frameworks that
+        move a batch with ``batch.to(device)`` (Lightning's batch transfer) move it like any
+        other; ``select`` then returns a sub-batch on that device."""
+        self.data = move(self.data, device, non_blocking)
+        return self
 
     @property
     def needs_losses(self) -> bool:

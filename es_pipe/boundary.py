@@ -16,6 +16,7 @@ The math is in :mod:`es_pipe.pruning`, the files in :mod:`es_pipe.manifest`.
 
 from __future__ import annotations
 
+import logging
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from es_pipe.pruning import Decision, Pruning
 from es_pipe.scores import ScoreStore, ShardCodes
 
 OnMismatch = Literal["raise", "fresh"]
+log = logging.getLogger(__name__)
 
 
 class EpochBoundary:
@@ -59,10 +61,7 @@ class EpochBoundary:
                 "es_pipe.InfoBatch()"
             )
         if prune is not None and prune.needs_total_epochs() and total_epochs is None:
-            raise ConfigError(
-                "prune=Pruning(anneal=...) counts back from the end of training: also pass "
-                "total_epochs=... to the sampler, or use Pruning(anneal=0)"
-            )
+            raise prune.total_epochs_missing()
         self.store = store
         self.prune = prune
         self.manifests = manifests
@@ -142,6 +141,7 @@ class EpochBoundary:
             self._verify.add(shard)
             self._origin[shard] = manifest.path
             self.stats["restored"] += 1
+            log.debug("restored the scores of shard %s from %s", shard, manifest.path)
         if epoch + 1 == self.epoch:
             state = columns["streak"].astype(np.uint8)
             state[columns["weight"] != 1.0] |= pruning.UPWEIGHT
@@ -154,17 +154,18 @@ class EpochBoundary:
         whose first ``min(4, shards committed)`` shards are all unknown reads other data
         (moved to new URLs, or another run's folder), and would restore nothing while
         continuing at the committed epoch and step."""
-        if known:
+        manifests = self.manifests
+        if known or manifests is None:
             self.expect_known = False
             return
         self._unknown.append(shard)
         epochs = self._committed_epochs()
-        committed = len(self.manifests.marker(epochs[-1])["files"]) if epochs else 0
+        committed = len(manifests.marker(epochs[-1])["files"]) if epochs else 0
         if len(self._unknown) < max(1, min(4, committed)):
             return
-        example = next(iter(self.manifests.shards(epochs[-1])), None) if epochs else None
+        example = next(iter(manifests.shards(epochs[-1])), None) if epochs else None
         raise ManifestError(
-            f"resumed at epoch {self.epoch} from {self.manifests.url}, but none of the first "
+            f"resumed at epoch {self.epoch} from {manifests.url}, but none of the first "
             f"{len(self._unknown)} shards read ({', '.join(self._unknown[:2])}, ...) is in its "
             f"committed manifests (which name shards like {example!r}): the data moved, or "
             "the folder is another run's. If the data moved, map the old URLs: "
@@ -176,7 +177,9 @@ class EpochBoundary:
     def _committed_epochs(self) -> list[int]:
         """The committed epochs, listed once per epoch, not once per shard."""
         if self._committed is None:
-            self._committed = self.manifests.committed(refresh=False)
+            self._committed = (
+                [] if self.manifests is None else self.manifests.committed(refresh=False)
+            )
         return self._committed
 
     def _fingerprint(self, shard: str) -> dict[str, Any] | None:
@@ -353,6 +356,13 @@ class EpochBoundary:
                     hyper={**self.hyper, "step": step},
                     run=self.run,
                 )
+                log.info(
+                    "epoch %d committed under %s (%d ranks, step %d)",
+                    ended,
+                    self.manifests.url,
+                    self.world_size,
+                    step,
+                )
             else:  # the barrier: the next epoch reads what this commit publishes
                 self.manifests.wait_committed(
                     ended, ranks=self.world_size, timeout=self.commit_timeout
@@ -365,6 +375,15 @@ class EpochBoundary:
             self._checked = set()  # next epoch: compare with the newest commit again
             self._committed = None
         self.decisions = {n: d for n, d in decisions.items() if len(d.pruned) or d.factor != 1}
+        if self.prune is not None:
+            log.info(
+                "epoch %d ended: %d of the %d shards read prune %d samples in epoch %d",
+                ended,
+                len(self.decisions),
+                len(decisions),
+                sum(len(d.pruned) for d in self.decisions.values()),
+                nxt,
+            )
         self._touched = set()
         self._inherited = set()
         self._read = None

@@ -58,6 +58,11 @@ def merge_scores(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     tables = [state["scores"] for state in state_dicts]
     if not tables:
         raise ConfigError("merge_scores needs the score tables of all old ranks, got none")
+    steps = {state.get("step") for state in state_dicts}
+    if len(steps) > 1:
+        raise ConfigError(
+            f"these score tables are from different steps ({sorted(map(str, steps))}); {_same_step}"
+        )
     owner: dict[str, int] = {}
     for rank, table in enumerate(tables):
         for name in [*table["shards"], *table["keys"]]:
@@ -83,6 +88,8 @@ def merge_scores(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "without manifests=): they cannot move to another topology. Give the run a "
             "manifests= folder, or resume it on the same single rank"
         )
+    if None not in steps:
+        merged["step"] = steps.pop()
     if any("keys" in state for state in state_dicts):  # key books: one per shard held
         merged["keys"] = {k: v for state in state_dicts for k, v in state.get("keys", {}).items()}
     return merged

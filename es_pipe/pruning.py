@@ -41,12 +41,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
+from es_pipe.checks import is_int, is_real
 from es_pipe.errors import ConfigError
-from es_pipe.sampling import Epochs, _is_real
+from es_pipe.sampling import Epochs
 
 UPWEIGHT = np.uint8(0x80)
 STREAK = np.uint8(0x7F)
@@ -86,21 +87,19 @@ class Pruning:
             raise ConfigError(f"Pruning ratio={self.ratio!r} must be in [0, 1), e.g. 0.3")
         anneal = self.anneal
         if isinstance(anneal, Epochs):
-            if not (_is_real(anneal.n) and math.isfinite(anneal.n) and anneal.n >= 0):
+            if not (is_real(anneal.n) and math.isfinite(anneal.n) and anneal.n >= 0):
                 raise ConfigError(f"Pruning anneal={anneal!r} must be a non-negative length")
         elif not (isinstance(anneal, (int, float)) and 0.0 <= anneal <= 1.0):
             raise ConfigError(
                 f"Pruning anneal={anneal!r}: give a fraction of total_epochs in [0, 1] "
                 "(0.125 = no pruning in the last eighth) or es_pipe.Epochs(n)"
             )
-        if isinstance(self.burn_in, bool) or not isinstance(self.burn_in, int):
+        if not is_int(self.burn_in):
             raise ConfigError(f"Pruning burn_in={self.burn_in!r} must be an int of epochs")
         if self.burn_in < 1:
             raise ConfigError("Pruning burn_in must be >= 1: epoch 0 has no scores to prune by")
-        if self.max_streak is not None and (
-            isinstance(self.max_streak, bool)
-            or not isinstance(self.max_streak, int)
-            or not 1 <= self.max_streak <= int(STREAK)
+        if self.max_streak is not None and not is_int(
+            self.max_streak, at_least=1, below=int(STREAK) + 1
         ):
             raise ConfigError(
                 f"Pruning max_streak={self.max_streak!r} must be None or an int in [1, 127]"
@@ -132,6 +131,21 @@ class Pruning:
     def needs_total_epochs(self) -> bool:
         return (self.anneal.n if isinstance(self.anneal, Epochs) else self.anneal) > 0
 
+    def total_epochs_missing(self) -> ConfigError:
+        """The error for a rule that counts back from the end of training without
+        ``total_epochs``, in the words the user wrote the rule with."""
+        if self.name == "infobatch":
+            delta = 1.0 - float(cast(float, self.anneal))
+            return ConfigError(
+                f"InfoBatch(delta={delta:g}) trains on the full data for the last 1 - delta "
+                "of the epochs, so it needs to know where training ends: "
+                "pass the sampler total_epochs=..., or InfoBatch(delta=1.0)"
+            )
+        return ConfigError(
+            f"Pruning(anneal={self.anneal!r}) counts back from the end of training: pass "
+            "the sampler total_epochs=..., or Pruning(anneal=0)"
+        )
+
     def active(self, epoch: int, total_epochs: float | None) -> bool:
         """Whether this rule prunes in ``epoch`` (0-based), by its own schedule."""
         if epoch < self.burn_in or self.ratio == 0.0:
@@ -139,10 +153,7 @@ class Pruning:
         if not self.needs_total_epochs():
             return True
         if total_epochs is None:
-            raise ConfigError(
-                "Pruning(anneal=...) counts back from the end of training: pass the "
-                "sampler total_epochs=..., or Pruning(anneal=0)"
-            )
+            raise self.total_epochs_missing()
         span = self.anneal.n if isinstance(self.anneal, Epochs) else self.anneal * total_epochs
         return epoch < total_epochs - span
 

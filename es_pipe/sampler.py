@@ -7,21 +7,29 @@ RNG position are updated together, at the end, or not at all.
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from es_pipe import sampling
+from es_pipe.checks import is_int, is_positive_number
 from es_pipe.errors import ConfigError, FeedbackError, ManifestError
+from es_pipe.prune_hook import PrunedHook
 from es_pipe.pruning import Pruning, from_state
 from es_pipe.sampling import Phase, Policy, Schedule, Span
-from es_pipe.scores import ScoreStore, ShardCodes, is_count
+from es_pipe.scores import ScoreStore, ShardCodes, damaged, is_count
 from es_pipe.sources.shards import resolve_rank
+
+if TYPE_CHECKING:
+    from es_pipe.boundary import EpochBoundary
+    from es_pipe.manifest import Manifests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,10 @@ class Identity:
 
     @classmethod
     def of(
-        cls, shards: Sequence[str], keys: Sequence[str], ordinals: Sequence[int] | None = None
+        cls,
+        shards: Sequence[str],
+        keys: Sequence[str],
+        ordinals: Sequence[int] | np.ndarray | None = None,
     ) -> Identity:
         as_array = None if ordinals is None else np.asarray(ordinals, dtype=np.int64)
         return cls(ShardCodes.encode(shards), keys, as_array)
@@ -50,11 +61,11 @@ class Identity:
     def concat(cls, parts: Sequence[Identity]) -> Identity:
         if len(parts) == 1:
             return parts[0]
-        ordinals = [part.ordinals for part in parts]
+        ordinals = [part.ordinals for part in parts if part.ordinals is not None]
         return cls(
             ShardCodes.concat([part.shards for part in parts]),
             [key for part in parts for key in part.keys],
-            None if any(o is None for o in ordinals) else np.concatenate(ordinals),
+            np.concatenate(ordinals) if len(ordinals) == len(parts) else None,
         )
 
 
@@ -122,9 +133,9 @@ class Sampler:
     def __init__(
         self,
         policy: Policy,
-        *,
         meta_batch_size: int,
         batch_size: int,
+        *,
         burn_in: Span = 0,
         anneal: Span = 0,
         total_steps: int | None = None,
@@ -144,7 +155,7 @@ class Sampler:
         commit_timeout: float = 300.0,
     ) -> None:
         for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, at_least=1):
                 raise ConfigError(f"{label}={value!r} must be a positive int")
         if batch_size > meta_batch_size:
             raise ConfigError(
@@ -155,7 +166,7 @@ class Sampler:
             raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
         if scoring not in ("forward", "history"):
             raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed, at_least=0):
             raise ConfigError(f"seed={seed!r} must be a non-negative int")
         if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
             raise ConfigError(
@@ -187,9 +198,10 @@ class Sampler:
             raise ConfigError(f"run_id={run_id!r} must be a non-empty string or None")
         self.run_id = run_id
         timeout = commit_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if not is_positive_number(timeout):
             raise ConfigError(f"commit_timeout={commit_timeout!r} must be a number of seconds > 0")
         self.policy = policy
+        self.prune = prune
         self.meta_batch_size = meta_batch_size
         self.batch_size = batch_size
         self.schedule = Schedule(burn_in, anneal, total_steps, total_epochs)
@@ -201,6 +213,11 @@ class Sampler:
         self.store = ScoreStore()
         self.step = 0
         self.epoch = 0
+        # a restored position's step while its score table is not loaded, and a loaded
+        # score table (with its step, None if it names none) while its position is not
+        self._position_step: int | None = None
+        self._scores_waiting = False
+        self._scores_step: int | None = None
         self._steps_in_epoch = 0
         self._steps_last_epoch = 0
         self.rank, self.world_size = resolve_rank(rank, world_size)
@@ -211,15 +228,22 @@ class Sampler:
                 "other ranks committed. Pass manifests='s3://bucket/run/manifests' (any "
                 "folder every rank can reach)"
             )
-        self.boundary = None
+        self.boundary: EpochBoundary | None = None
         if prune is not None or manifests is not None:
             self.boundary = self._make_boundary(
                 prune, manifests, on_mismatch, commit_timeout, total_epochs
             )
-            if manifests is not None:
-                self._begin_run(prune, resume)
+            if self.boundary.manifests is not None:
+                self._begin_run(self.boundary, self.boundary.manifests, prune, resume)
 
-    def _make_boundary(self, prune, manifests, on_mismatch, timeout, total):
+    def _make_boundary(
+        self,
+        prune: Pruning | None,
+        manifests: Any,
+        on_mismatch: Literal["raise", "fresh"],
+        timeout: float,
+        total: float | None,
+    ) -> EpochBoundary:
         from es_pipe.boundary import EpochBoundary
         from es_pipe.manifest import Manifests
 
@@ -251,7 +275,7 @@ class Sampler:
 
         from es_pipe.manifest import run_fingerprint
 
-        policy = asdict(self.policy) if is_dataclass(self.policy) else {}
+        policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
         meaning = {
             "policy": {"name": self.policy.name, **policy},
             "meta_batch_size": self.meta_batch_size,
@@ -264,33 +288,44 @@ class Sampler:
         }
         return {"run_id": self.run_id, "fingerprint": run_fingerprint(meaning)}
 
-    def _begin_run(self, prune: Pruning | None, resume: bool | str) -> None:
+    def _begin_run(
+        self,
+        boundary: EpochBoundary,
+        manifests: Manifests,
+        prune: Pruning | None,
+        resume: bool | str,
+    ) -> None:
         """Claim the manifests folder and, when resuming, continue after its newest commit
         if it is this run's (see ``resume``)."""
-        manifests = self.boundary.manifests
         identity = self.identity(prune)
-        self.boundary.run = identity
+        boundary.run = identity
         latest = manifests.begin(world_size=self.world_size, identity=identity, resume=resume)
         if latest is None:
             return
         step = manifests.marker(latest).get("hyper", {}).get("step")
-        if step is not None and (
-            isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**31 - 1
-        ):
+        if step is not None and not is_int(step, at_least=0, below=2**31 - 1):
             raise ManifestError(
                 f"the commit marker of epoch {latest} under {manifests.url} records step "
                 f"{step!r}, not a step count; restore the marker or start with resume=False"
             )
-        self.epoch = self.boundary.epoch = latest + 1
+        self.epoch = boundary.epoch = latest + 1
         self.step = int(step) if step is not None else self.step
-        self.boundary.expect_known = resume != "force"
+        boundary.expect_known = resume != "force"
+        log.info(
+            "resuming from the manifests under %s: epoch %d committed, continuing at epoch %d, "
+            "step %d",
+            manifests.url,
+            latest,
+            self.epoch,
+            self.step,
+        )
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters, JSON-friendly (recorded in manifests)."""
         from dataclasses import asdict, is_dataclass
 
-        policy = asdict(self.policy) if is_dataclass(self.policy) else {}
-        prune = self.boundary.prune if getattr(self, "boundary", None) else None
+        policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
+        prune = self.prune
         return {
             "policy": {"name": self.policy.name, **policy},
             "meta_batch_size": self.meta_batch_size,
@@ -330,6 +365,13 @@ class Sampler:
 
     def select(self, who: Identity, losses: Any | None, n: int) -> Selection:
         """Choose members of a meta-batch of ``n`` from their losses, then record scores."""
+        if self._position_step is not None:
+            raise ConfigError(
+                f"the loader was restored to step {self._position_step}, but this sampler's "
+                "score table was not: without it the run would go on from an empty table. "
+                "Save sampler.state_dict() with loader.state_dict() and restore both "
+                "(sampler.load_state_dict(saved) before or after loader.load_state_dict)"
+            )
         phase, k = self.phase, self.sub_batch_size(n)
         if losses is None and self.needs_losses:
             raise FeedbackError(
@@ -354,9 +396,9 @@ class Sampler:
         if self.boundary is not None:  # ESWP: 1/keep weights of kept low-score samples
             positions = picked.cpu().numpy()
             ordinals = None if who.ordinals is None else who.ordinals[positions]
-            rescale = self.boundary.weights(who.shards.take(positions), ordinals)
-            if rescale is not None:
-                rescale = torch.from_numpy(rescale).to(device)
+            keep = self.boundary.weights(who.shards.take(positions), ordinals)
+            if keep is not None:
+                rescale = torch.from_numpy(keep).to(device)
                 importance = rescale if importance is None else importance * rescale
 
         if loss is not None:
@@ -409,12 +451,15 @@ class Sampler:
         """The hook for the sources, ``Source(..., pruned=sampler.pruned)``:
         ``sampler.pruned(shard, epoch=None)`` gives the sorted int64 ordinals of ``shard``
         to skip in ``epoch`` (default: the current one), or ``None``."""
-        return PrunedHook(self)
+        return PrunedHook(self.boundary)
 
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> dict[str, Any]:
-        """Position and RNG state: small and JSON-friendly. Scores: ``state_dict``."""
+        """Position and RNG state: small and JSON-friendly; it rides in the loader's state.
+        Its other half is ``state_dict()`` (the scores), saved at the same step: each
+        names its step, and restoring one without the other, or halves of two steps,
+        raises ``ConfigError``."""
         return {
             "kind": POSITION_KIND,
             "version": STATE_VERSION,
@@ -432,14 +477,14 @@ class Sampler:
         check_header(state, POSITION_KIND, "position", "the loader's state_dict()")
         for name in POSITION_FIELDS:
             value = state.get(name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value, at_least=0):
                 raise ConfigError(
                     f"the sampler position in this checkpoint has {name}={value!r}, not a "
                     "non-negative int: the checkpoint is damaged. Restore another checkpoint, "
                     "or start the epoch over from manifests= without a loader checkpoint"
                 )
         world = state.get("world_size", 1)
-        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        if not is_int(world, at_least=1):
             raise ConfigError(
                 f"the sampler position in this checkpoint has world_size={world!r}, not a "
                 "positive int: the checkpoint is damaged; restore another one"
@@ -469,12 +514,27 @@ class Sampler:
         ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``.
         A damaged state raises ``ConfigError`` and changes nothing."""
         self.check_state(state)
+        self._pair_step(position=state["step"], scores=self._scores_step)  # before changes
         merged = bool(state.get("merged"))
         self.step, self.epoch = state["step"], state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._steps_last_epoch = state["steps_last_epoch"]
+        log.debug("sampler restored to epoch %d, step %d", self.epoch, self.step)
         if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
             self.boundary.rewind(self.epoch, merged=merged)
+        if not self._scores_waiting and state["step"] > 0:
+            self._position_step = state["step"]  # select() refuses until the scores come
+        self._scores_waiting, self._scores_step = False, None
+
+    def _pair_step(self, *, position: int | None, scores: int | None) -> None:
+        """Refuse the two halves of a checkpoint when they were saved at different steps."""
+        if position is None or scores is None or position == scores:
+            return
+        raise ConfigError(
+            f"the sampler's score table is from step {scores} but the loader position is "
+            f"from step {position}: they are halves of two checkpoints. Restore the "
+            "sampler.state_dict() and loader.state_dict() saved together (at the same step)"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
@@ -485,6 +545,7 @@ class Sampler:
         state: dict[str, Any] = {
             "kind": SCORES_KIND,
             "version": STATE_VERSION,
+            "step": self.step,
             "scores": self.store.state_dict(),
         }
         if self.boundary is not None and self.boundary.manifests is not None:
@@ -515,13 +576,20 @@ class Sampler:
         ):
             raise _damaged("its 'read' entry is not a list of shard names")
         decisions = None if pruning is None else _pruning_decisions(pruning)
-        self.store.load_state_dict(state.get("scores"))  # checks the table, then loads it
+        step = state.get("step")  # absent in states up to version 1 without it, and merged
+        if step is not None and not is_int(step, at_least=0):
+            raise _damaged(f"its 'step' is {step!r}, not a non-negative int")
+        self._pair_step(position=self._position_step, scores=step)
+        self.store.load_state_dict(state["scores"])  # checks the table, then loads it
+        self._scores_waiting = self._position_step is None
+        self._scores_step = step if self._scores_waiting else None
+        self._position_step = None
         if self.boundary is not None:
             self.boundary.rewind(self.epoch)
             self.boundary.load_key_state(keys)
             self.boundary.load_read(read)
         if self.boundary is not None and decisions is not None:
-            self.boundary.epoch = int(pruning["epoch"])
+            self.boundary.epoch = int(state["pruning"]["epoch"])
             self.boundary.decisions = decisions
 
 
@@ -559,11 +627,7 @@ def check_header(state: Any, kind: str, what: str, source: str) -> None:
 
 
 def _damaged(what: str) -> ConfigError:
-    return ConfigError(
-        f"the sampler's score table (sampler.state_dict()) is damaged: {what}. Restore "
-        "another checkpoint, or resume from the committed manifests (manifests=) without "
-        "loading a score table"
-    )
+    return damaged(what, "the sampler's score table (sampler.state_dict())")
 
 
 def _check_key_book(keys: Any) -> None:
@@ -594,26 +658,10 @@ def _pruning_decisions(pruning: Any) -> dict[str, Any]:
             or (state.numel() and not 0 <= int(state.min()) <= int(state.max()) <= 255)
         ):
             raise _damaged(f"the pruning state of shard {name!r} is not a 1-D uint8 tensor")
-        if not sampling._is_real(factor) or not math.isfinite(factor) or factor <= 0:
+        if not is_positive_number(factor):
             raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
-        decisions[name] = from_state(state.numpy(), factor)
+        decisions[name] = from_state(state.numpy(), float(factor))
     return decisions
-
-
-class PrunedHook:
-    """``Source(..., pruned=sampler.pruned)``: which ordinals of a shard an epoch skips
-    (called for the shards a stream reads), and how many (``count``, for ``equalize=``,
-    asked for every shard by every rank: answered from the commit marker, so no rank loads
-    the scores of shards it does not read)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self._boundary = sampler.boundary
-
-    def __call__(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
-        return None if self._boundary is None else self._boundary.pruned(shard, epoch)
-
-    def count(self, shard: str, epoch: int) -> int:
-        return 0 if self._boundary is None else self._boundary.pruned_count(shard, epoch)
 
 
 class EvolvedSampler(Sampler):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from es_pipe.checks import is_real
 from es_pipe.errors import ConfigError
 
 Phase = Literal["burn_in", "evolve", "anneal"]
@@ -37,9 +38,18 @@ class Policy(Protocol):
     ``s(t-1)`` and, when known, the current losses ``l(t)``; ``score`` returns ``s(t)``.
     """
 
-    name: str
-    needs_losses: bool  # does selection need a gradient-free forward pass?
-    nonnegative: bool  # are weights proportional to losses (so losses must be >= 0)?
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs_losses(self) -> bool:
+        """Does selection need a gradient-free forward pass?"""
+        ...
+
+    @property
+    def nonnegative(self) -> bool:
+        """Are weights proportional to losses (so losses must be >= 0)?"""
+        ...
 
     def weigh(self, prior: Tensor, losses: Tensor | None) -> Tensor | None: ...
 
@@ -254,7 +264,7 @@ def _as_span(span: Span, label: str) -> Steps | Epochs:
             f"{label}={span!r}: give an int (steps), es_pipe.Steps(n) or es_pipe.Epochs(n)"
         )
     span = Steps(span) if isinstance(span, int) else span
-    if not (_is_real(span.n) and math.isfinite(span.n) and span.n >= 0):
+    if not (is_real(span.n) and math.isfinite(span.n) and span.n >= 0):
         raise ConfigError(f"{label}={span!r} must be a finite, non-negative length")
     return span
 
@@ -277,45 +287,39 @@ class Schedule:
         for label, total in totals:
             kind = (int, np.integer) if label == "total_steps" else (int, float, np.number)
             if total is not None and not (
-                isinstance(total, kind) and _is_real(total) and 0 < total < math.inf
+                isinstance(total, kind) and is_real(total) and 0 < total < math.inf
             ):
                 raise ConfigError(
                     f"{label}={total!r} must be None or a positive, finite "
                     + ("int" if label == "total_steps" else "number")
                 )
         object.__setattr__(self, "burn_in", _as_span(self.burn_in, "burn_in"))
-        object.__setattr__(self, "anneal", _as_span(self.anneal, "anneal"))
-        if self.anneal.n > 0:
-            total = self.total_steps if isinstance(self.anneal, Steps) else self.total_epochs
+        anneal = _as_span(self.anneal, "anneal")
+        object.__setattr__(self, "anneal", anneal)
+        if anneal.n > 0:
+            total = self.total_steps if isinstance(anneal, Steps) else self.total_epochs
             if total is None:
-                unit = "total_steps" if isinstance(self.anneal, Steps) else "total_epochs"
+                unit = "total_steps" if isinstance(anneal, Steps) else "total_epochs"
                 raise ConfigError(
-                    f"anneal={self.anneal!r} counts back from the end of training: "
-                    f"also pass {unit}=..."
+                    f"anneal={anneal!r} counts back from the end of training: also pass {unit}=..."
                 )
 
     def phase(self, step: int, epoch: float) -> Phase:
         """The phase of meta-batch ``step`` (0-based) in ``epoch`` (0-based, fractional)."""
-        if self._within(self.burn_in, step, epoch):
+        burn_in = cast("Steps | Epochs", self.burn_in)  # spans since __post_init__
+        anneal = cast("Steps | Epochs", self.anneal)
+        if self._within(burn_in, step, epoch):
             return "burn_in"
-        anneal = self.anneal
         if anneal.n > 0:
-            if isinstance(anneal, Steps) and step >= self.total_steps - anneal.n:
+            if isinstance(anneal, Steps) and step >= (self.total_steps or 0) - anneal.n:
                 return "anneal"
-            if isinstance(anneal, Epochs) and epoch >= self.total_epochs - anneal.n:
+            if isinstance(anneal, Epochs) and epoch >= (self.total_epochs or 0) - anneal.n:
                 return "anneal"
         return "evolve"
 
     @staticmethod
     def _within(span: Steps | Epochs, step: int, epoch: float) -> bool:
         return step < span.n if isinstance(span, Steps) else epoch < span.n
-
-
-def _is_real(value: object) -> bool:
-    """An int or float, not a bool (numpy numbers included)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
 
 
 # --------------------------------------------------------------------------- rng

@@ -6,6 +6,7 @@ prefetching workers cannot see it. Everything upstream stays parallel.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,10 +17,12 @@ from torch.utils.data import default_collate as torch_collate
 
 from es_pipe.batch import MetaBatch, SubBatch, check_rows
 from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.identity import EpochRepeats, check_unique, identify
 from es_pipe.sampler import Identity, Sampler
 from es_pipe.sources.base import ShardedSource
 
 LossFn = Callable[[Any], Any]
+log = logging.getLogger(__name__)
 
 
 def default_collate(samples: list[Any]) -> Any:
@@ -52,11 +55,20 @@ class EvolvedSampling(tn.BaseNode):
     follows the sampler across restarts, resumes from manifests and end-of-epoch
     checkpoints. The stage finds the source's ``set_epoch`` through torchdata nodes
     (``tn.Mapper``, ``tn.ParallelMapper``, ``tn.Prefetcher``, ...), ``tn.IterableWrapper``
-    and a ``DataLoader`` over :class:`~es_pipe.sources.SourceDataset`. DataLoader workers
-    with ``persistent_workers=True`` keep their own copies and are not reached: use
-    non-persistent workers. A restored checkpoint whose source epoch disagrees with the
-    sampler's is refused (``ConfigError``). Sources without ``set_epoch`` (a webdataset
-    pipeline, a list) keep their own epoch count.
+    and a ``DataLoader`` over :class:`~es_pipe.sources.SourceDataset`. A restored
+    checkpoint whose source epoch disagrees with the sampler's is refused
+    (``ConfigError``). Sources without ``set_epoch`` (a webdataset pipeline, a list) keep
+    their own epoch count. DataLoader workers with
+    ``persistent_workers=True`` keep their copy of a :class:`~es_pipe.sources.SourceDataset`
+    for the whole run; its epoch reaches them through shared memory, and their pruning
+    hook reads each epoch's decisions from the sampler's manifests (see
+    :mod:`es_pipe.prune_hook`). Pruned samples a source hands over anyway are dropped by
+    the stage, counted in ``pruned_by_stage`` and warned once.
+
+    Identity (:mod:`es_pipe.identity`): a meta-batch holding one ``(shard, key)`` twice is
+    refused (``ConfigError`` naming both samples); samples seen again within an epoch are
+    counted in ``repeats`` and warned at the epoch's end. Samples repeated on purpose by
+    ``equalize="pad"`` are exempt.
 
     State (``state_dict``/``reset``): the source's state, the sampler's position and RNG
     (seed, step) and the epoch flags. A meta-batch emitted but not yet answered is not
@@ -94,10 +106,17 @@ class EvolvedSampling(tn.BaseNode):
         self._done = False  # the epoch has ended
         self._restored = False  # restored from a state, nothing emitted since
         self.pruned_by_stage = 0  # pruned samples the source handed over anyway (this run)
+        self._pruned_before = 0  # pruned_by_stage when the epoch started
+        self._warned_pruned = False  # the lost-I/O warning is given once per stage
+        self.repeats = EpochRepeats()  # samples seen again within the epoch (see identity)
+        self._sharded = find_source(self.source)
+        # equalize="pad" repeats samples on purpose
+        self._pads = self._sharded is not None and self._sharded.equalize == "pad"
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self._retire()
+        self.repeats.clear()
         self._restored = initial_state is not None
         if initial_state is None:
             self._start_epoch()
@@ -115,6 +134,12 @@ class EvolvedSampling(tn.BaseNode):
             self._exhausted = state["exhausted"]
             self._done = state["done"]
             self._check_epoch(expected, restored=True)
+            log.info(
+                "stage restored in epoch %d at step %d%s",
+                expected,
+                self.sampler.step,
+                " (the epoch's end)" if self._done or self._exhausted else "",
+            )
             if self._done or self._exhausted:  # restored at the end of an epoch
                 self._next_epoch()
 
@@ -123,6 +148,8 @@ class EvolvedSampling(tn.BaseNode):
         if self._clock is not None:  # one epoch clock: the sampler's
             self._clock.set_epoch(self.sampler.epoch)
         self.source.reset(None)
+        self.repeats.clear()
+        self._pruned_before = self.pruned_by_stage
         self._exhausted = self._done = False
         self._check_epoch(self.sampler.epoch)
 
@@ -160,13 +187,17 @@ class EvolvedSampling(tn.BaseNode):
         if self._exhausted:
             self._end_epoch()
         position = self._snapshot()
-        samples, parts = [], []
+        samples: list[Any] = []
+        parts: list[Identity] = []
         while len(samples) < self.sampler.meta_batch_size and not self._exhausted:
             fresh = self._pull(self.sampler.meta_batch_size - len(samples))
             if fresh:
-                fresh, who = self._unpruned(fresh, identify(fresh))
+                fresh, part = self._unpruned(fresh, identify(fresh))
                 samples += fresh
-                parts.append(who)
+                parts.append(part)
+        who = Identity.concat(parts) if parts else None
+        if who is not None and not self._pads:  # before any score changes
+            check_unique(who)
         if not samples:
             if self._restored:  # restored where the epoch ended exactly: as in reset()
                 self._next_epoch()
@@ -182,6 +213,8 @@ class EvolvedSampling(tn.BaseNode):
                 "collate_fn that handles them"
             ) from exc
         check_rows(data, len(samples))  # before any score changes, not in select()
+        if who is not None and not self._pads:
+            self.repeats.add(who)
         meta = MetaBatch(data, Identity.concat(parts), self.sampler)
         self._restored = False
         self._current, self._position = meta, position
@@ -285,9 +318,45 @@ class EvolvedSampling(tn.BaseNode):
         return [samples[i] for i in kept.tolist()], who.take(kept)
 
     def _end_epoch(self) -> None:
+        if self.repeats.count:
+            warnings.warn(self.repeats.message(self.sampler.epoch), stacklevel=3)
+        self._warn_pruned_read()
+        log.info(
+            "epoch %d ended at step %d (%d samples dropped as pruned by the stage so far)",
+            self.sampler.epoch,
+            self.sampler.step,
+            self.pruned_by_stage,
+        )
         self.sampler.end_epoch()
         self._done = True
         raise StopIteration
+
+    def _warn_pruned_read(self) -> None:
+        """Once per stage: the source read samples that ESWP pruned (the stage dropped them:
+        training is right, the I/O saving is lost). A warning where an es_pipe source could
+        have skipped them (no hook, or persistent workers without manifests); a log line for
+        other upstreams, which have no hook."""
+        dropped = self.pruned_by_stage - self._pruned_before
+        if not dropped or self._warned_pruned:
+            return
+        self._warned_pruned = True
+        if self._sharded is None:  # a list, a webdataset pipeline: no hook to skip with
+            log.info(
+                "epoch %d: the stage dropped %d samples that ESWP pruned (an upstream "
+                "without the pruned= hook reads them; es_pipe's sources skip them unread)",
+                self.sampler.epoch,
+                dropped,
+            )
+            return
+        warnings.warn(
+            f"epoch {self.sampler.epoch}: the source read and decoded {dropped} samples that "
+            "ESWP pruned, and the stage dropped them (training is right, the reading they "
+            "cost is lost). Give the source the hook, Source(..., pruned=sampler.pruned); "
+            "behind DataLoader workers with persistent_workers=True, also give the sampler "
+            "manifests= (the workers read each epoch's decisions from them) or use "
+            "non-persistent workers. Warned once; stage.pruned_by_stage counts them all",
+            stacklevel=4,
+        )
 
     def _retire(self) -> None:
         if self._current is not None:
@@ -337,6 +406,19 @@ def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
     return driven, None
 
 
+def find_source(node: Any) -> ShardedSource | None:
+    """The es_pipe source that feeds the stage, through torchdata nodes, wrappers or a
+    DataLoader over a :class:`~es_pipe.sources.SourceDataset`; ``None`` for other
+    upstreams (a webdataset pipeline, a list)."""
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen and len(seen) < 64:
+        seen.add(id(node))
+        if isinstance(node, ShardedSource):
+            return node
+        node = next((getattr(node, link) for link in _LINKS if hasattr(node, link)), None)
+    return None
+
+
 def source_states(state: Any) -> list[Mapping[str, Any]]:
     """The es_pipe source states nested in a node's state."""
     if not isinstance(state, Mapping):
@@ -344,42 +426,6 @@ def source_states(state: Any) -> list[Mapping[str, Any]]:
     if {"version", "digest", "cursors", "stream", "epoch"} <= state.keys():
         return [state]
     return [found for value in state.values() for found in source_states(value)]
-
-
-def identify(samples: list[Any]) -> Identity:
-    """The identities of buffered samples: ``__shard__`` (default ``""``), ``__key__`` and,
-    when every sample has one, ``__index__``."""
-    try:
-        keys = [sample["__key__"] for sample in samples]
-    except (KeyError, TypeError, IndexError):
-        raise ConfigError(
-            "every sample must be a dict with a stable '__key__' (and ideally '__shard__' and "
-            "'__index__') so that scores follow samples across epochs; es_pipe's sources "
-            "add them, webdataset adds '__key__', or add them in your map step"
-        ) from None
-    shards = [sample.get("__shard__", "") for sample in samples]
-    ordinals = [sample.get("__index__") for sample in samples]
-    if None in keys or not all(isinstance(shard, str) for shard in shards):
-        raise ConfigError(
-            "a sample has '__key__' None or a '__shard__' that is not a str: give every sample "
-            "a stable, non-None '__key__' and the shard's name as '__shard__'"
-        )
-    if None in ordinals:
-        return Identity.of(shards, keys, None)
-    try:
-        array = np.asarray(ordinals)
-    except ValueError:  # ragged sequences
-        array = np.asarray(ordinals, dtype=object)
-    if (
-        array.ndim != 1
-        or array.dtype.kind not in "iu"
-        or (array.size and not 0 <= array.min() <= array.max() < 2**31)
-    ):
-        raise ConfigError(
-            "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
-            f"got {ordinals[:3]}"
-        )
-    return Identity.of(shards, keys, array)
 
 
 def evolve(

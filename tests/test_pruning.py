@@ -232,3 +232,17 @@ def test_infobatch_prunes_with_history_scoring_and_reported_losses():
             read[-1] += len(meta)
     # epoch 0 reads all 256; later ones skip about half of the below-mean samples
     assert read[0] == 256 and max(read[1:]) < 230, read
+
+
+def test_a_missing_total_epochs_is_named_in_the_rule_the_user_wrote():
+    with pytest.raises(ConfigError, match=r"InfoBatch\(delta=0.875\).*InfoBatch\(delta=1.0\)"):
+        es_pipe.EvolvedSampler(8, 4, prune=es_pipe.InfoBatch(), scoring="history")
+    with pytest.raises(ConfigError, match=r"Pruning\(anneal=0.25\).*Pruning\(anneal=0\)"):
+        es_pipe.EvolvedSampler(8, 4, prune=es_pipe.Pruning(anneal=0.25))
+
+
+def test_every_sampler_takes_its_sizes_the_same_way():
+    plain = es_pipe.Sampler(es_pipe.Uniform(), 64, 32)
+    evolved = es_pipe.EvolvedSampler(64, 32)
+    assert (plain.meta_batch_size, plain.batch_size) == (64, 32)
+    assert (evolved.meta_batch_size, evolved.batch_size) == (64, 32)

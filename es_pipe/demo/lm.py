@@ -132,6 +132,8 @@ def load_tokens(urls: Sequence[str]) -> Tensor:
 class ByteLM(nn.Module):
     """A small causal transformer over bytes (vocabulary 256)."""
 
+    mask: Tensor
+
     def __init__(self, window: int, d_model: int = 64, layers: int = 2, heads: int = 4):
         super().__init__()
         self.embed = nn.Embedding(256, d_model)

@@ -32,6 +32,7 @@ Rule for who reads what after a restore:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
@@ -54,6 +55,7 @@ from es_pipe.sources.shards import (
 
 __all__ = ["PrunedSpec", "ShardedSource", "merge_states"]
 
+log = logging.getLogger(__name__)
 PrunedSpec = Mapping[str, np.ndarray] | Callable[[str, int], "np.ndarray | None"] | None
 STATE_VERSION = 1
 _MAX_ERRORS_KEPT = 20
@@ -507,9 +509,12 @@ class ShardedSource(BaseNode[dict]):
             kept = self._maybe_kept_sizes()
             if kept is None:
                 raise ConfigError(
-                    f"equalize={self.equalize!r} needs the sample count of every shard: list "
-                    "the shards with an index file that has counts (write_shards writes "
-                    "one), pass num_samples={url: count}, or use equalize=None"
+                    f"equalize={self.equalize!r} needs the sample count of every shard: "
+                    "count them with `es-pipe index SHARDS... --out index.txt` (shards "
+                    "written by webdataset or pyarrow included) and pass "
+                    "urls=ShardList.from_index('index.txt'); write_shards and "
+                    "es-pipe shard write one; or pass num_samples={url: count}, or use "
+                    "equalize=None"
                 )
             # Same topology: the lengths of the whole epoch (yielded counts from its start).
             # Re-split: the lengths of what remains (yielded restarts at 0).
@@ -608,6 +613,8 @@ class ShardedSource(BaseNode[dict]):
             pruned = self._pruned_for(url)
             if start == 0:
                 self._stats["pruned"] += int(pruned.size)
+            if pruned.size:
+                log.debug("shard %s: %d pruned samples skipped unread", url, pruned.size)
             self._stats["shards"] += 1
             self._cur = i
             self._cur_count = start
@@ -688,6 +695,7 @@ class ShardedSource(BaseNode[dict]):
             self._close_current()
             raise exc
         warnings.warn(f"skipping the rest of a shard: {exc}", stacklevel=3)
+        log.info("skipping the rest of shard %s: %s", self._cur_url(), exc)
         self._stats["skipped_shards"] += 1
         self._remember(str(exc))
         self._finish_current()
@@ -697,6 +705,7 @@ class ShardedSource(BaseNode[dict]):
         if self.on_error == "raise":
             raise ShardError(message + "; or pass on_error='skip' to skip such samples")
         warnings.warn(f"skipping a sample: {message}", stacklevel=3)
+        log.info("skipping a sample: %s", message)
         self._stats["skipped_samples"] += 1
         self._remember(message)
 
@@ -705,6 +714,7 @@ class ShardedSource(BaseNode[dict]):
         if self.on_error == "raise":
             raise ShardError(message + "; or pass on_error='skip' to skip such samples")
         warnings.warn(f"skipping {count} samples: {message}", stacklevel=3)
+        log.info("skipping %d samples: %s", count, message)
         self._stats["skipped_samples"] += int(count)
         self._remember(message)
 
@@ -729,6 +739,15 @@ class ShardedSource(BaseNode[dict]):
         if not self._epoch_reported:
             self._epoch_reported = True
             st = self.last_epoch_stats = self.stats
+            log.info(
+                "epoch %s, stream %d of %d: %d samples read, %d pruned samples skipped, %d shards",
+                st["epoch"],
+                self._stream[0],
+                self._stream[1],
+                st["samples"],
+                st["pruned"],
+                st["shards"],
+            )
             if st["skipped_samples"] or st["skipped_shards"]:
                 warnings.warn(
                     f"epoch {st['epoch']}, stream {self._stream[0]} of {self._stream[1]}: "

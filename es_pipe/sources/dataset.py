@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import IterableDataset
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from es_pipe.sources.base import ShardedSource, merge_states
 
@@ -36,6 +37,12 @@ class SourceDataset(IterableDataset):
     the new loader.
 
     The wrapped node must not have been given explicit ``worker=``/``num_workers=``.
+
+    Persistent workers (``persistent_workers=True``) keep their copy of the dataset for the
+    whole run, out of reach of later ``set_epoch`` calls on this object; so the epoch also
+    travels through a one-number tensor in shared memory, which every worker's copy shares
+    and reads when its next epoch starts. Their ``pruned=sampler.pruned`` hook reads later
+    epochs' decisions from the sampler's committed manifests (:mod:`es_pipe.prune_hook`).
     """
 
     def __init__(self, source: ShardedSource) -> None:
@@ -43,6 +50,8 @@ class SourceDataset(IterableDataset):
         self.source = source
         self._pending: dict | None = None
         self._need_reset = True
+        # the epoch set last (-1: none), shared with every worker, persistent ones included
+        self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration reads (call before each epoch with workers).
@@ -54,6 +63,7 @@ class SourceDataset(IterableDataset):
         """
         if self._pending is not None and self._pending.get("epoch") != epoch:
             self._pending = None
+        self._epoch[0] = int(epoch)
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> SourceDataset:
@@ -64,6 +74,9 @@ class SourceDataset(IterableDataset):
         if self._need_reset:
             self._need_reset = False
             state, self._pending = self._pending, None
+            epoch = int(self._epoch[0])
+            if state is None and epoch >= 0 and get_worker_info() is not None:
+                self.source.set_epoch(epoch)  # a persistent worker: set_epoch did not reach it
             self.source.reset(state)
 
     def __next__(self) -> dict:

@@ -1,0 +1,218 @@
+"""Sample identity: who a buffered sample is, and the checks that identities cannot collide.
+
+A sample's identity is ``(shard, key)``: scores, pruning decisions and manifests follow it
+across epochs. Two different samples with one identity would share one score silently
+(webdataset's keys restart in every shard; a shard left out makes every shard ``""``), so
+the stage checks, for every upstream:
+
+* **inside a meta-batch** a duplicate identity is an error (:class:`ConfigError`) that
+  names both occurrences: one meta-batch cannot hold one sample twice;
+* **within an epoch** a sample seen again is counted (:class:`EpochRepeats`) and warned
+  once, at the end of the epoch, with the count and the first example. A warning, not an
+  error: some pipelines repeat samples on purpose (``wds.ResampledShards`` draws shards
+  with replacement, ``equalize="pad"`` re-reads a short stream's own shards).
+
+Where the shard comes from: ``__shard__``, else webdataset's ``__url__``, else ``""``.
+Both checks are vectorised (numpy/pyarrow over the meta-batch); the only per-sample Python
+is reading the identity fields out of the sample dicts, which the stage must do anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from es_pipe.errors import ConfigError
+from es_pipe.sampler import Identity
+
+_MAX_ORDINAL = 2**31
+_NO_KEY = (
+    "every sample must be a dict with a stable '__key__' (and ideally '__shard__' and "
+    "'__index__') so that scores follow samples across epochs; es_pipe's sources add them, "
+    "webdataset adds '__key__' and '__url__', or add them in your map step"
+)
+
+
+def _batched(value: Any) -> int | None:
+    """The batch length of an identity field that holds a whole batch, else ``None``."""
+    if isinstance(value, list):
+        return len(value)
+    ndim = getattr(value, "ndim", None)
+    if isinstance(ndim, int) and ndim >= 1 and hasattr(value, "__len__"):
+        return len(value)
+    return None
+
+
+def _refuse_batched(sample: dict[str, Any]) -> None:
+    for field in ("__key__", "__shard__", "__url__", "__index__"):
+        n = _batched(sample.get(field))
+        if n is not None:
+            raise ConfigError(
+                f"the samples arrive already batched: '{field}' holds {n} values "
+                f"({type(sample[field]).__name__}), one per sample of a batch. The upstream "
+                "batches (a DataLoader with batch_size=N, webdataset's .batched()); the stage "
+                "must get single samples, since it builds the meta-batches itself: use "
+                "DataLoader(..., batch_size=None) (or drop .batched()) and set the batch "
+                "sizes on the sampler (meta_batch_size, batch_size)"
+            )
+
+
+def identify(samples: list[Any]) -> Identity:
+    """The identities of buffered samples: the shard (``__shard__``, else webdataset's
+    ``__url__``, else ``""``), ``__key__`` and, when every sample has one, ``__index__``
+    (the ordinal in the shard)."""
+    try:
+        keys = [sample["__key__"] for sample in samples]
+        shards = [sample.get("__shard__", sample.get("__url__", "")) for sample in samples]
+        ordinals = [sample.get("__index__") for sample in samples]
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise ConfigError(_NO_KEY) from None
+    if None in keys or not all(isinstance(shard, str) for shard in shards):
+        for sample in samples:
+            _refuse_batched(sample)
+        raise ConfigError(
+            "a sample has '__key__' None or a '__shard__' (or webdataset '__url__') that is "
+            "not a str: give every sample a stable, non-None '__key__' and the shard's name "
+            "as '__shard__'"
+        )
+    if None in ordinals:
+        if samples:
+            _refuse_batched(samples[0])
+        return Identity.of(shards, keys, None)
+    try:
+        array = np.asarray(ordinals)
+    except ValueError:  # ragged sequences
+        array = np.asarray(ordinals, dtype=object)
+    if array.ndim != 1:
+        _refuse_batched(samples[0])
+    if (
+        array.ndim != 1
+        or array.dtype.kind not in "iu"
+        or (array.size and not 0 <= array.min() <= array.max() < _MAX_ORDINAL)
+    ):
+        raise ConfigError(
+            "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
+            f"got {ordinals[:3]}"
+        )
+    return Identity.of(shards, keys, array)
+
+
+def key_codes(keys: Sequence[Any]) -> np.ndarray:
+    """Dense int codes of ``keys``, equal exactly where the keys are equal (one Arrow
+    dictionary encoding; keys of mixed types compare as their ``repr``)."""
+    try:
+        encoded = pc.dictionary_encode(pa.array(keys))
+    except (pa.ArrowException, TypeError, ValueError):  # mixed or unhashable types
+        encoded = pc.dictionary_encode(pa.array([repr(key) for key in keys], pa.string()))
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _ids(who: Identity) -> np.ndarray:
+    """One int64 per sample, equal exactly where the identities are equal: (shard code,
+    ordinal) where the samples carry ordinals, else (shard code, key code)."""
+    codes = who.shards.codes
+    second = who.ordinals if who.ordinals is not None else key_codes(who.keys)
+    return (codes.astype(np.int64) << 32) | np.asarray(second, np.int64)
+
+
+def check_unique(who: Identity) -> None:
+    """Raise :class:`ConfigError` naming both occurrences when one identity appears twice
+    in a meta-batch."""
+    n = len(who.shards)
+    if n < 2:
+        return
+    ids = _ids(who)
+    order = np.argsort(ids, kind="stable")
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if not len(same):
+        return
+    first, second = sorted((int(order[same[0]]), int(order[same[0] + 1])))
+    shard = who.shards[first]
+    what = (
+        f"ordinal ('__index__') {int(who.ordinals[first])}"
+        if who.ordinals is not None
+        else f"key {who.keys[first]!r}"
+    )
+    raise ConfigError(
+        f"samples {first} and {second} of this meta-batch of {n} have the same identity: "
+        f"shard {shard!r}, {what} (keys {who.keys[first]!r} and {who.keys[second]!r}); "
+        f"{len(same)} duplicate(s) in all. Two samples with one identity would share one "
+        "score. Name the shard of every sample ('__shard__'; webdataset's '__url__' is taken "
+        "when '__shard__' is absent) and give keys unique within their shard; README: "
+        "'Sample identity'"
+    )
+
+
+class EpochRepeats:
+    """Counts the samples the stage sees again within one epoch (same shard and ordinal,
+    or same shard and key where samples carry no ordinal).
+
+    Memory: one byte per ordinal of each shard read this epoch (ordinals), or one set
+    entry per sample (keys only); cleared at every epoch start. Vectorised per meta-batch:
+    a loop over the shards present, none over samples."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.example: tuple[str, Any] | None = None
+        self._bitmaps: dict[str, np.ndarray] = {}
+        self._keys: set[tuple[str, Any]] = set()
+
+    def clear(self) -> None:
+        self.count = 0
+        self.example = None
+        self._bitmaps = {}
+        self._keys = set()
+
+    def add(self, who: Identity) -> None:
+        """Record one meta-batch's samples (unique among themselves)."""
+        if not len(who.shards):
+            return
+        if who.ordinals is None:
+            self._add_keys(who)
+            return
+        names, codes, ordinals = who.shards.names, who.shards.codes, who.ordinals
+        for code, name in enumerate(names):
+            mask = codes == code
+            mine = ordinals[mask]
+            seen = self._bitmaps.get(name)
+            top = int(mine.max()) + 1
+            if seen is None or len(seen) < top:
+                grown = np.zeros(max(top, 2 * (0 if seen is None else len(seen)), 64), bool)
+                if seen is not None:
+                    grown[: len(seen)] = seen
+                seen = self._bitmaps[name] = grown
+            again = seen[mine]
+            if again.any():
+                self.count += int(again.sum())
+                if self.example is None:
+                    self.example = (name, who.keys[int(np.flatnonzero(mask)[again.argmax()])])
+            seen[mine] = True
+
+    def _add_keys(self, who: Identity) -> None:
+        shard_of = np.asarray(who.shards.names, dtype=object)[who.shards.codes]
+        pairs = list(zip(shard_of.tolist(), who.keys))
+        try:
+            fresh = self._keys.isdisjoint(pairs)
+        except TypeError:  # unhashable keys (the meta-batch check compared them as text)
+            pairs = [(shard, repr(key)) for shard, key in pairs]
+            fresh = self._keys.isdisjoint(pairs)
+        if not fresh and self.example is None:  # once per epoch: find one repeat
+            self.example = next(pair for pair in pairs if pair in self._keys)
+        before = len(self._keys)
+        self._keys.update(pairs)
+        self.count += len(pairs) - (len(self._keys) - before)
+
+    def message(self, epoch: int) -> str:
+        shard, key = self.example if self.example is not None else ("?", "?")
+        return (
+            f"epoch {epoch}: {self.count} sample(s) came to the stage a second time within "
+            f"the epoch (e.g. key {key!r} of shard {shard!r}): they share one score with "
+            "their first occurrence. Expected with sampling with replacement "
+            "(wds.ResampledShards); otherwise two samples have one identity: name the shard "
+            "of every sample ('__shard__', or webdataset's '__url__') and give keys unique "
+            "within their shard (README: 'Sample identity')"
+        )
