@@ -29,7 +29,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, BinaryIO, Literal
 
 import pyarrow as pa
@@ -229,23 +229,19 @@ def index_shards(
         from tqdm import tqdm
 
         bar = tqdm(total=len(listed), desc="shards counted", unit=" shards")
+    counts = [0] * len(listed)
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(listed)))
     try:
-        with ThreadPoolExecutor(max_workers=min(jobs, len(listed))) as pool:
-            futures = [
-                pool.submit(count_samples, u, format=f, storage_options=opts, retry=retry)
-                for u, f in zip(listed.urls, fmts)
-            ]
-            counts = []
-            try:
-                for future in futures:
-                    counts.append(future.result())
-                    if bar is not None:
-                        bar.update(1)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        futures = {
+            pool.submit(count_samples, u, format=f, storage_options=opts, retry=retry): i
+            for i, (u, f) in enumerate(zip(listed.urls, fmts))
+        }
+        for future in as_completed(futures):  # the first failure stops the rest
+            counts[futures[future]] = future.result()
+            if bar is not None:
+                bar.update(1)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     result = ShardList(listed.urls, tuple(counts), opts)
