@@ -51,6 +51,16 @@ def _reads(counts: Path) -> int:
     return sum(len(p.read_text().split()) for p in counts.glob("*.txt"))
 
 
+class _Opaque:
+    """An iterable the stage cannot look into: it never calls the dataset's set_epoch."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._loader = loader
+
+    def __iter__(self):
+        return iter(self._loader)
+
+
 def _run(
     tars,
     tmp_path,
@@ -59,6 +69,7 @@ def _run(
     manifests: bool,
     context: str | None = None,
     workers: int = 2,
+    opaque: bool = False,
 ):
     counts = tmp_path / "reads"
     counts.mkdir()
@@ -79,7 +90,7 @@ def _run(
         collate_fn=partial(_decode, str(counts)),
         multiprocessing_context=context,
     )
-    stage = es_pipe.EvolvedSampling(loader, sampler)
+    stage = es_pipe.EvolvedSampling(_Opaque(loader) if opaque else loader, sampler)
     sizes, reads = [], []
     it = tn.Loader(stage)
     for _ in range(EPOCHS):
@@ -109,6 +120,16 @@ def test_spawned_persistent_workers_get_the_hook_without_the_score_table(tars, t
     stage, sizes, reads = _run(
         tars, tmp_path, persistent=True, manifests=True, context="spawn", workers=1
     )
+    assert sizes[1] < SHARDS * PER_SHARD
+    assert reads == sizes and stage.pruned_by_stage == 0
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_workers_skip_without_set_epoch(tars, tmp_path, persistent):
+    """Behind an iterable the stage cannot look into, nobody calls set_epoch: the workers'
+    sources read a stale epoch's shard order, but their hook answers for the sampler's
+    epoch (shared memory), so the pruned samples are still not read."""
+    stage, sizes, reads = _run(tars, tmp_path, persistent=persistent, manifests=True, opaque=True)
     assert sizes[1] < SHARDS * PER_SHARD
     assert reads == sizes and stage.pruned_by_stage == 0
 
