@@ -170,3 +170,35 @@ def test_the_epoch_reaches_persistent_workers(tars, tmp_path):
         return out
 
     assert order(True, [5, 2, 9]) == order(False, [5, 2, 9])
+
+
+def test_a_source_without_the_hook_warns_once_a_list_only_logs(tars, caplog):
+    """An es_pipe source could skip the pruned samples: without pruned= it is told once,
+    with the count. A list has nothing to skip with: a log line, no warning."""
+
+    def train(upstream) -> es_pipe.EvolvedSampling:
+        sampler = es_pipe.EvolvedSampler(
+            20, 20, seed=0, total_epochs=EPOCHS, prune=Pruning(ratio=0.5, anneal=0)
+        )
+        stage = es_pipe.EvolvedSampling(upstream, sampler)
+        for _ in range(EPOCHS):
+            for meta in tn.Loader(stage):
+                meta.select(meta.data["x"][:, 0] + 0.1)
+        return stage
+
+    decode = _decode_only
+    with pytest.warns(UserWarning, match=r"decoded \d+ samples that ESWP pruned") as caught:
+        stage = train(tn.Mapper(WebDatasetSource(tars), decode))
+    assert sum("ESWP pruned" in str(w.message) for w in caught) == 1
+    assert stage.pruned_by_stage > 0
+    rows = [decode(s) for s in tn.Loader(WebDatasetSource(tars))]
+    caplog.set_level("INFO", logger="es_pipe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        stage = train(rows)
+    assert stage.pruned_by_stage > 0 and "ESWP pruned" in caplog.text
+
+
+def _decode_only(sample: dict) -> dict:
+    x = torch.frombuffer(bytearray(sample["x.bin"]), dtype=torch.float32)
+    return {"x": x, **{k: sample[k] for k in ("__key__", "__shard__", "__index__")}}
