@@ -74,9 +74,9 @@ class EpochBoundary:
         self.commit_timeout = commit_timeout
         self.fingerprint_fn = fingerprint_fn
         self._fingerprints: dict[str, dict[str, Any] | None] = {}
-        # the epoch the decisions apply to (the one being read), also in shared memory:
-        # DataLoader workers' copies of the pruned= hook read it (es_pipe.prune_hook)
-        self.epoch_cell = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # the epoch the decisions apply to (the one being read), also as a tensor that
+        # share_epoch() moves to shared memory for DataLoader workers' hooks (prune_hook)
+        self.epoch_cell = torch.zeros(1, dtype=torch.int64)
         self.epoch = 0
         self.decisions: dict[str, Decision] = {}
         self.keys: dict[str, pa.Array] = {}  # key by ordinal, from the last write/restore
@@ -104,6 +104,12 @@ class EpochBoundary:
     def epoch(self, value: int) -> None:
         self._epoch = int(value)
         self.epoch_cell[0] = self._epoch
+
+    def share_epoch(self) -> None:
+        """Put the epoch in shared memory (in place), before DataLoader workers start: their
+        copies of the ``pruned=`` hook then see every later epoch."""
+        if not self.epoch_cell.is_shared():
+            self.epoch_cell.share_memory_()
 
     # ------------------------------------------------------------------ restore
 

@@ -43,6 +43,8 @@ class PrunedHook:
     def __init__(self, boundary: EpochBoundary | None) -> None:
         self._boundary = boundary
         self._view: WorkerView | None = None
+        if boundary is not None:  # given to a source, maybe behind DataLoader workers
+            boundary.share_epoch()
 
     @classmethod
     def _of_view(cls, view: WorkerView) -> PrunedHook:
