@@ -6,14 +6,25 @@ Write: every shard's manifest built from score-store columns + keys, encoded as 
 staged, the rank's done-file, and the epoch committed (publish + marker). Read: the
 restore path, every shard's committed manifest read, size + crc32 checked, decoded to
 numpy and loaded into a fresh ScoreStore. Goals: >= 5M rows/s each way, <= 16 B/sample.
+
+``--inspect-rss`` (issue 11): peak memory of ``es-pipe inspect ROOT --epoch 0`` on a root
+with 1 committed epoch and on one with 5 (``--rows`` rows per epoch, default 5M), each
+run in a fresh subprocess (its ``ru_maxrss`` from ``os.wait4``), median of ``--repeat``;
+``--baseline PATH`` also runs the es_pipe found at PATH (e.g. an older checkout) the same
+way, side by side::
+
+    PYTHONPATH=. python benchmarks/bench_manifests.py --inspect-rss --rows 5_000_000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,7 +45,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--root", help="manifest root (default: a temporary folder)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions; the median is reported")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--inspect-rss", action="store_true", help="peak RSS of `es-pipe inspect`, 1 vs 5 epochs"
+    )
+    parser.add_argument("--baseline", help="with --inspect-rss: also run the es_pipe at PATH")
     args = parser.parse_args(argv)
+    if args.inspect_rss:
+        return inspect_rss(args)
     per = args.rows // args.shards
     gen = np.random.default_rng(0)
     shards = [f"s3://bucket/data/train-{i:06d}.tar" for i in range(args.shards)]
@@ -129,6 +146,104 @@ def main(argv=None) -> dict:
             f"{result['score_store_grown_bytes_per_sample']:.2f} while growing; "
             "+ 1 B/sample pruning state when prune= is on"
         )
+    return result
+
+
+def _write_epochs(root: str, epochs: int, rows: int, shards: int) -> None:
+    """``epochs`` committed epochs of ``rows`` rows in ``shards`` shards, as a run writes
+    them (random scores, 15% pruned, keys)."""
+    per = rows // shards
+    gen = np.random.default_rng(0)
+    names = [f"s3://bucket/data/train-{i:06d}.tar" for i in range(shards)]
+    ordinals = pa.array(np.arange(per)).cast(pa.string())
+    m = Manifests(root)
+    for epoch in range(epochs):
+        m.write_shards(
+            epoch,
+            (
+                {
+                    "shard": shard,
+                    "columns": {
+                        "score": gen.random(per, np.float32),
+                        "loss": gen.random(per, np.float32),
+                        "visits": gen.integers(1, 5, per).astype(np.uint32),
+                        "step": gen.integers(0, 10**6, per).astype(np.int32),
+                        "state": (gen.random(per) < 0.15).astype(np.uint8),
+                    },
+                    "keys": pc.binary_join_element_wise(f"{shard[-10:-4]}-", ordinals, ""),
+                    "factor": 1.2,
+                }
+                for shard in names
+            ),
+        )
+        m.finish(epoch)
+        m.commit(epoch)
+
+
+def _peak_rss_mib(root: str, pythonpath: str) -> float:
+    """Peak RSS (MiB) of ``es-pipe inspect ROOT --epoch 0`` in a fresh subprocess."""
+    code = (
+        "import sys, es_pipe; from es_pipe.cli import main; "
+        "print(es_pipe.__file__, file=sys.stderr); sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, "inspect", root, "--epoch", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    # cwd: not a checkout (`python -c` puts the cwd first on sys.path, before PYTHONPATH)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=os.path.dirname(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {err[-2000:]}")
+    imported = err.splitlines()[0]
+    if not imported.startswith(os.path.join(pythonpath, "es_pipe")):
+        raise SystemExit(f"PYTHONPATH={pythonpath} imported es_pipe from {imported}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def inspect_rss(args: argparse.Namespace) -> dict:
+    base = args.root or tempfile.mkdtemp(prefix="bench-inspect-")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    builds = {"es_pipe (this checkout)": here}
+    if args.baseline:
+        builds[f"baseline ({args.baseline})"] = os.path.abspath(args.baseline)
+    roots = {n: os.path.join(base, f"epochs-{n}") for n in (1, 5)}
+    try:
+        t0 = time.perf_counter()
+        for n, root in roots.items():
+            _write_epochs(root, n, args.rows, args.shards)
+        written = time.perf_counter() - t0
+        peaks: dict[str, dict[int, list[float]]] = {b: {1: [], 5: []} for b in builds}
+        for _ in range(args.repeat):  # interleaved: the box's load hits both alike
+            for build, path in builds.items():
+                for n, root in roots.items():
+                    peaks[build][n].append(_peak_rss_mib(root, path))
+    finally:
+        if not args.root:
+            shutil.rmtree(base, ignore_errors=True)
+    result = {
+        "rows_per_epoch": args.rows,
+        "shards": args.shards,
+        "repeat": args.repeat,
+        "write_s": round(written, 1),
+        "peak_rss_mib": {
+            b: {str(n): round(statistics.median(v), 1) for n, v in by.items()}
+            for b, by in peaks.items()
+        },
+        "runs_mib": peaks,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(
+            f"es-pipe inspect ROOT --epoch 0, {args.rows:,} rows per epoch in {args.shards} "
+            f"shards: peak RSS (MiB), median of {args.repeat} fresh processes"
+        )
+        for build, by in result["peak_rss_mib"].items():
+            ratio = by["5"] / by["1"]
+            print(f"  {build}: 1 epoch {by['1']:.0f}, 5 epochs {by['5']:.0f} ({ratio:.2f}x)")
     return result
 
 

@@ -14,7 +14,13 @@ repetitions in alternating order:
 
 Prints medians; goals: es_pipe >= 0.9x raw; pruned Parquet epoch <= 0.6 of a full one.
 
+``--tar-only`` measures the tar reader alone (issue 14's goal: 10x ``wds.WebDataset``):
+es_pipe vs ``webdataset.WebDataset`` vs reading the same bytes with ``open().read()``
+(the limit), and an epoch with 50% of the samples pruned at random vs a full one; one
+torch thread, the cases interleaved, medians of ``--reps`` (7 by default there).
+
     python benchmarks/bench_sources.py [--reps 5] [--shards 8] [--samples 4000]
+    python benchmarks/bench_sources.py --tar-only
 """
 
 from __future__ import annotations
@@ -53,6 +59,63 @@ def raw_webdataset(urls: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _count(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def raw_bytes(urls: list[str]) -> int:
+    """The limit: the same bytes, read whole, nothing parsed."""
+    n = 0
+    for url in urls:
+        with open(url, "rb") as f:
+            n += len(f.read())
+    return n
+
+
+def tar_only(args: argparse.Namespace) -> None:
+    """es_pipe's tar reader vs webdataset vs the bytes, interleaved, median of reps."""
+    import torch
+
+    torch.set_num_threads(1)
+    reps = args.reps or 7
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        total = args.shards * args.samples
+        blob = rng.integers(0, 256, size=args.payload, dtype=np.uint8).tobytes()
+        samples = ({"__key__": f"{i:09d}", "bin": blob, "cls": i % 1000} for i in range(total))
+        urls = write_shards(samples, f"{tmp}/t-%04d.tar", "tar", args.samples, index=False)
+        n = args.samples
+        half = {u: np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int64) for u in urls}
+        cases = {
+            "es_pipe": lambda: _count(WebDatasetSource(urls)),
+            "wds.WebDataset": lambda: raw_webdataset(urls),
+            "open().read()": lambda: raw_bytes(urls) and total,
+            "es_pipe 50% pruned": lambda: _count(WebDatasetSource(urls, pruned=half)),
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for fn in cases.values():  # warm-up: page cache, imports
+            fn()
+        names = list(cases)
+        for rep in range(reps):
+            for k in names if rep % 2 == 0 else names[::-1]:
+                dt, got = _timed(cases[k])
+                assert got == (total // 2 if "pruned" in k else total), (k, got)
+                times[k].append(dt)
+
+    def ratio(a: str, b: str) -> float:  # throughput of a / throughput of b, per rep
+        return statistics.median(y / x for x, y in zip(times[a], times[b], strict=True))
+
+    print(
+        f"tar: {total} samples ({args.payload} B + a 3 B member each), {args.shards} shards, "
+        f"{reps} reps interleaved (median), 1 torch thread"
+    )
+    for k, v in times.items():
+        t = statistics.median(v)
+        print(f"  {k:22s} {t * 1e3:8.1f} ms  {total / t / 1e3:8.1f} k samples/s")
+    vs_wds = ratio("es_pipe", "wds.WebDataset")
+    vs_bytes = ratio("es_pipe", "open().read()")
+    print(f"  es_pipe / wds.WebDataset:   {vs_wds:6.2f}x  (goal >= 8x)")
+    print(f"  es_pipe / open().read():    {vs_bytes:6.3f}x  (goal >= 0.25x)")
+    pruned = 1 / ratio("es_pipe 50% pruned", "es_pipe")
+    print(f"  50%-pruned epoch time / full epoch time: {pruned:.2f}")
 
 
 def raw_parquet_rows(urls: list[str], columns: list[str] | None, batch_rows: int) -> int:
@@ -100,19 +163,23 @@ def _write(tmp: str, shards: int, samples: int, payload: int, tokens: int, rg: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None, help="default 5; 7 with --tar-only")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--samples", type=int, default=4000, help="samples per shard")
     ap.add_argument("--payload", type=int, default=4096, help="bytes per tar sample")
     ap.add_argument("--tokens", type=int, default=256, help="int32 tokens per Parquet row")
     ap.add_argument("--row-group", type=int, default=1000, help="Parquet row-group rows")
     ap.add_argument("--batch-rows", type=int, default=1000)
+    ap.add_argument("--tar-only", action="store_true", help="only the tar reader (issue 14)")
     args = ap.parse_args()
 
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, "
         f"python {platform.python_version()}, pyarrow {pa.__version__}"
     )
+    if args.tar_only:
+        tar_only(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tar_urls, pq_urls = _write(
             tmp, args.shards, args.samples, args.payload, args.tokens, args.row_group
@@ -146,14 +213,14 @@ def main() -> None:
         for fn in cases.values():  # warm-up: page cache, imports
             fn()
         names = list(cases)
-        for rep in range(args.reps):
+        for rep in range(args.reps or 5):
             for k in names if rep % 2 == 0 else names[::-1]:
                 dt, n = _timed(cases[k])
                 expect = total // 2 if "pruned" in k else total
                 assert n == expect, (k, n, expect)
                 times[k].append(dt)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{total} samples/format, {args.shards} shards, {args.reps} reps (median)")
+        print(f"{total} samples/format, {args.shards} shards, {args.reps or 5} reps (median)")
         for k, t in med.items():
             print(f"  {k:40s} {t * 1e3:8.1f} ms  {total / t / 1e3:8.1f} k samples/s")
 

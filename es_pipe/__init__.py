@@ -18,7 +18,8 @@ from es_pipe.errors import (
     ShardError,
     StorageError,
 )
-from es_pipe.manifest import Manifests
+from es_pipe.hf import from_hf
+from es_pipe.manifest import Manifests, manifests_dataset
 from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler
@@ -63,6 +64,8 @@ __all__ = [
     "SubBatch",
     "Uniform",
     "evolve",
+    "from_hf",
+    "manifests_dataset",
     "merge_checkpoints",
     "merge_scores",
 ]

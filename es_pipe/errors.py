@@ -26,7 +26,8 @@ class StorageError(EsPipeError):
     denied, a bucket that does not exist, an unreachable endpoint, a missing fsspec
     backend. Configuration, not bad data: raised even under ``on_error="skip"``, never
     retried. ``kind`` is one of ``"credentials"``, ``"denied"``, ``"bucket"``,
-    ``"region"``, ``"endpoint"``, ``"backend"``."""
+    ``"region"``, ``"endpoint"``, ``"backend"``, ``"options"`` (a storage option the
+    filesystem refused)."""
 
     def __init__(self, message: str, *, kind: str = "storage") -> None:
         super().__init__(message)

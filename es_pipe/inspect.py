@@ -17,7 +17,7 @@ from es_pipe.errors import EsPipeError, ManifestError
 from es_pipe.manifest import Manifests
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-SUMMARY_COLUMNS = ["shard", "key", "row", "score", "loss", "visits", "pruned", "streak", "weight"]
+KEY_COLUMNS = ["key", "row", "score", "loss", "visits", "pruned", "streak", "weight"]
 
 DESCRIPTION = """\
 Read the Parquet shard manifests of an es_pipe run (a local folder or any fsspec URL)
@@ -41,7 +41,11 @@ examples:
   es-pipe inspect runs/17/manifests --json | jq .epochs
       the same facts as JSON
 
-plain SQL over committed epochs (DuckDB):
+SQL over committed epochs only (DuckDB from Python; the dataset names exactly the
+committed files):
+  m = es_pipe.manifests_dataset("ROOT")
+  duckdb.sql("select epoch, avg(pruned::int) from m group by 1 order by 1")
+or the DuckDB CLI over a glob, filtered to the committed epochs:
   duckdb -c "select epoch, avg(pruned::int) from 'ROOT/**/*.parquet' where epoch <= LAST
              group by 1 order by 1"
   (LAST = the newest committed epoch this command prints: a run may be publishing the next)
@@ -107,30 +111,45 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- facts
+#
+# Memory: the per-epoch counts come from the commit markers (each file entry records its
+# rows, how many were pruned for the next epoch and how many of those were pruned again);
+# only the epochs a report details are read, one file at a time, projected to the columns
+# it needs. Peak memory depends on the detailed epoch, not on how many are committed.
+
+DETAIL_COLUMNS = ["score", "visits", "pruned"]  # the detailed epoch: one file = one shard
+DIFF_COLUMNS = ["row", "score", "pruned"]
 
 
-class _Reader:
-    def __init__(self, manifests: Manifests, epochs: list[int], progress: bool) -> None:
-        self.manifests = manifests
-        self.tables: dict[int, pa.Table] = {}
-        files = [(e, f) for e in epochs for f in manifests.marker(e)["files"]]
-        bar = None
-        if progress and len(files) > 16:
-            from tqdm.auto import tqdm
+def _files(manifests: Manifests, epoch: int, shard: str | None = None) -> list[dict[str, Any]]:
+    """The file entries of a committed epoch (only ``shard``'s when given)."""
+    files = manifests.marker(epoch)["files"]
+    return [f for f in files if shard is None or f["shard"] == shard]
 
-            bar = tqdm(total=len(files), desc="reading manifests", unit="file", file=sys.stderr)
-        parts: dict[int, list[pa.Table]] = {e: [] for e in epochs}
-        for epoch, entry in files:
-            table, _, _ = manifests._read_entry(epoch, entry, SUMMARY_COLUMNS)
-            parts[epoch].append(table.set_column(0, "shard", table["shard"].cast(pa.string())))
-            if bar is not None:
-                bar.update(1)
+
+def _read_files(
+    manifests: Manifests,
+    epoch: int,
+    columns: list[str],
+    shard: str | None,
+    bar: Any,
+) -> Any:
+    """Yield ``(entry, table)`` for each file of ``epoch`` (``shard``'s only), read with
+    only ``columns``; size and crc32 checked against the marker."""
+    for entry in _files(manifests, epoch, shard):
+        table, _, _ = manifests._read_entry(epoch, entry, columns)
         if bar is not None:
-            bar.close()
-        for epoch, tables in parts.items():
-            self.tables[epoch] = (
-                pa.concat_tables(tables) if tables else pa.table({c: [] for c in SUMMARY_COLUMNS})
-            )
+            bar.update(1)
+        yield entry, table
+
+
+def _bar(manifests: Manifests, reads: list[tuple[int, str | None]], progress: bool) -> Any:
+    total = sum(len(_files(manifests, e, s)) for e, s in reads)
+    if not progress or total <= 16:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="reading manifests", unit="file", file=sys.stderr)
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float | None]:
@@ -140,20 +159,109 @@ def _quantiles(values: np.ndarray) -> dict[str, float | None]:
     return {f"p{int(q * 100)}": float(v) for q, v in zip(QUANTILES, got)}
 
 
-def _summary(table: pa.Table) -> dict[str, Any]:
-    rows = table.num_rows
-    pruned = int(pc.sum(table.column("pruned")).as_py() or 0) if rows else 0
-    visits = table.column("visits").to_numpy() if rows else np.zeros(0)
-    scores = table.column("score").to_numpy() if rows else np.zeros(0)
-    seen = visits > 0
-    return {
-        "samples": rows,
-        "seen": int(seen.sum()),
-        "pruned": pruned,
-        "pruned_fraction": pruned / rows if rows else 0.0,
-        "score_mean": float(scores[seen].mean()) if seen.any() else None,
-        "score": _quantiles(scores[seen]),
-    }
+def _counts(manifests: Manifests, committed: list[int], shard: str | None) -> list[dict]:
+    """Per committed epoch E, from the markers alone (no manifest file is read):
+
+    - ``samples``: rows of E's manifests;
+    - ``skipped``: left out of E, by E-1's decision (the sources skip exactly those);
+    - ``read``: ``samples - skipped``, what the sources read in E;
+    - ``returned``: read in E after being left out of E-1;
+    - ``pruned``: left out of E+1 (the decision recorded at E).
+
+    A count the markers do not hold (written by an older es_pipe) is ``None``."""
+    known = set(committed)
+    by_epoch: dict[int, dict[str, dict[str, Any]]] = {}
+
+    def entries(e: int) -> dict[str, dict[str, Any]]:
+        if e not in known:
+            return {}
+        if e not in by_epoch:
+            by_epoch[e] = {f["shard"]: f for f in _files(manifests, e, shard)}
+        return by_epoch[e]
+
+    def total(files: dict[str, dict[str, Any]], names: Any, field: str) -> int | None:
+        values = [files[n].get(field) for n in names if n in files]
+        return None if any(v is None for v in values) else sum(values)
+
+    out = []
+    for e in committed:
+        now = entries(e)
+        names = list(now)
+        before, twice = entries(e - 1), entries(e - 2)
+        samples = sum(f["rows"] for f in now.values())
+        skipped = total(before, names, "pruned")
+        # read in E after being left out of E-1: left out of E-1 (pruned at E-2) minus
+        # those left out of E as well (pruned at E-1 again: the marker's 'repruned')
+        left_out = total(twice, names, "pruned")
+        again = total(before, names, "repruned")
+        returned = None if left_out is None or again is None else left_out - again
+        pruned = total(now, names, "pruned")
+        out.append(
+            {
+                "epoch": e,
+                "shards": len(now),
+                "committed_at": manifests.marker(e).get("committed"),
+                "samples": samples,
+                "read": None if skipped is None else samples - skipped,
+                "skipped": skipped,
+                "returned": returned,
+                "pruned": pruned,
+                "pruned_fraction": None
+                if pruned is None
+                else (pruned / samples if samples else 0.0),
+            }
+        )
+        by_epoch.pop(e - 2, None)  # only E-1 and E are needed next
+    return out
+
+
+class _Detail:
+    """The detailed summary of one epoch (or one shard of it), accumulated file by file:
+    per-shard rows, pruned and mean score; the scores of scored samples and their pruned
+    flags (for quantiles and the histogram)."""
+
+    def __init__(self) -> None:
+        self.shards: list[dict[str, Any]] = []
+        self.scores: list[np.ndarray] = []
+        self.pruned_seen: list[np.ndarray] = []
+        self.rows = 0
+        self.pruned = 0
+
+    def add(self, shard: str, table: pa.Table) -> None:
+        rows = table.num_rows
+        scores = table.column("score").to_numpy()
+        pruned = table.column("pruned").to_numpy(zero_copy_only=False).astype(bool)
+        seen = table.column("visits").to_numpy() > 0
+        n_pruned = int(pruned.sum())
+        self.rows += rows
+        self.pruned += n_pruned
+        self.scores.append(scores[seen])
+        self.pruned_seen.append(pruned[seen])
+        self.shards.append(
+            {
+                "shard": shard,
+                "samples": rows,
+                "pruned": n_pruned,
+                "pruned_fraction": n_pruned / rows if rows else 0.0,
+                "score_mean": float(scores.mean()) if rows else None,
+            }
+        )
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.concatenate(self.scores) if self.scores else np.zeros(0, np.float32)
+        pruned = np.concatenate(self.pruned_seen) if self.pruned_seen else np.zeros(0, bool)
+        return scores, pruned
+
+    def summary(self) -> dict[str, Any]:
+        scores, _ = self.arrays()
+        return {
+            "samples": self.rows,
+            "scored": len(scores),
+            "pruned": self.pruned,
+            "pruned_fraction": self.pruned / self.rows if self.rows else 0.0,
+            "score_mean": float(scores.astype(np.float64).mean()) if len(scores) else None,
+            "score": _quantiles(scores),
+        }
 
 
 def _match_shard(shards: list[str], wanted: str) -> str:
@@ -179,118 +287,133 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         raise ManifestError(manifests._no_epochs())
     epoch = committed[-1] if args.epoch is None else args.epoch
     manifests.marker(epoch)  # a clear error for an uncommitted epoch
-    wanted = set(committed)
-    reader = _Reader(manifests, sorted(wanted), progress=not args.no_progress)
-    tables = reader.tables
-    report: dict[str, Any] = {"root": args.root, "committed": committed, "epoch": epoch}
-    report["epochs"] = [
-        {
-            "epoch": e,
-            "shards": len(manifests.marker(e)["files"]),
-            "committed_at": manifests.marker(e).get("committed"),
-            **_summary(tables[e]),
-        }
-        for e in committed
-    ]
-    table = tables[epoch]
+    if args.diff:
+        for e in args.diff:
+            manifests.marker(e)
+    shard = None
     if args.shard:
-        names = sorted(
-            set().union(*(set(t.column("shard").unique().to_pylist()) for t in tables.values()))
-        )
+        names = sorted({f["shard"] for e in committed for f in _files(manifests, e)})
         shard = _match_shard(names, args.shard)
-        report["shard"] = shard
-        report["shard_history"] = [
-            {"epoch": e, **_summary(t.filter(pc.equal(t.column("shard"), shard)))}
-            for e, t in tables.items()
-        ]
-    else:
-        shard = None
-        report["shards"] = _shards(table, args.top)
+    reads = [(epoch, shard)]
+    if shard is not None:
+        reads += [(e, shard) for e in committed if e != epoch]
     if args.key is not None:
+        reads += [(e, shard) for e in committed]
+    if args.diff:
+        reads += [(e, shard) for e in args.diff]
+    bar = _bar(manifests, reads, progress=not args.no_progress)
+    try:
+        report = _report(args, manifests, committed, epoch, shard, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return report
+
+
+def _report(
+    args: argparse.Namespace,
+    manifests: Manifests,
+    committed: list[int],
+    epoch: int,
+    shard: str | None,
+    bar: Any,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"root": args.root, "committed": committed, "epoch": epoch}
+    report["epochs"] = _counts(manifests, committed, None)
+    detail = _Detail()
+    for entry, table in _read_files(manifests, epoch, DETAIL_COLUMNS, shard, bar):
+        detail.add(entry["shard"], table)
+    report["detail"] = {"epoch": epoch, "shard": shard, **detail.summary()}
+    if shard is None:
+        shards = sorted(detail.shards, key=lambda r: (-r["pruned_fraction"], r["shard"]))
+        report["shards"] = shards[: args.top]
+    else:
+        report["shard"] = shard
         history = []
-        for e, t in tables.items():
-            hit = t.filter(pc.equal(t.column("key"), args.key))
-            if shard is not None:
-                hit = hit.filter(pc.equal(hit.column("shard"), shard))
-            for row in hit.to_pylist():
-                history.append({"epoch": e, **row})
-        if not history:
+        for counts in _counts(manifests, committed, shard):
+            e = counts["epoch"]
+            one = _Detail()
+            if e == epoch:
+                one = detail
+            else:
+                for entry, table in _read_files(manifests, e, DETAIL_COLUMNS, shard, bar):
+                    one.add(entry["shard"], table)
+            history.append({**counts, **one.summary()})
+        report["shard_history"] = history
+    if args.key is not None:
+        report["key"] = args.key
+        report["key_history"] = _key_history(manifests, committed, args.key, shard, bar)
+        if not report["key_history"]:
             raise ManifestError(
                 f"no sample with key {args.key!r} in the committed manifests of {args.root}"
                 + (f" (shard {shard})" if shard else "")
             )
-        report["key"] = args.key
-        report["key_history"] = history
     if args.diff:
         a, b = args.diff
-        for e in (a, b):
-            manifests.marker(e)
-        report["diff"] = _diff(tables[a], tables[b], a, b, shard)
-    report["distribution"] = _histogram(
-        table if shard is None else table.filter(pc.equal(table.column("shard"), shard))
-    )
+        report["diff"] = _diff(manifests, a, b, shard, bar)
+    scores, pruned = detail.arrays()
+    report["distribution"] = _histogram(scores, pruned)
     return report
 
 
-def _shards(table: pa.Table, top: int) -> list[dict[str, Any]]:
-    if not table.num_rows:
-        return []
-    grouped = table.group_by("shard").aggregate(
-        [("row", "count"), ("pruned", "sum"), ("score", "mean")]
-    )
-    out = [
-        {
-            "shard": r["shard"],
-            "samples": r["row_count"],
-            "pruned": int(r["pruned_sum"] or 0),
-            "pruned_fraction": (r["pruned_sum"] or 0) / r["row_count"],
-            "score_mean": r["score_mean"],
-        }
-        for r in grouped.to_pylist()
-    ]
-    out.sort(key=lambda r: (-r["pruned_fraction"], r["shard"]))
-    return out[:top]
+def _key_history(
+    manifests: Manifests, committed: list[int], key: str, shard: str | None, bar: Any
+) -> list[dict[str, Any]]:
+    """One key's rows across the committed epochs, read file by file (only ``shard``'s
+    files when given): memory of one file, whatever the number of epochs."""
+    history = []
+    for e in committed:
+        for entry, table in _read_files(manifests, e, KEY_COLUMNS, shard, bar):
+            hit = table.filter(pc.equal(table.column("key"), key))
+            for row in hit.to_pylist():
+                history.append({"epoch": e, **row, "shard": entry["shard"]})
+    return history
 
 
-def _diff(ta: pa.Table, tb: pa.Table, a: int, b: int, shard: str | None) -> dict[str, Any]:
-    if shard is not None:
-        ta = ta.filter(pc.equal(ta.column("shard"), shard))
-        tb = tb.filter(pc.equal(tb.column("shard"), shard))
-    left = ta.select(["shard", "row", "score", "pruned"])
-    right = tb.select(["shard", "row", "score", "pruned"])
-    joined = left.join(
-        right, ["shard", "row"], left_suffix="_a", right_suffix="_b", join_type="inner"
-    )
-    pa_ = joined.column("pruned_a").to_numpy(zero_copy_only=False).astype(bool)
-    pb = joined.column("pruned_b").to_numpy(zero_copy_only=False).astype(bool)
-    delta = joined.column("score_b").to_numpy() - joined.column("score_a").to_numpy()
-    shards_a = set(ta.column("shard").unique().to_pylist())
-    shards_b = set(tb.column("shard").unique().to_pylist())
+def _diff(manifests: Manifests, a: int, b: int, shard: str | None, bar: Any) -> dict[str, Any]:
+    """What changed from epoch ``a`` to ``b``, joined shard by shard (memory: one shard's
+    files of both epochs at a time)."""
+    files_a = {f["shard"]: f for f in _files(manifests, a, shard)}
+    files_b = {f["shard"]: f for f in _files(manifests, b, shard)}
+    counts = dict.fromkeys(["samples_both", "pruned_a", "pruned_b", "newly", "returned", "both"], 0)
+    deltas = []
+    for name in sorted(files_a.keys() & files_b.keys()):
+        ta, _, _ = manifests._read_entry(a, files_a[name], DIFF_COLUMNS)
+        tb, _, _ = manifests._read_entry(b, files_b[name], DIFF_COLUMNS)
+        for _ in range(2 if bar is not None else 0):
+            bar.update(1)
+        joined = ta.join(tb, "row", left_suffix="_a", right_suffix="_b", join_type="inner")
+        pa_ = joined.column("pruned_a").to_numpy(zero_copy_only=False).astype(bool)
+        pb = joined.column("pruned_b").to_numpy(zero_copy_only=False).astype(bool)
+        deltas.append(joined.column("score_b").to_numpy() - joined.column("score_a").to_numpy())
+        counts["samples_both"] += joined.num_rows
+        counts["pruned_a"] += int(pa_.sum())
+        counts["pruned_b"] += int(pb.sum())
+        counts["newly"] += int((~pa_ & pb).sum())
+        counts["returned"] += int((pa_ & ~pb).sum())
+        counts["both"] += int((pa_ & pb).sum())
+    delta = np.concatenate(deltas) if deltas else np.zeros(0)
     return {
         "a": a,
         "b": b,
-        "samples_both": joined.num_rows,
-        "pruned_a": int(pa_.sum()),
-        "pruned_b": int(pb.sum()),
-        "newly_pruned": int((~pa_ & pb).sum()),
-        "returned": int((pa_ & ~pb).sum()),
-        "pruned_both": int((pa_ & pb).sum()),
+        "samples_both": counts["samples_both"],
+        "pruned_a": counts["pruned_a"],
+        "pruned_b": counts["pruned_b"],
+        "newly_pruned": counts["newly"],
+        "returned": counts["returned"],
+        "pruned_both": counts["both"],
         "score_change_mean": float(delta.mean()) if len(delta) else None,
         "score_change": _quantiles(delta),
-        "shards_only_in_a": sorted(shards_a - shards_b),
-        "shards_only_in_b": sorted(shards_b - shards_a),
+        "shards_only_in_a": sorted(files_a.keys() - files_b.keys()),
+        "shards_only_in_b": sorted(files_b.keys() - files_a.keys()),
     }
 
 
-def _histogram(table: pa.Table, bins: int = 30) -> dict[str, Any]:
-    if not table.num_rows:
-        return {"edges": [], "kept": [], "pruned": []}
-    visits = table.column("visits").to_numpy()
-    seen = visits > 0
-    scores = table.column("score").to_numpy()[seen].astype(np.float64)
-    pruned = table.column("pruned").to_numpy(zero_copy_only=False).astype(bool)[seen]
+def _histogram(scores: np.ndarray, pruned: np.ndarray, bins: int = 30) -> dict[str, Any]:
+    """Scores of the scored samples of the detailed epoch, kept vs pruned."""
     if not len(scores):
         return {"edges": [], "kept": [], "pruned": []}
+    scores = scores.astype(np.float64)
     edges = np.histogram_bin_edges(scores, bins=bins)
     kept, _ = np.histogram(scores[~pruned], bins=edges)
     cut, _ = np.histogram(scores[pruned], bins=edges)
@@ -319,34 +442,45 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _summary_row(s: dict[str, Any]) -> list[Any]:
-    q = s["score"]
-    return [
-        s["samples"],
-        s["seen"],
-        s["pruned"],
-        f"{100 * s['pruned_fraction']:.1f}%",
-        q["p10"],
-        q["p50"],
-        q["p90"],
-    ]
+def _pct(fraction: float | None) -> str | None:
+    return None if fraction is None else f"{100 * fraction:.1f}%"
 
 
-SUMMARY_HEADERS = ["samples", "seen", "pruned", "pruned%", "score p10", "p50", "p90"]
+COUNT_HEADERS = ["samples", "read", "skipped", "returned", "pruned", "pruned%"]
+DETAIL_HEADERS = ["scored", "score mean", "p10", "p50", "p90"]
+
+
+def _count_row(c: dict[str, Any]) -> list[Any]:
+    keys = ("samples", "read", "skipped", "returned", "pruned")
+    return [*(c[k] for k in keys), _pct(c["pruned_fraction"])]
+
+
+def _detail_row(d: dict[str, Any]) -> list[Any]:
+    q = d["score"]
+    return [d["scored"], d["score_mean"], q["p10"], q["p50"], q["p90"]]
 
 
 def render(report: dict[str, Any]) -> str:
     out = [
         f"manifests: {report['root']}",
-        f"committed epochs: {len(report['committed'])} (newest {report['committed'][-1]}); "
-        "`pruned` = left out of the NEXT epoch",
+        f"committed epochs: {len(report['committed'])} (newest {report['committed'][-1]})",
         "",
-        "epochs",
+        "epochs (read = read in the epoch, skipped = left out of it, returned = read after "
+        "being left out of the epoch before, pruned = left out of the NEXT epoch)",
     ]
     out.append(
         _table(
-            ["epoch", "shards", *SUMMARY_HEADERS],
-            [[e["epoch"], e["shards"], *_summary_row(e)] for e in report["epochs"]],
+            ["epoch", "shards", *COUNT_HEADERS],
+            [[e["epoch"], e["shards"], *_count_row(e)] for e in report["epochs"]],
+        )
+    )
+    d = report["detail"]
+    where = f"epoch {d['epoch']}" + (f", shard {d['shard']}" if d["shard"] else "")
+    out += ["", f"{where}: scores of the samples scored so far"]
+    out.append(
+        _table(
+            ["samples", "pruned", "pruned%", *DETAIL_HEADERS],
+            [[d["samples"], d["pruned"], _pct(d["pruned_fraction"]), *_detail_row(d)]],
         )
     )
     if "shards" in report:
@@ -370,8 +504,8 @@ def render(report: dict[str, Any]) -> str:
         out += ["", f"shard {report['shard']}"]
         out.append(
             _table(
-                ["epoch", *SUMMARY_HEADERS],
-                [[h["epoch"], *_summary_row(h)] for h in report["shard_history"]],
+                ["epoch", *COUNT_HEADERS, *DETAIL_HEADERS],
+                [[h["epoch"], *_count_row(h), *_detail_row(h)] for h in report["shard_history"]],
             )
         )
     if "key_history" in report:
@@ -416,6 +550,7 @@ def render(report: dict[str, Any]) -> str:
                 out.append(f"shards only in {d[side]}: {_few(d[f'shards_only_in_{side}'])}")
     out += [
         "",
+        f"committed rows only, from Python: es_pipe.manifests_dataset({report['root']!r})",
         f"plain SQL: select epoch, avg(pruned::int) from '{report['root']}/**/*.parquet' "
         f"where epoch <= {report['committed'][-1]} group by 1 order by 1",
     ]
@@ -432,7 +567,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     history = report.get("shard_history") or report["epochs"]
     epochs = [e["epoch"] for e in history]
-    left.bar(epochs, [100 * e["pruned_fraction"] for e in history], color="tab:red")
+    left.bar(epochs, [100 * (e["pruned_fraction"] or 0.0) for e in history], color="tab:red")
     left.set_xlabel("epoch N (decision for N+1)")
     left.set_ylabel("pruned %")
     left.set_title("pruned fraction" + (f" — {report['shard']}" if report.get("shard") else ""))

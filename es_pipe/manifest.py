@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +80,9 @@ from es_pipe import storage
 from es_pipe.errors import ConfigError, ManifestError, ManifestStorageError
 from es_pipe.retry import Retry
 from es_pipe.sources import shards as shard_files
+
+if TYPE_CHECKING:
+    import pyarrow.dataset
 
 _FINGERPRINT_RETRY = Retry()
 MARKER_FORMAT = "es_pipe.commit"
@@ -94,7 +97,7 @@ _STORAGE_ERRNOS = frozenset(
     getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n)
 )
 _OURS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*-[0-9a-f]{12}\.parquet$")
-MARKER_FIELDS = ("shard", "path", "rows", "pruned", "size", "crc32")
+MARKER_FIELDS = ("shard", "path", "rows", "pruned", "repruned", "size", "crc32")
 _MARKER_RE = re.compile(r"^epoch=(\d+)\.json$")
 _DONE_RE = re.compile(r"^rank=(\d+)\.json$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -424,6 +427,8 @@ class Manifests:
             "path": f"epoch={int(epoch)}/{name}.parquet",
             "rows": table.num_rows,
             "pruned": int(pc.sum(table.column("pruned")).as_py() or 0),
+            # pruned again: left out of this epoch too (streak >= 2); for `inspect`
+            "repruned": int(pc.sum(pc.greater_equal(table.column("streak"), 2)).as_py() or 0),
             "size": data.size,
             "crc32": _crc(data),
             "fallback": bool(fallback),
@@ -514,10 +519,14 @@ class Manifests:
             )
             self._rm(self._marker_path(stale))
             self._markers.pop(stale, None)
+        # every later epoch=M/ is now uncommitted: an abandoned run's files, which plain
+        # readers of ROOT/**/*.parquet would take for data
+        self._remove_abandoned(epoch)
         # 2. publish: every named file to its committed place; remove our stale ones.
         for entry in files:
             self._publish(entry)
         self._remove_unnamed(epoch, {entry["path"].rsplit("/", 1)[-1] for entry in files})
+        self._check_lease_held()  # again: the folder may have been taken while publishing
         # 3. the marker, last.
         marker = {
             "format": MARKER_FORMAT,
@@ -539,6 +548,40 @@ class Manifests:
         self._put(self._marker_path(epoch), json.dumps(marker, indent=1).encode(), atomic=True)
         self._markers[epoch] = marker
         return marker
+
+    def _remove_abandoned(self, epoch: int) -> None:
+        """Remove es_pipe's files from ``epoch=M/`` folders with ``M > epoch`` (no marker
+        names them once step 1 ran: files of a run that went back to an earlier
+        checkpoint, or of a publication that crashed before its marker); a folder left
+        empty goes too. A linked folder is not followed, and anything es_pipe did not
+        write is left in place (with a warning)."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            entries = self._io(f"ls {self.root}", self.fs.ls, self.root, True)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for info in entries:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            match = re.fullmatch(r"epoch=(\d+)", name)
+            if not match or int(match.group(1)) <= epoch:
+                continue
+            path = self._path(name)
+            if info.get("islink") or (
+                isinstance(self.fs, LocalFileSystem) and os.path.islink(path)
+            ):
+                warnings.warn(
+                    f"{path} is a symlink; es_pipe never follows a link out of the manifests "
+                    "folder and leaves it alone. Plain readers of the root may read what it "
+                    "points to: remove it",
+                    stacklevel=4,
+                )
+                continue
+            if info.get("type") != "directory":
+                continue
+            self._remove_unnamed(int(match.group(1)), set())
+            with contextlib.suppress(Exception):  # best effort: not empty, or no folders
+                if not self._io(f"ls {path}", self.fs.ls, path, False):
+                    self.fs.rmdir(path)
 
     def _remove_unnamed(self, epoch: int, keep: set[str]) -> None:
         """Remove files of ``epoch=N/`` that this commit does not name, if es_pipe wrote
@@ -916,8 +959,20 @@ class Manifests:
         )
 
     def _check_lease_held(self) -> None:
-        """Before committing: the lease (if any) is still this attempt's."""
+        """Before committing: the lease is still this attempt's. A job that took the lease
+        (:meth:`acquire_lease`) and finds none lost it: another job took it over and has
+        since ended (releasing it), or it was removed; committing now would replace that
+        job's epochs. Without :meth:`acquire_lease` (the plain API), only another
+        attempt's lease refuses."""
         held = self.read_lease()
+        if held is None and self._lease_stop is not None:
+            raise ManifestError(
+                f"not committing to {self.url}: this job (attempt {self.attempt!r}) took its "
+                "lease, and the lease is gone: another job took the folder over and ended, or "
+                "the lease file was removed. Its committed epochs would be replaced. Restart "
+                "this job from its last checkpoint (it takes the folder again), or give each "
+                "job a folder of its own"
+            )
         if held is not None and held.get("attempt") != self.attempt:
             raise ManifestError(
                 f"not committing to {self.url}: its lease was taken over by attempt "
@@ -1188,6 +1243,41 @@ class Manifests:
             "epoch", pa.array(np.full(table.num_rows, epoch, np.int32), pa.int32())
         )
 
+    def dataset(self, epochs: Iterable[int] | None = None) -> pyarrow.dataset.Dataset:
+        """The committed epochs (default: all; else those of ``epochs``) as one
+        ``pyarrow.dataset.Dataset`` with an ``epoch`` column: exactly the files their
+        commit markers name, so that DuckDB, pandas or Polars read committed rows only
+        (never an epoch being published, nor one a crash or a re-run abandoned).
+        ``ManifestError`` when nothing is committed or an epoch asked for is not."""
+        import pyarrow.dataset as ds
+
+        wanted = self.committed() if epochs is None else sorted({int(e) for e in epochs})
+        if not wanted:
+            raise ManifestError(self._no_epochs())
+        paths = [self._path(f["path"]) for e in wanted for f in self.marker(e)["files"]]
+        schema = arrow_schema().append(pa.field("epoch", pa.int32(), nullable=False))
+        return ds.dataset(
+            paths,
+            schema=schema,
+            format="parquet",
+            filesystem=self.fs,
+            partitioning=ds.partitioning(pa.schema([("epoch", pa.int32())]), flavor="hive"),
+            partition_base_dir=self.root,
+        )
+
+
+def manifests_dataset(
+    root: str,
+    epochs: Iterable[int] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> pyarrow.dataset.Dataset:
+    """The committed manifests under ``root`` as a ``pyarrow.dataset.Dataset`` (see
+    :meth:`Manifests.dataset`): the one line other engines need, e.g.
+    ``duckdb.sql("select epoch, avg(pruned::int) from m group by 1")`` after
+    ``m = es_pipe.manifests_dataset(root)``."""
+    return Manifests(root, storage_options=storage_options).dataset(epochs)
+
 
 # --------------------------------------------------------------------------- encoding
 
@@ -1294,9 +1384,12 @@ def _check_marker(marker: dict[str, Any], epoch: int, path: str) -> None:
             ):
                 problem = f"a file entry is not {{shard, path, size, crc32}}: {str(entry)[:200]}"
                 break
-            pruned = entry.get("pruned", 0)  # optional: markers before pruned counts
-            if isinstance(pruned, bool) or not isinstance(pruned, int) or pruned < 0:
-                problem = f"a file entry's 'pruned' is not a count: {str(entry)[:200]}"
+            for count in ("pruned", "repruned"):  # optional: markers before these counts
+                value = entry.get(count, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    problem = f"a file entry's {count!r} is not a count: {str(entry)[:200]}"
+                    break
+            if problem:
                 break
     if problem:
         raise ManifestError(

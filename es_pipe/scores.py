@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -72,15 +73,25 @@ MAX_ORDINAL = 2**31  # per-shard ordinals: positions in a shard
 
 
 class ScoreStore:
-    """Score, last loss, visit count and last step of every sample held, by shard."""
+    """Score, last loss, visit count and last step of every sample held, by shard.
+
+    Shards are addressed through small integer ids: ``_sid`` maps a shard name to its id,
+    and the arrays ``_off``/``_cap``/``_len`` hold each id's block offset, capacity and
+    length (1 + highest ordinal seen), so that a meta-batch spanning thousands of shards is
+    located with array operations (one C-level dict pass over its distinct shard names, no
+    Python loop per shard). Ids of dropped shards are left dead until the next compaction.
+    """
 
     def __init__(self) -> None:
         self._clear()
 
     def _clear(self) -> None:
         self._arena = {name: np.zeros(0, dtype) for name, dtype in COLUMNS.items()}
-        self._blocks: dict[str, tuple[int, int]] = {}  # shard -> (offset, capacity)
-        self._lengths: dict[str, int] = {}  # shard -> 1 + highest ordinal seen
+        self._sid: dict[str, int] = {}  # shard -> id (insertion order: the shards' order)
+        self._off = np.zeros(16, np.int64)  # id -> block offset in the arena
+        self._cap = np.zeros(16, np.int64)  # id -> block capacity
+        self._len = np.zeros(16, np.int64)  # id -> 1 + highest ordinal seen (0: dead id)
+        self._ids = 0  # ids handed out
         self._keys: dict[str, dict[str, int]] = {}  # ordinal-less shards: key -> ordinal
         self._end = 0  # arena high-water mark
 
@@ -111,17 +122,22 @@ class ScoreStore:
                 f"position in its shard (< {MAX_ORDINAL}), and scores are held densely per "
                 "shard up to the highest ordinal; split the shard or number its samples 0..n-1"
             )
-        blocks = [self._blocks.get(name, (0, 0)) for name in names]
-        offsets = np.array([offset for offset, _ in blocks], dtype=np.int64)
-        lengths = np.array([self._lengths.get(name, 0) for name in names], dtype=np.int64)
+        sids = np.fromiter(map(self._sid.get, names, repeat(-1)), np.int64, len(names))
+        lengths = np.where(sids >= 0, self._len[sids], 0)
         if (ordinals >= lengths[codes]).any():  # new samples: grow blocks, extend lengths
             highest = np.full(len(names), -1, dtype=np.int64)
             np.maximum.at(highest, codes, ordinals)
-            for name, top in zip(names, highest.tolist()):
-                self._ensure(name, top + 1)
-                self._lengths[name] = max(self._lengths[name], top + 1)
-            offsets = np.array([self._blocks[name][0] for name in names], dtype=np.int64)
-        return offsets[codes] + ordinals
+            grow = np.flatnonzero(highest >= lengths)
+            for j in grow[sids[grow] < 0].tolist():  # shards never seen: once per shard
+                sids[j] = self._register(names[j])
+            rows = highest[grow] + 1
+            ids = sids[grow]
+            for sid, n in zip(  # blocks out of capacity: rare (capacity doubles)
+                ids[rows > self._cap[ids]].tolist(), rows[rows > self._cap[ids]].tolist()
+            ):
+                self._grow_block(sid, n)
+            self._len[ids] = np.maximum(self._len[ids], rows)
+        return self._off[sids][codes] + ordinals
 
     def _ordinals_from_keys(self, shards: ShardCodes, keys: Sequence[str]) -> np.ndarray:
         tables = [self._keys.setdefault(name, {}) for name in shards.names]
@@ -131,24 +147,43 @@ class ScoreStore:
             out[i] = table.setdefault(key, len(table))
         return out
 
+    def _register(self, shard: str) -> int:
+        """A new shard: an id, with an empty block at the end of the arena."""
+        sid = self._ids
+        if sid == len(self._off):
+            for name in ("_off", "_cap", "_len"):
+                old = getattr(self, name)
+                grown = np.zeros(2 * len(old), np.int64)
+                grown[: len(old)] = old
+                setattr(self, name, grown)
+        self._ids = sid + 1
+        self._sid[shard] = sid
+        self._off[sid], self._cap[sid], self._len[sid] = self._end, 0, 0
+        return sid
+
     def _ensure(self, shard: str, rows: int) -> int:
         """Offset of ``shard``'s block, grown to hold ``rows`` samples."""
-        offset, capacity = self._blocks.get(shard, (self._end, 0))
-        if rows > capacity:
-            new_capacity = max(rows, 2 * capacity, 16)
-            if offset + capacity == self._end:  # last block: grow in place
-                self._grow_arena(offset + new_capacity)
-            else:  # move the block to the end of the arena
-                new_offset = self._end
-                self._grow_arena(new_offset + new_capacity)
-                for column in self._arena.values():
-                    column[new_offset : new_offset + capacity] = column[offset : offset + capacity]
-                    column[offset : offset + capacity] = 0
-                offset = new_offset
-            self._end = offset + new_capacity
-            self._blocks[shard] = (offset, new_capacity)
-        self._lengths.setdefault(shard, 0)
-        return offset
+        sid = self._sid.get(shard)
+        if sid is None:
+            sid = self._register(shard)
+        if rows > self._cap[sid]:
+            self._grow_block(sid, rows)
+        return int(self._off[sid])
+
+    def _grow_block(self, sid: int, rows: int) -> None:
+        offset, capacity = int(self._off[sid]), int(self._cap[sid])
+        new_capacity = max(rows, 2 * capacity, 16)
+        if offset + capacity == self._end:  # last block: grow in place
+            self._grow_arena(offset + new_capacity)
+        else:  # move the block to the end of the arena
+            new_offset = self._end
+            self._grow_arena(new_offset + new_capacity)
+            for column in self._arena.values():
+                column[new_offset : new_offset + capacity] = column[offset : offset + capacity]
+                column[offset : offset + capacity] = 0
+            offset = new_offset
+        self._end = offset + new_capacity
+        self._off[sid], self._cap[sid] = offset, new_capacity
 
     def _grow_arena(self, size: int) -> None:
         current = len(self._arena["score"])
@@ -185,8 +220,9 @@ class ScoreStore:
 
     def shard(self, name: str) -> dict[str, np.ndarray]:
         """Read-only views of one shard's columns, indexed by ordinal."""
-        offset, _ = self._blocks[name]
-        end = offset + self._lengths[name]
+        sid = self._sid[name]
+        offset = int(self._off[sid])
+        end = offset + int(self._len[sid])
         views = {column: values[offset:end] for column, values in self._arena.items()}
         for view in views.values():
             view.flags.writeable = False
@@ -200,16 +236,17 @@ class ScoreStore:
     def load_shard(self, name: str, columns: dict[str, np.ndarray]) -> None:
         """Replace one shard's state (e.g. from a committed manifest)."""
         rows = len(columns["score"])
-        self._ensure(name, rows)
-        offset, _ = self._blocks[name]
+        offset = self._ensure(name, rows)
         for column, dtype in COLUMNS.items():
             self._arena[column][offset : offset + rows] = np.asarray(columns[column], dtype)
-        self._lengths[name] = max(self._lengths[name], rows)
+        sid = self._sid[name]
+        self._len[sid] = max(int(self._len[sid]), rows)
 
     def drop(self, name: str) -> None:
         """Forget a shard this rank no longer reads (its block is reused after compaction)."""
-        self._blocks.pop(name, None)
-        self._lengths.pop(name, None)
+        sid = self._sid.pop(name, None)
+        if sid is not None:  # a dead id: no length, no capacity (compaction drops it)
+            self._len[sid] = self._cap[sid] = 0
         self._keys.pop(name, None)
         if self.held * 2 < self._end:
             self.compact()
@@ -218,25 +255,30 @@ class ScoreStore:
         """Repack the held shards end to end with no spare capacity (16 bytes per sample
         held). The arena grows by doubling; the sampler compacts at epoch boundaries."""
         arena = {name: np.zeros(self.held, dtype) for name, dtype in COLUMNS.items()}
+        old = self._sid
+        n = max(16, len(old))
+        off, cap, lengths = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
         cursor = 0
-        for shard, (offset, _) in list(self._blocks.items()):
-            rows = self._lengths[shard]
+        for new_sid, (shard, sid) in enumerate(list(old.items())):  # ids renumbered densely
+            offset, rows = int(self._off[sid]), int(self._len[sid])
             for name, column in arena.items():
                 column[cursor : cursor + rows] = self._arena[name][offset : offset + rows]
-            self._blocks[shard] = (cursor, rows)
+            off[new_sid], cap[new_sid], lengths[new_sid] = cursor, rows, rows
+            old[shard] = new_sid
             cursor += rows
+        self._off, self._cap, self._len, self._ids = off, cap, lengths, len(old)
         self._arena, self._end = arena, cursor
 
     # ------------------------------------------------------------------ inspection
 
     @property
     def shards(self) -> list[str]:
-        return list(self._blocks)
+        return list(self._sid)
 
     @property
     def held(self) -> int:
-        """Samples held (sum of the shards' lengths)."""
-        return sum(self._lengths.values())
+        """Samples held (sum of the shards' lengths; dead ids have none)."""
+        return int(self._len[: self._ids].sum())
 
     @property
     def nbytes(self) -> int:
@@ -259,7 +301,7 @@ class ScoreStore:
 
         return {
             "shards": shards,
-            "lengths": [self._lengths[name] for name in shards],
+            "lengths": [int(self._len[self._sid[name]]) for name in shards],
             "keys": {name: list(table) for name, table in self._keys.items()},
             **{column: cat(column) for column in COLUMNS},
         }

@@ -11,6 +11,12 @@ Every place es_pipe takes a URL (the sources, :class:`~es_pipe.sources.ShardList
         "client_kwargs": {"endpoint_url": "http://minio:9000", "region_name": "us-east-1"},
     }
 
+For S3, es_pipe lowers botocore's own retries to ``{"total_max_attempts": 2,
+"mode": "standard"}`` (one retry) unless ``config_kwargs={"retries": ...}`` says
+otherwise: botocore's default (5 tries, exponential backoff) takes about 9 s to report
+an endpoint that cannot be reached, and es_pipe retries transient read and write errors
+itself (:class:`~es_pipe.Retry`).
+
 Without them, the backend's own configuration applies (for S3: ``AWS_*`` environment
 variables, ``~/.aws``, instance roles; for GCS: application default credentials).
 
@@ -48,6 +54,7 @@ __all__ = [
 ]
 
 _LOCAL = ("", "file", "local")
+S3_RETRIES = {"total_max_attempts": 2, "mode": "standard"}  # botocore's, under es_pipe's Retry
 _remembered: dict[str, dict[str, Any]] = {}
 _lock = threading.Lock()
 
@@ -152,6 +159,10 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
     backend that is not installed is a :class:`StorageError` naming the package."""
     # deep copy: botocore rewrites nested dicts (config_kwargs["retries"]) in place
     options = copy.deepcopy(options_for(url, storage_options))
+    if protocol_of(url) in ("s3", "s3a"):
+        config = options.setdefault("config_kwargs", {})
+        if isinstance(config, dict):
+            config.setdefault("retries", dict(S3_RETRIES))
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
@@ -206,6 +217,8 @@ def _kind(exc: BaseException, url: str) -> tuple[str, BaseException] | None:
             return "region", e
         if remote and name in _ENDPOINT_ERRORS:
             return "endpoint", e
+        if remote and isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            return "options", e  # s3fs passes unknown options on to its session, lazily
     if remote:
         for e in _chain(exc):
             if isinstance(e, PermissionError):
@@ -255,6 +268,12 @@ def storage_error(exc: BaseException, url: str) -> StorageError | None:
             "--storage-option client_kwargs.endpoint_url=..., or AWS_ENDPOINT_URL), the "
             "network and any proxy. To fail faster, lower the client's retries, e.g. "
             "storage_options={'config_kwargs': {'retries': {'max_attempts': 2}}}"
+        ),
+        "options": (
+            f"the filesystem of {where} refused a storage option ({detail}): pass only "
+            "arguments that its fsspec filesystem takes in storage_options (CLI: "
+            "--storage-option KEY=VALUE), e.g. for S3 key, secret, anon, client_kwargs, "
+            "config_kwargs"
         ),
     }
     return StorageError(fixes[kind], kind=kind)

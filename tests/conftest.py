@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _s3 import s3  # noqa: F401 (the session's moto S3 server: tests/_s3.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -58,17 +58,17 @@ def newest_common(folder: str, world: int) -> int | None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--index", required=True)
-    p.add_argument("--run", required=True)
+    p.add_argument("--run-dir", required=True)  # not --run: torchrun takes it for --run-path
     p.add_argument("--attempt", type=int, required=True)
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    with open(os.path.join(args.run, f"pid-rank{rank}.{args.attempt}"), "w") as f:
+    with open(os.path.join(args.run_dir, f"pid-rank{rank}.{args.attempt}"), "w") as f:
         f.write(str(os.getpid()))
     torch.set_num_threads(1)
     try:
         run(args, rank, world)
     except Exception:
-        with open(os.path.join(args.run, f"error-rank{rank}.{args.attempt}.txt"), "w") as f:
+        with open(os.path.join(args.run_dir, f"error-rank{rank}.{args.attempt}.txt"), "w") as f:
             f.write(traceback.format_exc())
         sys.exit(1)
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         seed=SEED,
         total_epochs=EPOCHS,
         prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=os.path.join(args.run, "manifests"),
+        manifests=os.path.join(args.run_dir, "manifests"),
         commit_timeout=30.0,
     )
     source = WebDatasetSource(
@@ -95,16 +95,16 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         pruned=sampler.pruned,
     )
     loader = tn.Loader(es_pipe.EvolvedSampling(tn.Mapper(source, decode), sampler))
-    steps = newest_common(args.run, world) or 0
+    steps = newest_common(args.run_dir, world) or 0
     if steps:
         saved = torch.load(
-            os.path.join(args.run, f"ckpt-rank{rank}-{steps:05d}.pt"), weights_only=True
+            os.path.join(args.run_dir, f"ckpt-rank{rank}-{steps:05d}.pt"), weights_only=True
         )
         model.module.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         loader.load_state_dict(saved["loader"])
         sampler.load_state_dict(saved["sampler"])
-    path = os.path.join(args.run, f"log-rank{rank}.{args.attempt}.jsonl")
+    path = os.path.join(args.run_dir, f"log-rank{rank}.{args.attempt}.jsonl")
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def append(record: dict) -> None:
@@ -148,11 +148,11 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
                     "sampler": sampler.state_dict(),
                     "steps": steps,
                 }
-                target = os.path.join(args.run, f"ckpt-rank{rank}-{steps:05d}.pt")
+                target = os.path.join(args.run_dir, f"ckpt-rank{rank}-{steps:05d}.pt")
                 torch.save(state, target + ".tmp")
                 os.replace(target + ".tmp", target)
     if rank == 0:
-        torch.save({"model": model.module.state_dict()}, os.path.join(args.run, "final.pt"))
+        torch.save({"model": model.module.state_dict()}, os.path.join(args.run_dir, "final.pt"))
     os.close(log)
     dist.destroy_process_group()
 

@@ -47,10 +47,10 @@ def test_shard_a_parquet_table(tmp_path):
 def test_shard_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     out = es_pipe_cli("shard", str(tmp_path / "x.csv"), str(tmp_path / "o-%d.tar"))
-    assert out.returncode == 1 and "cannot shard" in out.stderr
+    assert out.returncode == 2 and "cannot shard" in out.stderr
     assert not list(tmp_path.glob("o-*"))
     missing = es_pipe_cli("shard", str(tmp_path / "nope"), str(tmp_path / "o-%d.tar"))
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 def test_help_teaches():
@@ -96,7 +96,7 @@ BAD_PATTERNS = [
 
 
 def _no_shards_and_a_short_error(tmp_path, returncode, stderr):
-    assert returncode == 1
+    assert returncode == 2
     assert "%d or %0Nd" in stderr and "e.g. 'out/train-%06d.tar'" in stderr
     assert len(stderr) < 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
@@ -170,7 +170,7 @@ def test_shard_does_not_follow_links_out_of_the_source(tmp_path, capsys, link):
         returncode, stderr = out.returncode, out.stderr
     else:
         returncode, stderr = main(["shard", str(raw), pattern]), capsys.readouterr().err
-    assert returncode == 1
+    assert returncode == 2
     assert "symbolic link" in stderr and "--follow-symlinks" in stderr
     assert str(outside) in stderr
     assert not out_dir.exists() or list(out_dir.iterdir()) == []

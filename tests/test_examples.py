@@ -31,6 +31,13 @@ def test_webdataset_pipeline() -> None:
     assert "epoch 2: trained on 250 of 1000 samples" in out
 
 
+def test_hf_datasets() -> None:
+    pytest.importorskip("datasets", reason="pip install 'datasets>=2.18'")
+    out = run("hf_datasets.py", "--samples", "1000", "--epochs", "2")
+    assert "epoch 2: trained on 250 of 1000 samples, 1000 samples scored" in out
+    assert "same as uninterrupted: True" in out
+
+
 def test_lm_pretrain(tmp_path: Path) -> None:
     out = run(
         "lm_pretrain.py",

@@ -389,7 +389,7 @@ def _torchrun(index: str, run: Path, attempt: int, kill: tuple[float, str] | Non
 
     run.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={WORLD}", DIST_CHILD, "--index", index, "--run", str(run)]
+    cmd += [f"--nproc_per_node={WORLD}", DIST_CHILD, "--index", index, "--run-dir", str(run)]
     cmd += ["--attempt", str(attempt)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     with open(run / f"torchrun.{attempt}.txt", "w") as out:

@@ -84,3 +84,38 @@ def test_sixteen_bytes_per_sample_when_shards_are_reserved():
         store.locate([f"s{i}"] * 1000, ordinals=np.arange(1000))
     assert BYTES_PER_SAMPLE == 16
     assert store.nbytes / store.held <= 2 * BYTES_PER_SAMPLE  # arena doubling at most
+
+
+def test_many_shards_random_operations_match_a_plain_dict_model():
+    """Locate over thousands of shard ids (array lookups), with drops, compactions,
+    re-added shards and ordinal-less shards: every sample keeps its own values."""
+    rng = np.random.default_rng(0)
+    store = ScoreStore()
+    model: dict[tuple[str, int], float] = {}  # (shard, ordinal) -> last score written
+    names = [f"s3://b/shard-{i:05d}.tar" for i in range(3000)]
+    for step in range(40):
+        shard_ix = rng.integers(0, min(3000, 1500 + 40 * step), 512)
+        shards = [names[i] for i in shard_ix]
+        ordinals = rng.integers(0, 5 + step * 3, 512)
+        slots = store.locate(shards, ordinals=ordinals)
+        before = store.gather(slots)["score"]
+        expected = [model.get((s, int(o)), 0.0) for s, o in zip(shards, ordinals)]
+        assert before.tolist() == expected
+        scores = rng.random(512).astype(np.float32)
+        # one value per sample (duplicates in a batch take the last write, like the store)
+        store.scatter(slots, scores, scores, step)
+        written = store.gather(slots)["score"]
+        for s, o, v in zip(shards, ordinals.tolist(), written.tolist()):
+            model[(s, o)] = v
+        if step % 7 == 6:
+            for name in {names[i] for i in rng.integers(0, 3000, 200)}:
+                store.drop(name)
+                model = {k: v for k, v in model.items() if k[0] != name}
+        if step % 11 == 10:
+            store.compact()
+    for name in store.shards[:50]:
+        view = store.shard(name)["score"]
+        for o in range(len(view)):
+            assert view[o] == model.get((name, o), 0.0)
+    assert store.held == sum(len(store.shard(n)["score"]) for n in store.shards)
+    assert store.nbytes >= store.held * BYTES_PER_SAMPLE

@@ -509,9 +509,12 @@ class ShardedSource(BaseNode[dict]):
             kept = self._maybe_kept_sizes()
             if kept is None:
                 raise ConfigError(
-                    f"equalize={self.equalize!r} needs the sample count of every shard: list "
-                    "the shards with an index file that has counts (write_shards writes "
-                    "one), pass num_samples={url: count}, or use equalize=None"
+                    f"equalize={self.equalize!r} needs the sample count of every shard: "
+                    "count them with `es-pipe index SHARDS... --out index.txt` (shards "
+                    "written by webdataset or pyarrow included) and pass "
+                    "urls=ShardList.from_index('index.txt'); write_shards and "
+                    "es-pipe shard write one; or pass num_samples={url: count}, or use "
+                    "equalize=None"
                 )
             # Same topology: the lengths of the whole epoch (yielded counts from its start).
             # Re-split: the lengths of what remains (yielded restarts at 0).
