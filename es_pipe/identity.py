@@ -68,7 +68,7 @@ def identify(samples: list[Any]) -> Identity:
     (the ordinal in the shard)."""
     try:
         keys = [sample["__key__"] for sample in samples]
-        shards = [sample.get("__shard__", sample.get("__url__", "")) for sample in samples]
+        shards = [sample.get("__shard__") or sample.get("__url__", "") for sample in samples]
         ordinals = [sample.get("__index__") for sample in samples]
     except (KeyError, TypeError, IndexError, AttributeError):
         raise ConfigError(_NO_KEY) from None
