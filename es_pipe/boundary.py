@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from es_pipe import pruning
 from es_pipe.errors import ConfigError, ManifestError
@@ -73,7 +74,10 @@ class EpochBoundary:
         self.commit_timeout = commit_timeout
         self.fingerprint_fn = fingerprint_fn
         self._fingerprints: dict[str, dict[str, Any] | None] = {}
-        self.epoch = 0  # the epoch the decisions apply to (the one being read)
+        # the epoch the decisions apply to (the one being read), also as a tensor that
+        # share_epoch() moves to shared memory for DataLoader workers' hooks (prune_hook)
+        self.epoch_cell = torch.zeros(1, dtype=torch.int64)
+        self.epoch = 0
         self.decisions: dict[str, Decision] = {}
         self.keys: dict[str, pa.Array] = {}  # key by ordinal, from the last write/restore
         self._chunks: list[tuple[ShardCodes, np.ndarray, pa.Array]] = []
@@ -91,6 +95,21 @@ class EpochBoundary:
         # unknown ones; too many means the data moved or is another run's (see _restore)
         self.expect_known = False
         self._unknown: list[str] = []
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = int(value)
+        self.epoch_cell[0] = self._epoch
+
+    def share_epoch(self) -> None:
+        """Put the epoch in shared memory (in place), before DataLoader workers start: their
+        copies of the ``pruned=`` hook then see every later epoch."""
+        if not self.epoch_cell.is_shared():
+            self.epoch_cell.share_memory_()
 
     # ------------------------------------------------------------------ restore
 

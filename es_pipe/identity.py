@@ -20,6 +20,7 @@ is reading the identity fields out of the sample dicts, which the stage must do 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ def identify(samples: list[Any]) -> Identity:
     (the ordinal in the shard)."""
     try:
         keys = [sample["__key__"] for sample in samples]
-        shards = [sample.get("__shard__", sample.get("__url__", "")) for sample in samples]
+        shards = [sample.get("__shard__") or sample.get("__url__", "") for sample in samples]
         ordinals = [sample.get("__index__") for sample in samples]
     except (KeyError, TypeError, IndexError, AttributeError):
         raise ConfigError(_NO_KEY) from None
@@ -125,11 +126,18 @@ def check_unique(who: Identity) -> None:
     n = len(who.shards)
     if n < 2:
         return
+    if who.ordinals is None:
+        try:  # fast path: keys unique in the meta-batch, whatever their shards
+            if len(set(who.keys)) == n:
+                return
+        except TypeError:  # unhashable keys: compared as text below
+            pass
     ids = _ids(who)
-    order = np.argsort(ids, kind="stable")
-    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-    if not len(same):
+    ordered = np.sort(ids)
+    if not (ordered[1:] == ordered[:-1]).any():
         return
+    order = np.argsort(ids, kind="stable")  # the error path: find the two samples
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
     first, second = sorted((int(order[same[0]]), int(order[same[0] + 1])))
     shard = who.shards[first]
     what = (
@@ -152,20 +160,20 @@ class EpochRepeats:
     or same shard and key where samples carry no ordinal).
 
     Memory: one byte per ordinal of each shard read this epoch (ordinals), or one set
-    entry per sample (keys only); cleared at every epoch start. Vectorised per meta-batch:
-    a loop over the shards present, none over samples."""
+    entry per sample (keys only, one set per shard); cleared at every epoch start.
+    Vectorised per meta-batch: a loop over the shards present, none over samples."""
 
     def __init__(self) -> None:
         self.count = 0
         self.example: tuple[str, Any] | None = None
         self._bitmaps: dict[str, np.ndarray] = {}
-        self._keys: set[tuple[str, Any]] = set()
+        self._keys: dict[str, set[Any]] = {}
 
     def clear(self) -> None:
         self.count = 0
         self.example = None
         self._bitmaps = {}
-        self._keys = set()
+        self._keys = {}
 
     def add(self, who: Identity) -> None:
         """Record one meta-batch's samples (unique among themselves)."""
@@ -193,18 +201,24 @@ class EpochRepeats:
             seen[mine] = True
 
     def _add_keys(self, who: Identity) -> None:
-        shard_of = np.asarray(who.shards.names, dtype=object)[who.shards.codes]
-        pairs = list(zip(shard_of.tolist(), who.keys))
-        try:
-            fresh = self._keys.isdisjoint(pairs)
-        except TypeError:  # unhashable keys (the meta-batch check compared them as text)
-            pairs = [(shard, repr(key)) for shard, key in pairs]
-            fresh = self._keys.isdisjoint(pairs)
-        if not fresh and self.example is None:  # once per epoch: find one repeat
-            self.example = next(pair for pair in pairs if pair in self._keys)
-        before = len(self._keys)
-        self._keys.update(pairs)
-        self.count += len(pairs) - (len(self._keys) - before)
+        keys: Sequence[Any] = who.keys
+        codes = who.shards.codes
+        for code, name in enumerate(who.shards.names):
+            mine = keys
+            if len(who.shards.names) > 1:  # C-level gather of this shard's keys
+                picked = np.flatnonzero(codes == code).tolist()
+                mine = [keys[picked[0]]] if len(picked) == 1 else itemgetter(*picked)(keys)
+            seen = self._keys.setdefault(name, set())
+            try:
+                fresh = seen.isdisjoint(mine)
+            except TypeError:  # unhashable keys (the meta-batch check compared them as text)
+                mine = [repr(key) for key in mine]
+                fresh = seen.isdisjoint(mine)
+            if not fresh and self.example is None:  # once per epoch: find one repeat
+                self.example = (name, next(key for key in mine if key in seen))
+            before = len(seen)
+            seen.update(mine)
+            self.count += len(mine) - (len(seen) - before)
 
     def message(self, epoch: int) -> str:
         shard, key = self.example if self.example is not None else ("?", "?")

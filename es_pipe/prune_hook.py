@@ -8,11 +8,15 @@ non-persistent workers get a fresh copy every epoch, persistent workers
 (``persistent_workers=True``) keep the first one for the whole run. So in a worker the hook
 answers from a :class:`WorkerView`:
 
-* the epoch the copy was made in: the decisions the sampler held then;
-* any other epoch (a persistent worker, epochs later): the decisions the sampler committed
-  to its manifests at the end of the epoch before, read in the worker (the stage commits
-  before the next epoch starts). Without ``manifests=`` there is nothing to read: the worker
-  reads every sample, and the stage drops the pruned ones and warns once with the count.
+* the epoch it answers for is the sampler's current one, which the worker reads from a
+  one-number tensor in shared memory (``EpochBoundary.epoch_cell``): right even when the
+  source in the worker was never told the epoch (no ``set_epoch``: its shard order is
+  stale, but the samples the stage will drop are still the ones skipped);
+* for the epoch the copy was made in: the decisions the sampler held then;
+* for a later epoch (a persistent worker): the decisions the sampler committed to its
+  manifests at the end of the epoch before, read in the worker (the stage commits before
+  the next epoch starts). Without ``manifests=`` there is nothing to read: the worker reads
+  every sample, and the stage drops the pruned ones and warns once with the count.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class PrunedHook:
     def __init__(self, boundary: EpochBoundary | None) -> None:
         self._boundary = boundary
         self._view: WorkerView | None = None
+        if boundary is not None:  # given to a source, maybe behind DataLoader workers
+            boundary.share_epoch()
 
     @classmethod
     def _of_view(cls, view: WorkerView) -> PrunedHook:
@@ -85,8 +91,10 @@ class WorkerView:
         pruned: dict[str, np.ndarray],
         prunes: bool,
         manifests: Manifests | None,
+        current: Any = None,
     ) -> None:
         self.epoch = int(epoch)
+        self.current = current  # the sampler's epoch, shared with the trainer's process
         self.decisions = pruned
         self.prunes = prunes
         self._manifests = manifests
@@ -96,7 +104,13 @@ class WorkerView:
     @classmethod
     def of(cls, boundary: EpochBoundary) -> WorkerView:
         pruned = {n: d.pruned for n, d in boundary.decisions.items() if len(d.pruned)}
-        return cls(boundary.epoch, pruned, boundary.prune is not None, boundary.manifests)
+        return cls(
+            boundary.epoch,
+            pruned,
+            boundary.prune is not None,
+            boundary.manifests,
+            boundary.epoch_cell,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -126,7 +140,7 @@ class WorkerView:
     def pruned(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
         if not self.prunes:
             return None
-        epoch = self.epoch if epoch is None else int(epoch)
+        epoch = self._epoch(epoch)
         if epoch == self.epoch and shard in self.decisions:
             return self.decisions[shard]
         if self._committed_entry(shard, epoch) is None:
@@ -135,9 +149,20 @@ class WorkerView:
         ordinals = np.flatnonzero(manifest.columns["pruned"]).astype(np.int64)
         return ordinals if len(ordinals) else None
 
+    def _epoch(self, asked: int | None) -> int:
+        """The sampler's current epoch for the epoch the source reads (or ``None``); other
+        epochs (a count asked about the next epoch) as asked."""
+        if self.current is None:
+            return self.epoch if asked is None else int(asked)
+        current = int(self.current[0])
+        if asked is None or asked == current or asked < current:  # behind: no set_epoch
+            return current
+        return int(asked)
+
     def count(self, shard: str, epoch: int) -> int:
         if not self.prunes:
             return 0
+        epoch = self._epoch(epoch)
         if epoch == self.epoch and shard in self.decisions:
             return len(self.decisions[shard])
         entry = self._committed_entry(shard, epoch)

@@ -38,9 +38,10 @@ class EvolvedSampling(tn.BaseNode):
     the selected sub-batches directly.
 
     Args:
-        source: a ``BaseNode`` (or any iterable) of sample dicts that carry a stable
-            ``"__key__"``, and ideally ``"__shard__"`` and ``"__index__"`` (es_pipe's
-            sources add all three).
+        source: a ``BaseNode`` (or any iterable) of single sample dicts (not batches)
+            that carry a stable ``"__key__"``, and ideally ``"__shard__"`` (webdataset's
+            ``"__url__"`` is taken when it is absent) and ``"__index__"`` (es_pipe's sources
+            add all three).
         sampler: the ``Sampler`` holding the policy and the scores.
         loss_fn: ``loss_fn(meta_batch_data) -> per-sample losses``, called (under your
             ``torch.no_grad``) when the meta-batch needs losses; the node then yields

@@ -51,6 +51,16 @@ def _reads(counts: Path) -> int:
     return sum(len(p.read_text().split()) for p in counts.glob("*.txt"))
 
 
+class _Opaque:
+    """An iterable the stage cannot look into: it never calls the dataset's set_epoch."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._loader = loader
+
+    def __iter__(self):
+        return iter(self._loader)
+
+
 def _run(
     tars,
     tmp_path,
@@ -59,6 +69,7 @@ def _run(
     manifests: bool,
     context: str | None = None,
     workers: int = 2,
+    opaque: bool = False,
 ):
     counts = tmp_path / "reads"
     counts.mkdir()
@@ -79,7 +90,7 @@ def _run(
         collate_fn=partial(_decode, str(counts)),
         multiprocessing_context=context,
     )
-    stage = es_pipe.EvolvedSampling(loader, sampler)
+    stage = es_pipe.EvolvedSampling(_Opaque(loader) if opaque else loader, sampler)
     sizes, reads = [], []
     it = tn.Loader(stage)
     for _ in range(EPOCHS):
@@ -109,6 +120,16 @@ def test_spawned_persistent_workers_get_the_hook_without_the_score_table(tars, t
     stage, sizes, reads = _run(
         tars, tmp_path, persistent=True, manifests=True, context="spawn", workers=1
     )
+    assert sizes[1] < SHARDS * PER_SHARD
+    assert reads == sizes and stage.pruned_by_stage == 0
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_workers_skip_without_set_epoch(tars, tmp_path, persistent):
+    """Behind an iterable the stage cannot look into, nobody calls set_epoch: the workers'
+    sources read a stale epoch's shard order, but their hook answers for the sampler's
+    epoch (shared memory), so the pruned samples are still not read."""
+    stage, sizes, reads = _run(tars, tmp_path, persistent=persistent, manifests=True, opaque=True)
     assert sizes[1] < SHARDS * PER_SHARD
     assert reads == sizes and stage.pruned_by_stage == 0
 
@@ -149,3 +170,35 @@ def test_the_epoch_reaches_persistent_workers(tars, tmp_path):
         return out
 
     assert order(True, [5, 2, 9]) == order(False, [5, 2, 9])
+
+
+def test_a_source_without_the_hook_warns_once_a_list_only_logs(tars, caplog):
+    """An es_pipe source could skip the pruned samples: without pruned= it is told once,
+    with the count. A list has nothing to skip with: a log line, no warning."""
+
+    def train(upstream) -> es_pipe.EvolvedSampling:
+        sampler = es_pipe.EvolvedSampler(
+            20, 20, seed=0, total_epochs=EPOCHS, prune=Pruning(ratio=0.5, anneal=0)
+        )
+        stage = es_pipe.EvolvedSampling(upstream, sampler)
+        for _ in range(EPOCHS):
+            for meta in tn.Loader(stage):
+                meta.select(meta.data["x"][:, 0] + 0.1)
+        return stage
+
+    decode = _decode_only
+    with pytest.warns(UserWarning, match=r"decoded \d+ samples that ESWP pruned") as caught:
+        stage = train(tn.Mapper(WebDatasetSource(tars), decode))
+    assert sum("ESWP pruned" in str(w.message) for w in caught) == 1
+    assert stage.pruned_by_stage > 0
+    rows = [decode(s) for s in tn.Loader(WebDatasetSource(tars))]
+    caplog.set_level("INFO", logger="es_pipe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        stage = train(rows)
+    assert stage.pruned_by_stage > 0 and "ESWP pruned" in caplog.text
+
+
+def _decode_only(sample: dict) -> dict:
+    x = torch.frombuffer(bytearray(sample["x.bin"]), dtype=torch.float32)
+    return {"x": x, **{k: sample[k] for k in ("__key__", "__shard__", "__index__")}}
