@@ -342,6 +342,7 @@ def iter_tar_samples(
     take, skip, key_match = s.take, s.skip, KEY_RE.match
     adler, decode = zlib.adler32, _ENC
     regular = _REGULAR
+    mtime = b"\xff"  # the last mtime field found valid (matches no header at first)
     ordinal = -1
     kept = 0
     key: str | None = None
@@ -369,7 +370,9 @@ def iter_tar_samples(
                 try:  # int() of the stripped field: equal to tarfile.nti where it succeeds
                     size = int(hdr[124:136].rstrip(b" \0"), 8)
                     chksum = int(field.rstrip(b" \0"), 8)
-                    int(hdr[136:148].rstrip(b" \0"), 8)  # mtime: only checked
+                    if not buf.startswith(mtime, pos + 136):  # mtime: only checked
+                        int(hdr[136:148].rstrip(b" \0"), 8)
+                        mtime = hdr[136:148]
                 except ValueError:
                     size = -1
                 # 267 zero bytes (prefix, padding, link name): the byte sum is below
