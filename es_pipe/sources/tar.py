@@ -343,7 +343,6 @@ def iter_tar_samples(
     adler, decode = zlib.adler32, _ENC
     regular = _REGULAR
     mtime = b"\xff"  # the last mtime field found valid (matches no header at first)
-    cont: bytes | None = None  # KEY. of the sample being read, as bytes (see below)
     ordinal = -1
     kept = 0
     key: str | None = None
@@ -381,23 +380,11 @@ def iter_tar_samples(
                 # the checksum field as 8 spaces.
                 if size >= 0 and chksum == 256 + (adler(hdr) & 0xFFFF) - (adler(field) & 0xFFFF):
                     end = hdr.find(0, 0, 100)
-                    raw = hdr[: end if end >= 0 else 100]
+                    name = hdr[: end if end >= 0 else 100].decode(decode, _ERR)
                     s.pos = pos + BLOCK
-                    rest = raw[len(cont) :] if cont and raw.startswith(cont) else None
-                    if rest is not None and b"/" not in rest and b"\n" not in rest:
-                        # KEY.EXT of the sample being read: webdataset's split of the
-                        # decoded name gives the same key (see `cont`), so skip it
-                        suffix = rest.decode(decode, _ERR)
-                        if cur is None:  # pruned, delivered before a resume, or bad
-                            skip((size + 511) & ~511)
-                            continue
-                        same, prefix, name = True, key, f"{key}.{suffix}"
-                    else:
-                        same, name = False, raw.decode(decode, _ERR)
                 else:
                     size = -1
             if size < 0:  # everything else: the full parser
-                same = False
                 member = members.next()
                 if member is None:
                     break
@@ -406,31 +393,26 @@ def iter_tar_samples(
                     if size:
                         skip(_padded(size))
                     continue
-            if same:  # continues the current sample: prefix == key, suffix set above
-                pass
-            elif name.startswith("__") and (
+            if name.startswith("__") and (
                 _META.match(name) or ("/" not in name and name.endswith("__"))
             ):
                 skip(_padded(size))
                 continue
+            slash = name.rfind("/")
+            dot = name.find(".", slash + 1)
+            if dot > slash + 1 and "\n" not in name:  # what KEY_RE's first try matches
+                prefix, suffix = name[:dot], name[dot + 1 :]
             else:
-                slash = name.rfind("/")
-                dot = name.find(".", slash + 1)
-                if dot > slash + 1 and "\n" not in name:  # what KEY_RE's first try matches
-                    prefix, suffix = name[:dot], name[dot + 1 :]
-                else:
-                    m = key_match(name)
-                    if m is None:
-                        skip(_padded(size))
-                        bad_sample(
-                            f"shard {url!r}: member {name!r} has no key (webdataset names "
-                            "are KEY.EXTENSION); rename or remove that member"
-                        )
-                        continue
-                    prefix, suffix = m.groups()
-            if same:
-                pass
-            elif prefix != key:
+                m = key_match(name)
+                if m is None:
+                    skip(_padded(size))
+                    bad_sample(
+                        f"shard {url!r}: member {name!r} has no key (webdataset names "
+                        "are KEY.EXTENSION); rename or remove that member"
+                    )
+                    continue
+                prefix, suffix = m.groups()
+            if prefix != key:
                 if cur is not None:
                     out.append(cur)
                     if len(out) >= chunk:
@@ -438,15 +420,6 @@ def iter_tar_samples(
                         out = []
                 ordinal += 1
                 key, cur = prefix, None
-                # a later member named KEY.EXT (EXT without "/" or newline) continues this
-                # sample: its decoded name starts with key + "." and has no later slash,
-                # so webdataset's split gives this key (keys of "__" names are metadata
-                # candidates and keys with a newline go through the regex: never here)
-                cont = (
-                    None
-                    if "\n" in key or key.startswith("__")
-                    else (key + ".").encode(decode, _ERR)
-                )
                 if prefix in seen:
                     skip(_padded(size))
                     bad_sample(
