@@ -82,18 +82,23 @@ class _Buffer:
             self.seekable = False
 
     def fill(self, n: int) -> bool:
-        """Make ``buf[pos:pos + n]`` available; False when the file ends first."""
+        """Make ``buf[pos:pos + n]`` available; False when the file ends first.
+
+        Bytes left in the buffer (a member cut by the end of the last read) are completed
+        with a read of just the missing bytes, so that only that member is copied; the
+        next read is a large one again, used as it comes (no copy)."""
         have = len(self.buf) - self.pos
         parts = [self.buf[self.pos :]] if have else []
         self.base += self.pos
         self.pos = 0
         while have < n:
-            b = self.f.read(max(n - have, self.ahead))
+            b = self.f.read(n - have if parts else max(n, self.ahead))
             if not b:
                 break
             parts.append(b)
             have += len(b)
-        self.ahead = min(READ_SIZE, self.ahead * 4)
+        if len(parts) == 1:
+            self.ahead = min(READ_SIZE, self.ahead * 4)
         self.buf = b"".join(parts) if len(parts) != 1 else parts[0]
         return have >= n
 
