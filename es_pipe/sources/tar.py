@@ -348,6 +348,8 @@ def iter_tar_samples(
     adler, decode = zlib.adler32, _ENC
     regular = _REGULAR
     mtime = b"\xff"  # the last mtime field found valid (matches no header at first)
+    sizes: dict[bytes, int] = {}  # size fields parsed before
+    checksums: dict[bytes, tuple[int, int]] = {}  # checksum fields: (value, 1 + byte sum)
     ordinal = -1
     kept = 0
     key: str | None = None
@@ -371,19 +373,29 @@ def iter_tar_samples(
                 and buf.startswith(_Z100, pos + 157)
             ):
                 hdr = buf[pos : pos + BLOCK]
-                field = hdr[148:156]
+                # number fields seen before, by their bytes (sizes and checksums repeat):
+                # size, and checksum with the checksum field's own byte sum (+ 1)
+                f_size, field = hdr[124:136], hdr[148:156]
+                size = sizes.get(f_size, -1)
+                known = checksums.get(field)
                 try:  # int() of the stripped field: equal to tarfile.nti where it succeeds
-                    size = int(hdr[124:136].rstrip(b" \0"), 8)
-                    chksum = int(field.rstrip(b" \0"), 8)
+                    if size < 0:
+                        size = sizes[f_size] = int(f_size.rstrip(b" \0"), 8)
+                    if known is None:
+                        chksum = int(field.rstrip(b" \0"), 8)
+                        known = checksums[field] = (chksum, adler(field) & 0xFFFF)
                     if not buf.startswith(mtime, pos + 136):  # mtime: only checked
                         int(hdr[136:148].rstrip(b" \0"), 8)
                         mtime = hdr[136:148]
                 except ValueError:
                     size = -1
+                if len(sizes) > 4096 or len(checksums) > 4096:
+                    sizes.clear()
+                    checksums.clear()
                 # 267 zero bytes (prefix, padding, link name): the byte sum is below
                 # adler32's modulus, so adler32 gives it exactly (1 + sum); tarfile sums
                 # the checksum field as 8 spaces.
-                if size >= 0 and chksum == 256 + (adler(hdr) & 0xFFFF) - (adler(field) & 0xFFFF):
+                if size >= 0 and known[0] == 256 + (adler(hdr) & 0xFFFF) - known[1]:
                     end = hdr.find(0, 0, 100)
                     name = hdr[: end if end >= 0 else 100].decode(decode, _ERR)
                     s.pos = pos + BLOCK
