@@ -179,7 +179,8 @@ class _Members:
         self.ok_static: set[bytes] = set()
         # mode+uid+gid and devmajor+devminor of the last header checked here (the fast
         # path of iter_tar_samples takes headers with the same bytes as valid)
-        self.ids = self.dev = b"\xff"  # matches no header before the first one
+        # (devmajor, devminor, then the 167 zero bytes the fast path needs)
+        self.ids = self.dev_tail = b"\xff"  # matches no header before the first one
         self.first = True
 
     def next(self) -> tuple[str, bytes, int] | None:
@@ -200,7 +201,7 @@ class _Members:
             size = _check_header(hdr, self.ok_static)
         except _Bad as exc:
             self._end_error(at, f"is invalid ({exc})", subsequent)
-        self.ids, self.dev = hdr[100:124], hdr[329:345]
+        self.ids, self.dev_tail = hdr[100:124], hdr[329:345] + _Z167
         self.first = False
         if size < 0:
             raise ShardError(
@@ -368,8 +369,7 @@ def iter_tar_samples(
                 len(buf) - pos >= BLOCK
                 and buf[pos + 156] == 48
                 and buf.startswith(members.ids, pos + 100)
-                and buf.startswith(members.dev, pos + 329)
-                and buf.startswith(_Z167, pos + 345)
+                and buf.startswith(members.dev_tail, pos + 329)
                 and buf.startswith(_Z100, pos + 157)
             ):
                 hdr = buf[pos : pos + BLOCK]
