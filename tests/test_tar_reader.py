@@ -483,3 +483,66 @@ def test_names_that_are_not_utf8(tmp_path, fmt):
     assert got == _truth(url)
     assert [s["__key__"] for s in got] == ["k\udcff", "\udce9\udc80/x", "z"]
     assert got[1]["\udcfe"] == b"d"
+
+
+def _tarfile_samples(data: bytes) -> list[dict] | None:
+    """What tarfile reads from ``data`` grouped as webdataset groups it; None where
+    tarfile fails or a sample is malformed (then es_pipe must raise)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None
+    out: list[dict] = []
+    key, seen = None, set()
+    for name, payload in files:
+        if _is_meta(name):
+            continue
+        prefix, ext = wds.tariterators.base_plus_ext(name)
+        if prefix is None:
+            return None
+        if prefix != key:
+            if prefix in seen:
+                return None
+            key = prefix
+            seen.add(prefix)
+            out.append({"__key__": prefix, "__index__": len(out)})
+        if ext.lower() in out[-1]:
+            return None
+        out[-1][ext.lower()] = payload
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    member=st.integers(0, 11),
+    at=st.integers(0, 511),
+    patch=st.binary(min_size=1, max_size=8),
+    signed=st.booleans(),
+)
+def test_headers_changed_with_a_valid_checksum(tmp_path_factory, member, at, patch, signed):
+    """Any change to a header whose checksum is then made right again (so that every
+    other field check, in the fast path and the full parser, is what decides): es_pipe
+    reads what tarfile reads, or raises a ShardError; never other samples."""
+    base = tmp_path_factory.mktemp("h")
+    raw = b"".join(_member(f"k{i}.{e}", f"{i}{e}".encode() * 50) for i in range(6) for e in "ab")
+    raw += bytes(1024)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        start = [m.offset for m in tf.getmembers()][member]
+    b = bytearray(raw)
+    if 148 <= at < 156:
+        at = 140
+    b[start + at : start + at + len(patch)] = patch[: 512 - at]
+    hdr = bytearray(b[start : start + 512])
+    _fix_checksum(hdr, signed=signed)
+    b[start : start + 512] = hdr
+    data = bytes(b)
+    url = base / "m.tar"
+    url.write_bytes(data)
+    truth = _tarfile_samples(data)
+    try:
+        got = _ours([str(url)])
+    except ShardError as exc:
+        assert "m.tar" in str(exc)
+        return
+    assert truth is not None and got == truth
