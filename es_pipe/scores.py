@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 from typing import Any
 
@@ -45,11 +46,18 @@ class ShardCodes:
     def take(self, picked: np.ndarray) -> ShardCodes:
         return ShardCodes(self.names, self.codes[picked])
 
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """``name -> code``, built on first use (``list.index`` per name would make a loop
+        over a meta-batch's shards quadratic in their number)."""
+        return {name: code for code, name in enumerate(self.names)}
+
     def mask(self, name: str) -> np.ndarray:
         """Which samples belong to shard ``name``."""
-        if name not in self.names:
+        code = self.index.get(name)
+        if code is None:
             return np.zeros(len(self.codes), dtype=bool)
-        return self.codes == self.names.index(name)
+        return self.codes == code
 
     @classmethod
     def concat(cls, parts: Sequence[ShardCodes]) -> ShardCodes:
