@@ -192,7 +192,7 @@ class _ColumnarSource(ShardedSource):
         ks = keys.to_numpy(zero_copy_only=False)
         null = np.flatnonzero(keys.is_null().to_numpy(zero_copy_only=False))
         if null.size:
-            self._bad_samples(
+            self.ctx.bad_samples(
                 f"shard {url!r}: {null.size} rows have a null key in column "
                 f"{self.key_column!r} (first row {int(null[0])}); fill the keys and rewrite "
                 "the shard",
@@ -202,7 +202,7 @@ class _ColumnarSource(ShardedSource):
         _, first = np.unique(ks[valid], return_index=True)
         dups = np.setdiff1d(valid, valid[first])
         if dups.size:
-            self._bad_samples(
+            self.ctx.bad_samples(
                 f"shard {url!r}: key {ks[dups[0]]!r} appears more than once (row "
                 f"{int(dups[0])}; {dups.size} duplicate rows); keys must be unique within a "
                 "shard: deduplicate and rewrite it",
@@ -251,7 +251,7 @@ class _ColumnarSource(ShardedSource):
             if isinstance(fs, LocalFileSystem):
                 f = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
             else:
-                f = self._open_file(url)  # reads retried after transient errors
+                f = self.ctx.open_file(url)  # reads retried after transient errors
         except FileNotFoundError as exc:
             storage.raise_storage_error(exc, url)
             raise ShardError(
@@ -311,11 +311,11 @@ class ParquetSource(_ColumnarSource):
     def _schema_of(self, handle: pq.ParquetFile, url: str) -> pa.Schema:
         return handle.schema_arrow
 
-    def _count(self, url: str) -> int | None:
+    def count_samples(self, url: str) -> int | None:
         with self._open(url) as pf:
             return int(pf.metadata.num_rows)
 
-    def _iter_shard(
+    def iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
     ) -> Iterator[list[dict]]:
         with self._open(url) as pf:
@@ -325,7 +325,7 @@ class ParquetSource(_ColumnarSource):
             ends = np.cumsum(sizes, dtype=np.int64)
             starts = ends - sizes
             n = int(ends[-1]) if ends.size else 0
-            self._check_count(url, n, "rows")  # the footer knows: before any row is read
+            self.ctx.check_count(url, n, "rows")  # the footer knows: before any row is read
             keys = None
             drop = pruned[pruned < n]
             if self.key_column is not None:
@@ -470,13 +470,13 @@ class ArrowSource(_ColumnarSource):
             yield batch, after is None
             batch = after
 
-    def _count(self, url: str) -> int | None:
+    def count_samples(self, url: str) -> int | None:
         with self._open(url) as reader:
             if not isinstance(reader, pa.ipc.RecordBatchFileReader):
                 return None
             return sum(b.num_rows for b in self._batches(reader))
 
-    def _iter_shard(
+    def iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
     ) -> Iterator[list[dict]]:
         keys = None
@@ -487,7 +487,7 @@ class ArrowSource(_ColumnarSource):
                 parts = [b.column(self.key_column) for b in self._batches(reader)]
             col = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
             col.validate(full=True)  # IPC is not checked on read: corrupt offsets crash
-            self._check_count(url, len(col), "rows")  # before any row is delivered
+            self.ctx.check_count(url, len(col), "rows")  # before any row is delivered
             keys, bad = self._bad_key_rows(url, col)
             drop = np.union1d(drop, bad)
         rng = np.random.default_rng(rng_seed) if self.shuffle_rows else None
@@ -502,7 +502,7 @@ class ArrowSource(_ColumnarSource):
                 ords = np.arange(offset, offset + m, dtype=np.int64)
                 offset += m
                 if last:  # the row count against the index, before the last batch is yielded
-                    self._check_count(url, offset, "rows")
+                    self.ctx.check_count(url, offset, "rows")
                     counted = True
                 local = np.flatnonzero(~_sorted_member(drop, ords))
                 if rng is not None:
@@ -522,4 +522,4 @@ class ArrowSource(_ColumnarSource):
                 else:
                     yield self._rows(url, batch, ords[local], keys, sel=local)
             if not counted:  # a shard without record batches
-                self._check_count(url, offset, "rows")
+                self.ctx.check_count(url, offset, "rows")

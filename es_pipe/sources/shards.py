@@ -30,13 +30,13 @@ from braceexpand import UnbalancedBracesError, braceexpand
 from es_pipe import storage
 from es_pipe.errors import ConfigError, ShardError
 from es_pipe.retry import Retry
+from es_pipe.sources.world import resolve_rank as resolve_rank  # its old home
+from es_pipe.sources.world import resolve_worker as resolve_worker
 
 __all__ = [
     "ShardList",
     "epoch_order",
     "fingerprint",
-    "resolve_rank",
-    "resolve_worker",
     "url_seed",
 ]
 
@@ -255,50 +255,6 @@ def url_seed(seed: int, epoch: int, url: str) -> list[int]:
     return [int(seed), int(epoch), zlib.crc32(url.encode()), 0x5348]
 
 
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``(rank, world_size)``: explicit arguments, else torch.distributed, else env, else (0, 1)."""
-    if rank is None and world_size is None:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                rank, world_size = dist.get_rank(), dist.get_world_size()
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
-    if rank is None and world_size is None and "WORLD_SIZE" in os.environ:
-        try:
-            rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-        except ValueError as exc:
-            raise ConfigError(f"RANK/WORLD_SIZE in the environment: {exc}") from None
-    if rank is None and world_size is None:
-        rank, world_size = 0, 1
-    return _checked_pair("rank", rank, "world_size", world_size)
-
-
-def _checked_pair(name: str, index: Any, count_name: str, count: Any) -> tuple[int, int]:
-    """``(index, count)`` as ints with ``0 <= index < count``, else a ConfigError."""
-    if index is None or count is None:
-        raise ConfigError(f"give both {name}= and {count_name}=, or neither")
-    for label, value in ((name, index), (count_name, count)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ConfigError(f"{label}={value!r} must be an int")
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(
-            f"need 0 <= {name} < {count_name}, got {name}={index}, {count_name}={count}"
-        )
-    return int(index), int(count)
-
-
-def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, int]:
-    """``(worker, num_workers)``: explicit arguments, else DataLoader worker info, else (0, 1)."""
-    if worker is None and num_workers is None:
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return _checked_pair("worker", worker, "num_workers", num_workers)
-
-
 def fingerprint(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``.
 
@@ -334,19 +290,3 @@ def fingerprint_of(url: str, info: dict[str, Any]) -> dict[str, Any]:
         "etag": str(etag).strip('"') if etag is not None else None,
         "mtime": mtime,
     }
-
-
-def ranges_of(indices: Iterable[int]) -> list[list[int]]:
-    """Compress a set of ints into sorted ``[start, stop)`` ranges (for small states)."""
-    out: list[list[int]] = []
-    for i in sorted(set(indices)):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
-def indices_of(ranges: Iterable[Sequence[int]]) -> set[int]:
-    """Inverse of :func:`ranges_of`."""
-    return {i for a, b in ranges for i in range(int(a), int(b))}

@@ -79,7 +79,7 @@ class WebDatasetSource(ShardedSource):
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
 
-    def _iter_shard(
+    def iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
     ) -> Iterator[list[dict]]:
         if self.shuffle_buffer <= 0:
@@ -119,7 +119,7 @@ class WebDatasetSource(ShardedSource):
         ``start`` kept (see :func:`es_pipe.sources.tar.iter_tar_samples`)."""
         with contextlib.ExitStack() as stack:
             try:
-                f: BinaryIO = stack.enter_context(self._open_file(url))  # type: ignore[arg-type]
+                f: BinaryIO = stack.enter_context(self.ctx.open_file(url))  # type: ignore[arg-type]
             except FileNotFoundError as exc:
                 raise ShardError(
                     f"shard {url!r} does not exist; fix the shard list or restore the file"
@@ -132,8 +132,8 @@ class WebDatasetSource(ShardedSource):
                 url,
                 start=start,
                 pruned=set(pruned.tolist()),
-                bad_sample=self._bad_sample,
-                check_count=lambda n: self._check_count(
+                bad_sample=self.ctx.bad_sample,
+                check_count=lambda n: self.ctx.check_count(
                     url, n, why=" (a renamed member splits or merges samples)"
                 ),
             )
