@@ -14,9 +14,8 @@ ranks and workers (:mod:`~es_pipe.sources.world`), ``on_error`` and the counters
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any
 
 import numpy as np
 from torchdata.nodes import BaseNode
@@ -26,50 +25,19 @@ from es_pipe.checks import is_int
 from es_pipe.errors import ConfigError, EsPipeError, ShardError
 from es_pipe.retry import Retry
 from es_pipe.sources.equalize import Equalize, Equalizer
+from es_pipe.sources.options import SourceOptions as SourceOptions  # its old home
+from es_pipe.sources.options import with_counts
 from es_pipe.sources.plan import EpochPlan, plan_state, read_state
 from es_pipe.sources.plan import merge_states as merge_states  # its old home
 from es_pipe.sources.pruned import Pruned, PrunedSpec
 from es_pipe.sources.reader import ReadContext, ShardSizes
-from es_pipe.sources.shards import ShardList, epoch_order, url_seed
+from es_pipe.sources.shards import ShardList, url_seed
 from es_pipe.sources.stats import OnError, StreamStats
 from es_pipe.sources.world import World
 
 __all__ = ["PrunedSpec", "ShardedSource", "SourceOptions", "merge_states"]
 
 log = logging.getLogger(__name__)
-
-
-class SourceOptions(TypedDict, total=False):
-    """The options every source takes (see :class:`ShardedSource` for their meaning)."""
-
-    shuffle: bool
-    seed: int
-    epoch: int
-    rank: int | None
-    world_size: int | None
-    worker: int | None
-    num_workers: int | None
-    equalize: Literal["drop", "pad"] | None
-    on_error: Literal["raise", "skip"]
-    pruned: PrunedSpec
-    num_samples: Mapping[str, int] | None
-    retry: Retry | int | None
-    storage_options: Mapping[str, Any] | None
-
-
-def _with_counts(shards: ShardList, num_samples: Mapping[str, int] | None) -> ShardList:
-    """``shards`` with the sample counts of ``num_samples=`` (checked), if given."""
-    if num_samples is None:
-        return shards
-    counts = tuple(
-        num_samples.get(u, -1) if isinstance(num_samples, Mapping) else None for u in shards.urls
-    )
-    if not all(is_int(c, numpy=True) for c in counts):
-        raise ConfigError(
-            "num_samples must be a mapping shard URL -> int sample count, got "
-            f"{str(num_samples)[:200]}"
-        )
-    return ShardList(shards.urls, tuple(int(c) for c in counts), shards.storage_options)
 
 
 class ShardedSource(BaseNode[dict]):
@@ -83,57 +51,21 @@ class ShardedSource(BaseNode[dict]):
     (:mod:`~es_pipe.sources.pruned`). What is left here is the delivery loop: open the
     plan's next shard, hand out its chunks sample by sample, count, checkpoint.
 
+    Why it is long (about 350 lines, over the ~250 of the others): it is the torchdata
+    node contract (``reset``/``next``/``get_state``), one property per option it
+    forwards, and the delivery loop; the per-sample fast path (:meth:`next`) reads plain
+    attributes of the node itself, so the delivery cursor cannot move to another object
+    without a call per sample.
+
     Subclasses are the readers: they implement :class:`~es_pipe.sources.reader.ShardReader`
     (:meth:`iter_shard`, optionally :meth:`count_samples`) and reach the node only
     through :attr:`ctx`, a :class:`~es_pipe.sources.reader.ReadContext`.
 
     Args:
         urls: brace pattern, glob, URL, list of those, or a :class:`ShardList`.
-        shuffle: shuffle the shard order every epoch, from ``(seed, epoch)``.
-        seed: integer seed of every random choice the source makes.
-        epoch: the epoch of the first ``reset()``; later ``reset(None)`` calls advance it
-            (only when the epoch was actually iterated, so an extra ``reset()`` is harmless).
-            Under an ``EvolvedSampling`` stage leave it out: the stage sets the epoch from
-            ``sampler.epoch`` (:meth:`set_epoch`) before every epoch.
-        rank, world_size: explicit rank split; default from ``torch.distributed`` if
-            initialised, else the ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``.
-        worker, num_workers: explicit worker split; default from
-            ``torch.utils.data.get_worker_info()`` at ``reset`` time, else ``(0, 1)``.
-        equalize: ``None`` (every sample once, streams may differ in length), ``"drop"``
-            (every stream yields the length of the shortest stream; the surplus of the longer
-            ones is not read this epoch) or ``"pad"`` (every stream yields the length of the
-            longest; shorter streams re-read their own shards from the start). Both need the
-            sample count of every shard (index file with counts, ``num_samples=`` or, for
-            Parquet, the footers); a count that the shard contradicts when it is read is a
-            :class:`ShardError`. ``"drop"`` refuses (:class:`ConfigError`) an epoch whose
-            shortest stream is empty while others are not (more streams than shards): it
-            would yield nothing on every rank.
-        on_error: ``"raise"`` raises :class:`ShardError`; ``"skip"`` warns, skips the bad
-            sample or the rest of the bad shard, counts it in :attr:`stats` and warns a
-            summary at the end of the epoch.
-        pruned: ``None``, a mapping ``url -> sorted int64 ordinals`` or a callable
-            ``(url, epoch) -> ordinals | None``: samples to leave out this epoch, dropped
-            before their bytes are decoded (and, where the format allows, before they are
-            read). A callable with a ``count(url, epoch) -> int`` method (a sampler's
-            ``sampler.pruned``) is asked only for counts of the shards other streams read.
-        num_samples: optional mapping ``url -> number of samples`` (used by ``equalize``).
-        retry: how reads of shards from fsspec filesystems are retried after transient
-            errors (a reset connection, a timeout): an :class:`es_pipe.Retry`, an int
-            number of attempts (``1``: no retry), or ``None`` for ``Retry()`` (3 attempts,
-            0.2 s then 0.4 s of backoff, with jitter). A failed read is retried in place:
-            the file is reopened at the byte where the read began, so no sample is lost or
-            delivered twice. Retries are counted in ``stats["retries"]``; a shard that
-            keeps failing raises :class:`ShardError` (naming the shard and the attempts)
-            or, with ``on_error="skip"``, is skipped. Missing files, permission errors,
-            a full disk and corrupt data are never retried. Local Parquet and Arrow files
-            are read natively (memory-mapped), without retries.
-        storage_options: fsspec filesystem arguments for the shards' storage, e.g. for S3
-            ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}`` (see
-            :mod:`es_pipe.storage`); default: those of a :class:`ShardList` passed as
-            ``urls``, else the backend's own configuration (``AWS_*`` variables...).
-            Missing or invalid credentials, access denied, a bucket that does not exist and
-            an unreachable endpoint raise :class:`~es_pipe.StorageError` naming the fix,
-            also under ``on_error="skip"``: they are configuration, not bad shards.
+        **options: ``shuffle``, ``seed``, ``epoch``, ``rank``, ``world_size``, ``worker``,
+            ``num_workers``, ``equalize``, ``on_error``, ``pruned``, ``num_samples``,
+            ``retry``, ``storage_options``: see :class:`~es_pipe.sources.options.SourceOptions`.
     """
 
     def __init__(
@@ -162,21 +94,14 @@ class ShardedSource(BaseNode[dict]):
             if not is_int(value, at_least=0, numpy=True):
                 raise ConfigError(f"{name}={value!r} must be a non-negative int")
         shards = ShardList.from_spec(urls, storage_options=storage_options)
-        self.shards = _with_counts(shards, num_samples)
+        self.shards = with_counts(shards, num_samples)
         self.storage_options = self.shards.storage_options
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self._world = World.of(rank, world_size, worker, num_workers)
         self.retry = Retry.of(retry)
         self._sizes = ShardSizes(self.shards.urls, self.shards.num_samples)
-        self.ctx = ReadContext(
-            storage_options=self.storage_options,
-            retry=self.retry,
-            sizes=self._sizes,
-            bad_sample=self._stats.bad_sample,
-            bad_samples=self._stats.bad_samples,
-            on_retry=self._stats.count_retry,
-        )
+        self.ctx = ReadContext(self.storage_options, self.retry, self._sizes, self._stats)
         """The reader's way to the node (:class:`~es_pipe.sources.reader.ReadContext`)."""
         self._epoch = int(epoch)
         self._next_epoch: int | None = None
@@ -264,24 +189,10 @@ class ShardedSource(BaseNode[dict]):
         beyond the average one.
         """
         epoch = self._epoch if epoch is None else int(epoch)
-        stream, n_streams = self._world.stream()
-        order = epoch_order(len(self.shards), self.seed, epoch, self.shuffle)
-        per_shards = [len(order[t::n_streams]) for t in range(n_streams)]
-        report: dict[str, Any] = {
-            "epoch": epoch,
-            "stream": stream,
-            "streams": n_streams,
-            "shards_per_stream": per_shards,
-        }
-        counts = self._kept_sizes(epoch)
-        if counts is not None:
-            per = [int(sum(counts[i] for i in order[t::n_streams])) for t in range(n_streams)]
-            report["samples_per_stream"] = per
-        else:
-            per = per_shards
-        mean = float(np.mean(per))
-        report["imbalance"] = (max(per) / mean - 1.0) if mean > 0 else 0.0
-        return report
+        plan = EpochPlan.start(
+            len(self.shards), self.seed, epoch, self.shuffle, self._world.stream()
+        )
+        return plan.split_report(epoch, self._kept_sizes(epoch))
 
     # ------------------------------------------------------------------ BaseNode
     def reset(self, initial_state: dict | None = None) -> None:
@@ -412,18 +323,8 @@ class ShardedSource(BaseNode[dict]):
         self._equalizer.start_epoch(padded)
         self._stats.start_epoch(self._epoch, yielded, padded)
         self._limit = None
-        s, n_streams = plan.stream
         if self.equalize is not None:
             kept = self._kept_sizes()
-            if kept is None:
-                raise ConfigError(
-                    f"equalize={self.equalize!r} needs the sample count of every shard: "
-                    "count them with `es-pipe index SHARDS... --out index.txt` (shards "
-                    "written by webdataset or pyarrow included) and pass "
-                    "urls=ShardList.from_index('index.txt'); write_shards and "
-                    "es-pipe shard write one; or pass num_samples={url: count}, or use "
-                    "equalize=None"
-                )
             self._limit, self._stats.counts["dropped"] = self._equalizer.limit(
                 plan, kept, self._epoch
             )
@@ -431,13 +332,7 @@ class ShardedSource(BaseNode[dict]):
                 plan.skip_to_end()
                 self._open_pad(start=self._equalizer.replay(plan, kept))
         elif not plan.own:
-            warnings.warn(
-                f"stream {s} of {n_streams} (rank x worker) has no shard to read in epoch "
-                f"{self._epoch}: {len(self.shards)} shards for {n_streams} streams; use more "
-                "shards than streams, or equalize='pad' so that every stream yields as many "
-                "samples as the longest",
-                stacklevel=4,
-            )
+            plan.warn_idle(self._epoch)
 
     def _read(self, url: str, start: int, pruned: np.ndarray) -> None:
         self._gen = self.iter_shard(url, start, pruned, url_seed(self.seed, self._epoch, url))

@@ -33,6 +33,7 @@ Rule for who reads what after a restore:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,35 @@ class EpochPlan:
         """Every stream's share of the dealt shards, ``dealt[t::S]`` for each stream ``t``."""
         n_streams = self.stream[1]
         return [self.dealt[t::n_streams] for t in range(n_streams)]
+
+    def split_report(self, epoch: int, kept: list[int] | None) -> dict[str, Any]:
+        """How the epoch's shards (and samples, with ``kept`` counts) split across
+        streams, and the ``imbalance`` (``max / mean - 1``) of the split."""
+        per_shards = [len(share) for share in self.shares()]
+        report: dict[str, Any] = {
+            "epoch": epoch,
+            "stream": self.stream[0],
+            "streams": self.stream[1],
+            "shards_per_stream": per_shards,
+        }
+        per = per_shards
+        if kept is not None:
+            per = [int(sum(kept[i] for i in share)) for share in self.shares()]
+            report["samples_per_stream"] = per
+        mean = float(np.mean(per))
+        report["imbalance"] = (max(per) / mean - 1.0) if mean > 0 else 0.0
+        return report
+
+    def warn_idle(self, epoch: int) -> None:
+        """Warn that this stream has no shard to read (more streams than shards)."""
+        s, n_streams = self.stream
+        warnings.warn(
+            f"stream {s} of {n_streams} (rank x worker) has no shard to read in epoch "
+            f"{epoch}: {len(self.order)} shards for {n_streams} streams; use more "
+            "shards than streams, or equalize='pad' so that every stream yields as many "
+            "samples as the longest",
+            stacklevel=5,
+        )
 
     def next_shard(self) -> tuple[int, int] | None:
         """``(shard, start)`` of the next shard to read, which becomes :attr:`current`

@@ -19,6 +19,7 @@ import numpy as np
 from es_pipe import storage
 from es_pipe.errors import ShardError
 from es_pipe.retry import Retry, RetryingFile
+from es_pipe.sources.stats import StreamStats
 
 __all__ = ["ReadContext", "ShardReader", "ShardSizes"]
 
@@ -80,22 +81,19 @@ class ReadContext:
 
     def __init__(
         self,
-        *,
         storage_options: Mapping[str, Any] | None,
         retry: Retry,
         sizes: ShardSizes,
-        bad_sample: Callable[[str], None],
-        bad_samples: Callable[[str, int], None],
-        on_retry: Callable[[], None],
+        stats: StreamStats,
     ) -> None:
         self.storage_options = storage_options
         self.retry = retry
         self.sizes = sizes
-        self.bad_sample = bad_sample
+        self.bad_sample = stats.bad_sample
         """Report one bad sample: raise (``on_error='raise'``) or warn and count."""
-        self.bad_samples = bad_samples
+        self.bad_samples = stats.bad_samples
         """Report ``count`` bad samples of one shard at once (vectorised readers)."""
-        self._on_retry = on_retry
+        self._on_retry = stats.count_retry
 
     def open_file(self, url: str) -> RetryingFile:
         """Open a shard for binary reading on its fsspec filesystem, with reads retried
