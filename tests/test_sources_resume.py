@@ -207,3 +207,24 @@ def test_identical_order_in_separate_processes(tmp_path):
     assert out["samples"] == here
     assert out["order"] == epoch_order(50, 9, 3, True).tolist()
     assert out["order"] != list(range(50))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_refused_state_leaves_the_source_reading_where_it_was(tmp_path, fmt):
+    """A state from another stream, another shard list or no state at all is refused
+    before anything changes: the open shard stays open, no sample is lost, the epoch,
+    seed and state stay those of the stream."""
+    urls = make_shards(str(tmp_path), fmt)
+    truth = [ident(s) for s in source(fmt, urls, shuffle=True, seed=5, rank=0, world_size=2)]
+    src = source(fmt, urls, shuffle=True, seed=5, rank=0, world_size=2)
+    head = _take(src, 3)  # inside the first shard (5 samples or more)
+    before = src.state_dict()
+    wrong_stream = source(fmt, urls, shuffle=True, seed=9, rank=1, world_size=2)
+    _take(wrong_stream, 1)
+    other_list = source(fmt, urls[:-1], rank=0, world_size=2)
+    _take(other_list, 1)
+    for bad in (wrong_stream.state_dict(), other_list.state_dict(), {"version": 99}):
+        with pytest.raises(ConfigError):
+            src.reset(bad)
+        assert src.state_dict() == before and src.seed == 5
+    assert head + [ident(s) for s in src] == truth

@@ -6,8 +6,9 @@ listed) and ``__index__`` (the sample's ordinal in its shard).
 """
 
 from es_pipe.sources.arrow import ArrowSource, ParquetSource
-from es_pipe.sources.base import ShardedSource, merge_states
+from es_pipe.sources.base import ShardedSource
 from es_pipe.sources.dataset import SourceDataset
+from es_pipe.sources.plan import merge_states
 from es_pipe.sources.shards import ShardList, epoch_order, fingerprint
 from es_pipe.sources.webdataset import WebDatasetSource
 

@@ -196,18 +196,20 @@ class ShardedSource(BaseNode[dict]):
 
     # ------------------------------------------------------------------ BaseNode
     def reset(self, initial_state: dict | None = None) -> None:
+        # Check first: a refused state (or worker arguments) leaves the node as it was,
+        # its open shard included.
+        stream = self._world.stream()
+        got = None if initial_state is None else read_state(initial_state, self.shards, stream)
         super().reset(initial_state)
         self._close_current()
         self._pending_state = None
-        stream = self._world.stream()
-        if initial_state is None:
+        if got is None:
             if self._next_epoch is not None:
                 self._epoch, self._next_epoch = self._next_epoch, None
             elif self._started and self._consumed:
                 self._epoch += 1
             self._start_epoch(EpochPlan.start(*self._order_args(), stream), 0, 0)
         else:
-            got = read_state(initial_state, self.shards, stream)  # checks; changes nothing
             self.seed, self.shuffle, self._epoch = got.seed, got.shuffle, got.epoch
             self._next_epoch = None
             plan = EpochPlan.start(

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from es_pipe.sources.base import ShardedSource, merge_states
+from es_pipe.sources.base import ShardedSource
+from es_pipe.sources.plan import merge_states
 
 __all__ = ["SourceDataset"]
 

@@ -60,9 +60,10 @@ class WebDatasetSource(ShardedSource):
             many samples, seeded from ``(seed, epoch, shard URL)``. A resumed shard replays
             the buffer from the start of the shard (re-reading its prefix) to restore the
             exact order.
-        **kwargs: see :class:`~es_pipe.sources.base.ShardedSource` (``shuffle``, ``seed``,
-            ``epoch``, ``rank``, ``world_size``, ``worker``, ``num_workers``, ``equalize``,
-            ``on_error``, ``pruned``, ``num_samples``, ``retry``, ``storage_options``).
+        **kwargs: see :class:`~es_pipe.sources.options.SourceOptions` (``shuffle``,
+            ``seed``, ``epoch``, ``rank``, ``world_size``, ``worker``, ``num_workers``,
+            ``equalize``, ``on_error``, ``pruned``, ``num_samples``, ``retry``,
+            ``storage_options``).
     """
 
     def __init__(
