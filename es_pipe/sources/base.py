@@ -51,11 +51,12 @@ class ShardedSource(BaseNode[dict]):
     (:mod:`~es_pipe.sources.pruned`). What is left here is the delivery loop: open the
     plan's next shard, hand out its chunks sample by sample, count, checkpoint.
 
-    Why it is long (about 350 lines, over the ~250 of the others): it is the torchdata
+    Why it is long (about 380 lines, over the ~250 of the others): it is the torchdata
     node contract (``reset``/``next``/``get_state``), one property per option it
-    forwards, and the delivery loop; the per-sample fast path (:meth:`next`) reads plain
-    attributes of the node itself, so the delivery cursor cannot move to another object
-    without a call per sample.
+    forwards, and the delivery loop (sample by sample, or block by block with
+    :meth:`take_block`); the per-sample fast path (:meth:`next`) reads plain attributes
+    of the node itself, so the delivery cursor cannot move to another object without a
+    call per sample.
 
     Subclasses are the readers: they implement :class:`~es_pipe.sources.reader.ShardReader`
     (:meth:`iter_shard`, optionally :meth:`count_samples`) and reach the node only
@@ -238,6 +239,30 @@ class ShardedSource(BaseNode[dict]):
             self._cur_count += 1
             return self._chunk[pos]
         return None
+
+    def take_block(self) -> Any:
+        """Reader interface, for readers whose chunk items are *blocks* of samples (e.g.
+        columns of several rows: ``len(block)`` samples, ``block.slice(0, n)`` the first
+        ``n``): the next block of the current chunk, handed out whole and counted as its
+        samples, cut where ``equalize`` ends the stream, so cursors, counts and states
+        stay those of sample-by-sample delivery. None when the chunk is used up or the
+        stream is at its limit. Such a reader delivers with it in place of the per-sample
+        ``_from_chunk``."""
+        pos = self._chunk_pos
+        if pos >= len(self._chunk):
+            return None
+        block: Any = self._chunk[pos]
+        n = len(block)
+        if self._limit is not None:
+            room = self._limit - self._yielded
+            if room <= 0:
+                return None
+            if n > room:
+                block, n = block.slice(0, room), room
+        self._chunk_pos = pos + 1
+        self._yielded += n
+        self._cur_count += n
+        return block
 
     def _next_slow(self) -> dict:
         if self._pending_state is not None:
