@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.scores import ScoreStore
 
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import es_pipe
 from es_pipe.cli import main as cli_main
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sampler import Identity, check_losses
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ArrowSource, ParquetSource, WebDatasetSource
@@ -837,9 +837,9 @@ def test_manifest_folders(n, manifest_root, tmp_path):
             data = _wrong_parquet(mutation, data_path.read_bytes())
             data_path.write_bytes(data)
             if kind == "parquet_schema_fixed_marker":
-                from es_pipe.manifest import _crc
+                from es_pipe.manifests.fs import crc
 
-                entry["size"], entry["crc32"] = len(data), _crc(data)
+                entry["size"], entry["crc32"] = len(data), crc(data)
                 marker_path.write_text(json.dumps(marker))
 
         result, error = es_error_or_ok(lambda: _read_everything(str(root)), (EsPipeError,))

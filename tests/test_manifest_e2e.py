@@ -16,7 +16,7 @@ import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.cli import main as cli_main
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ParquetSource
 
 SHARDS, PER, EPOCHS = 3, 96, 4

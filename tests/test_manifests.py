@@ -15,7 +15,7 @@ import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError, ManifestError
-from es_pipe.manifest import Manifests, arrow_schema, safe_name, schema_spec
+from es_pipe.manifests import Manifests, arrow_schema, safe_name, schema_spec
 
 
 def _columns(n, seed=0):
@@ -238,9 +238,10 @@ def test_unknown_schema_version(tmp_path):
 
 
 def test_unknown_schema_version_in_file(tmp_path):
-    from es_pipe.manifest import build_table, encode_table, file_meta
+    from es_pipe.manifests import build_table, encode_table, file_meta
+    from es_pipe.manifests.writer import STATE_BITS
 
-    table = build_table("a.tar", _columns(3))
+    table = build_table("a.tar", _columns(3), bits=STATE_BITS)
     data = encode_table(table, {"schema_version": 7})
     schema = pq.read_schema(pa.BufferReader(data))
     with pytest.raises(ManifestError, match="schema version 7"):

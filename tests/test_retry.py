@@ -189,7 +189,7 @@ def test_missing_shard_is_not_retried(tmp_path):
 def test_manifest_reads_and_writes_through_transient_errors(tmp_path):
     import numpy as np
 
-    from es_pipe.manifest import Manifests
+    from es_pipe.manifests import Manifests
 
     cols = {k: np.arange(5, dtype=np.float32) for k in ("score", "loss", "visits", "step")}
     root = faulty_fs.url(tmp_path / "m")

@@ -29,7 +29,7 @@ import es_pipe
 from es_pipe.cli import main as cli_main
 from es_pipe.errors import StorageError
 from es_pipe.indexing import index_shards
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ArrowSource, ParquetSource, ShardList, WebDatasetSource
 
 pytestmark = [pytest.mark.s3, pytest.mark.filterwarnings("ignore:re-committing")]
