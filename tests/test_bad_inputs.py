@@ -29,12 +29,12 @@ from _sweep import SCALES, dump_report, es_error_or_ok, few_faults, outcome_of, 
 from hypothesis import strategies as st
 
 import es_pipe
-from es_pipe.cli import main as cli_main
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError
 from es_pipe.manifests import Manifests
 from es_pipe.sampler import Identity, check_losses
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ArrowSource, ParquetSource, WebDatasetSource
+from es_pipe.tools.cli import main as cli_main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -896,7 +896,7 @@ def _options(pairs):
 
 @pytest.mark.parametrize("n", SCALES)
 def test_cli_arguments(n, cli_files, tmp_path):
-    """``es_pipe.cli.main`` with random and invalid arguments: an exit status (argparse's
+    """``es_pipe.tools.cli.main`` with random and invalid arguments: an exit status (argparse's
     SystemExit(2) included) and a message; never a traceback. ``demo`` always gets an
     invalid option, so that it exits in argparse instead of training."""
     d, manifests = cli_files

@@ -20,7 +20,7 @@ def test_the_demo_command_names_the_recommended_configuration():
     from es_pipe.demo import RECOMMENDED
 
     out = subprocess.run(
-        [sys.executable, "-m", "es_pipe.cli", "demo", "--help"],
+        [sys.executable, "-m", "es_pipe.tools.cli", "demo", "--help"],
         capture_output=True,
         text=True,
         check=True,

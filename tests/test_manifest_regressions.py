@@ -31,10 +31,10 @@ from conftest import keyed_samples
 from torch.utils.data import default_collate
 
 import es_pipe
-from es_pipe.cli import main as cli_main
 from es_pipe.errors import ManifestError
 from es_pipe.manifests import COMMITS, STAGING, Manifests
 from es_pipe.sources import WebDatasetSource
+from es_pipe.tools.cli import main as cli_main
 
 
 def _train(source, sampler, epochs: int, collate_fn=None) -> int:

@@ -16,7 +16,7 @@ one whose publication crashed): filter ``epoch <= newest committed``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -294,16 +294,28 @@ class ManifestReader:
             )
         return table, meta, path
 
+    def files(self, epoch: int, shard: str | None = None) -> list[dict[str, Any]]:
+        """The file entries of committed ``epoch`` (only ``shard``'s when given, by the
+        name the marker records)."""
+        return [f for f in self.marker(epoch)["files"] if shard is None or f["shard"] == shard]
+
+    def iter_files(
+        self, epoch: int, columns: list[str] | None = None, shard: str | None = None
+    ) -> Iterator[tuple[dict[str, Any], pa.Table]]:
+        """``(entry, table)`` for each file of committed ``epoch`` (``shard``'s only when
+        given), one file at a time, read with only ``columns``: memory holds one shard's
+        file, however many an epoch has. Checked as :meth:`read_file` checks."""
+        for entry in self.files(epoch, shard):
+            yield entry, self.read_file(epoch, entry, columns)[0]
+
     def read_epoch(self, epoch: int | None = None, *, columns: list[str] | None = None) -> pa.Table:
         """Every shard of a committed epoch (default: the newest) as one table, with an
         ``epoch`` column."""
         if epoch is None:
             epoch = self.latest(required=True)
-        entries = self.marker(epoch)["files"]
-        tables = [
-            self.read_file(epoch, entry, columns)[0]
-            for entry in _progress(entries, f"epoch {epoch}", self.progress)
-        ]
+        files = self.iter_files(epoch, columns)
+        total = len(self.files(epoch))
+        tables = [table for _, table in _progress(files, total, f"epoch {epoch}", self.progress)]
         if not tables:
             table = codec.arrow_schema().empty_table()
             if columns is not None:
@@ -350,10 +362,10 @@ def manifests_dataset(
     return ManifestReader(root, storage_options=storage_options).dataset(epochs)
 
 
-def _progress(items: list[Any], label: str, progress: bool | None) -> Iterable[Any]:
-    show = len(items) > 16 if progress is None else progress
+def _progress(items: Iterable[Any], total: int, label: str, progress: bool | None) -> Iterable[Any]:
+    show = total > 16 if progress is None else progress
     if not show:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"reading {label}", unit="file", leave=False)
+    return tqdm(items, total=total, desc=f"reading {label}", unit="file", leave=False)
