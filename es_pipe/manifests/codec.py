@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from es_pipe.errors import ConfigError, ManifestError
 from es_pipe.manifests.fs import load_json
+from es_pipe.manifests.layout import check_entry
 
 MARKER_FORMAT = "es_pipe.commit"
 DONE_FORMAT = "es_pipe.done"
@@ -142,6 +143,43 @@ def decode_columns(table: pa.Table, path: str) -> dict[str, np.ndarray]:
             "or delete its epoch's commit marker to fall back to the previous epoch"
         )
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in DECODED}
+
+
+def decode_file(
+    data: bytes, columns: list[str] | None, path: str
+) -> tuple[pa.Table, dict[str, Any]]:
+    """A manifest file's bytes (checked against its marker already) as ``(table, es_pipe
+    metadata)``, only ``columns`` when given; schema and version checked."""
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        table = parquet.read(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(
+            f"{path} is not a readable Parquet file ({exc}); restore it, or delete its epoch's "
+            "commit marker to fall back to the previous epoch"
+        ) from exc
+    return table, file_meta(parquet.schema_arrow, path)
+
+
+def parse_marker(raw: bytes, epoch: int, path: str) -> dict[str, Any]:
+    """The commit marker of ``epoch`` from its bytes, checked: its format, schema version,
+    fields and every path it names (:func:`es_pipe.manifests.layout.check_entry`)."""
+    marker = load_json(
+        raw,
+        f"commit marker {path}",
+        "it was edited, or written half by a filesystem without atomic writes that "
+        "crashed during the commit. Delete it to fall back to the previous epoch",
+    )
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        raise ManifestError(
+            f"{path} is not an es_pipe commit marker; restore it, or delete it to fall back to "
+            "the previous committed epoch"
+        )
+    check_version(marker.get("schema_version"), path)
+    check_marker(marker, epoch, path)
+    for entry in marker["files"]:
+        check_entry(entry, epoch, f"commit marker {path}")
+    return marker
 
 
 def file_meta(schema: pa.Schema, path: str) -> dict[str, Any]:

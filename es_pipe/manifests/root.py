@@ -32,6 +32,11 @@ class Manifests(ManifestReader):
     """A manifest root: write shard manifests, commit epochs, read them back (every
     :class:`ManifestReader` method).
 
+    A long class (about 270 lines) for a reason: it is the public facade of the package,
+    and each writing method carries the user-facing contract in its docstring before it
+    hands the work to :class:`~es_pipe.manifests.writer.RankWriter`,
+    :class:`~es_pipe.manifests.commit.Committer` or :class:`~es_pipe.manifests.lease.Lease`.
+
     Args:
         root: directory or fsspec URL (``s3://bucket/run-17/manifests``).
         rank: this process's rank (names its staged files and done-file).
