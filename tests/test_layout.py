@@ -116,3 +116,16 @@ def test_the_demo_command_names_the_recommended_configuration():
         check=True,
     )
     assert RECOMMENDED in out.stdout and "uniform" in out.stdout
+
+
+@pytest.mark.parametrize("package", ["manifests", "tools"])
+def test_the_readme_layout_names_every_module_of_the_package(package):
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    assert f"{package}/" in section
+    missing = [
+        p.name
+        for p in sorted((PACKAGE / package).glob("*.py"))
+        if not p.name.startswith("__") and p.name not in section
+    ]
+    assert missing == []
