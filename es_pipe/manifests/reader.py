@@ -52,7 +52,7 @@ class ShardManifest:
 class ManifestReader:
     """The committed epochs of a manifest root, read-only.
 
-    A long class (about 275 lines) for a reason: it is the public read API, each method a
+    A long class (about 280 lines) for a reason: it is the public read API, each method a
     contract of its own, and half its lines are docstrings and error messages that name
     the fix; the parsing and checks live in :mod:`~es_pipe.manifests.codec` and
     :mod:`~es_pipe.manifests.layout`.

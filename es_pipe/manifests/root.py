@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ class Manifests(ManifestReader):
     """A manifest root: write shard manifests, commit epochs, read them back (every
     :class:`ManifestReader` method).
 
-    A long class (about 270 lines) for a reason: it is the public facade of the package,
+    A long class (about 290 lines) for a reason: it is the public facade of the package,
     and each writing method carries the user-facing contract in its docstring before it
     hands the work to :class:`~es_pipe.manifests.writer.RankWriter`,
     :class:`~es_pipe.manifests.commit.Committer` or :class:`~es_pipe.manifests.lease.Lease`.
@@ -147,8 +149,13 @@ class Manifests(ManifestReader):
         """``write_shard`` for many shards, encoded and written by a thread pool (Arrow and
         the file systems release the GIL). Each item holds ``write_shard``'s arguments:
         ``shard``, ``columns`` and optionally ``keys``, ``factor``, ``fingerprint``,
-        ``hyper``."""
-        return self._writer.write_shards(epoch, items, threads=threads)
+        ``hyper``. Each goes through :meth:`write_shard`."""
+        items = list(items)
+        threads = threads or min(8, os.cpu_count() or 1)
+        if threads <= 1 or len(items) <= 1:
+            return [self.write_shard(epoch, **item) for item in items]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda item: self.write_shard(epoch, **item), items))
 
     def finish(self, epoch: int) -> str:
         """Write this rank's done-file for ``epoch`` (after all its ``write_shard``)."""

@@ -10,10 +10,8 @@ writes is visible to readers until the commit (:mod:`es_pipe.manifests.commit`) 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -98,18 +96,6 @@ class RankWriter:
         }
         self._written.setdefault(int(epoch), []).append(entry)
         return entry
-
-    def write_shards(
-        self, epoch: int, items: Iterable[Mapping[str, Any]], *, threads: int | None = None
-    ) -> list[dict[str, Any]]:
-        """``write_shard`` for many shards, encoded and written by a thread pool (Arrow and
-        the file systems release the GIL)."""
-        items = list(items)
-        threads = threads or min(8, os.cpu_count() or 1)
-        if threads <= 1 or len(items) <= 1:
-            return [self.write_shard(epoch, **item) for item in items]
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(lambda item: self.write_shard(epoch, **item), items))
 
     def finish(self, epoch: int) -> str:
         """Write this rank's done-file for ``epoch`` (after all its ``write_shard``)."""
