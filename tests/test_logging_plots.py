@@ -123,11 +123,6 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inspect.py (not this branch's file) imports matplotlib itself: its plot() must "
-    "take pyplot from es_pipe.plotting, whose ConfigError the CLI prints as one line",
-)
 def test_inspect_plot_without_matplotlib_names_the_extra(tmp_path):
     urls = _tars(tmp_path)
     sampler = es_pipe.EvolvedSampler(10, 10, seed=0, manifests=str(tmp_path / "m"))

@@ -556,10 +556,9 @@ def render(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str) -> None:
     """Pruned fraction per epoch and the score distribution (kept vs pruned)."""
-    import matplotlib
+    from es_pipe.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(f"--plot {path}")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     history = report.get("shard_history") or report["epochs"]
