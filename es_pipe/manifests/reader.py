@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -294,7 +294,7 @@ class ManifestReader:
         """Every shard of a committed epoch (default: the newest) as one table, with an
         ``epoch`` column."""
         if epoch is None:
-            epoch = self.latest(required=True)
+            epoch = cast(int, self.latest(required=True))  # required: never None
         files = self.iter_files(epoch, columns)
         total = len(self.files(epoch))
         tables = [table for _, table in _progress(files, total, f"epoch {epoch}", self.progress)]

@@ -175,7 +175,7 @@ def _counts(manifests: ManifestReader, committed: list[int], shard: str | None) 
 
     def total(files: dict[str, dict[str, Any]], names: Any, field: str) -> int | None:
         values = [files[n].get(field) for n in names if n in files]
-        return None if any(v is None for v in values) else sum(values)
+        return None if any(v is None for v in values) else sum(v for v in values if v)
 
     out = []
     for e in committed:

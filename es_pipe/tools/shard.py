@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 from es_pipe import storage
 from es_pipe.errors import EsPipeError
@@ -88,7 +89,9 @@ def _shard_files(args: argparse.Namespace) -> int:
 
     check_out_pattern(args.out)  # before any work, and before formatting it
     source = Path(args.source)
-    fmt = args.format or ("parquet" if args.out.endswith(".parquet") else "tar")
+    fmt: Literal["tar", "parquet"] = args.format or (
+        "parquet" if args.out.endswith(".parquet") else "tar"
+    )
     if source.is_dir():
         samples = samples_from_folder(str(source), follow_symlinks=args.follow_symlinks)
         data = tqdm(samples, desc="samples", unit=" samples")
