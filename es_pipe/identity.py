@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,10 @@ import pyarrow.compute as pc
 
 from es_pipe.errors import ConfigError
 from es_pipe.sampler import Identity
+from es_pipe.scores import ShardCodes
+
+if TYPE_CHECKING:
+    from es_pipe.columns import ColumnChunk
 
 _MAX_ORDINAL = 2**31
 _NO_KEY = (
@@ -230,3 +234,28 @@ class EpochRepeats:
             "of every sample ('__shard__', or webdataset's '__url__') and give keys unique "
             "within their shard (README: 'Sample identity')"
         )
+
+
+class ArrayIdentity(Identity):
+    """An :class:`Identity` whose keys are an object array of str (the columnar path):
+    ``take`` and ``concat`` are array operations, with no per-sample Python."""
+
+    def take(self, picked: np.ndarray) -> Identity:
+        ordinals = None if self.ordinals is None else self.ordinals[picked]
+        return ArrayIdentity(self.shards.take(picked), np.asarray(self.keys)[picked], ordinals)
+
+    @classmethod
+    def of_chunks(cls, chunks: Sequence[ColumnChunk]) -> ArrayIdentity:
+        """The identity of the rows of ``chunks``, in order: one shard code per chunk
+        (repeated over its rows), the ordinals and the keys concatenated."""
+        index: dict[str, int] = {}
+        codes = np.fromiter(
+            (index.setdefault(chunk.shard, len(index)) for chunk in chunks), np.int64, len(chunks)
+        )
+        sizes = np.fromiter((len(chunk) for chunk in chunks), np.int64, len(chunks))
+        if chunks:
+            ordinals = np.concatenate([chunk.ordinals for chunk in chunks]).astype(np.int64)
+            keys = np.concatenate([chunk.key_array() for chunk in chunks])
+        else:
+            ordinals, keys = np.zeros(0, np.int64), np.zeros(0, object)
+        return cls(ShardCodes(list(index), np.repeat(codes, sizes)), keys, ordinals)
