@@ -45,6 +45,47 @@ def row_keys(ordinals: np.ndarray) -> np.ndarray:
     return _key_cache[ordinals]
 
 
+class RowKeys(Sequence[str]):
+    """The keys of rows whose key is their row number, made only when read: the sampler
+    needs their count, manifests their text (``pyarrow.array(keys)``, through
+    ``__arrow_array__``), a user ``meta.keys``; a meta-batch that nobody reads the keys of
+    never makes them."""
+
+    __slots__ = ("_made", "ordinals")
+
+    def __init__(self, ordinals: np.ndarray) -> None:
+        self.ordinals = ordinals
+        self._made: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        """The keys as an object array of str."""
+        if self._made is None:
+            self._made = row_keys(self.ordinals)
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.ordinals)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, (int, np.integer)):
+            return str(int(self.ordinals[i]))
+        return RowKeys(self.ordinals[i])
+
+    def __iter__(self) -> Any:
+        return iter(self.array().tolist())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.array() if dtype in (None, object) else self.array().astype(dtype)
+
+    def __arrow_array__(self, type: Any = None) -> pa.Array:
+        return pa.array(self.array(), type if type is not None else pa.string())
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 

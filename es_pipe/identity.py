@@ -19,6 +19,7 @@ is reading the identity fields out of the sample dicts, which the stage must do 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from es_pipe.columns import RowKeys
 from es_pipe.errors import ConfigError
 from es_pipe.sampler import Identity
 from es_pipe.scores import ShardCodes
@@ -242,7 +244,11 @@ class ArrayIdentity(Identity):
 
     def take(self, picked: np.ndarray) -> Identity:
         ordinals = None if self.ordinals is None else self.ordinals[picked]
-        return ArrayIdentity(self.shards.take(picked), np.asarray(self.keys)[picked], ordinals)
+        keys = self.keys
+        chosen = (
+            keys[picked] if isinstance(keys, (np.ndarray, RowKeys)) else np.asarray(keys)[picked]
+        )
+        return ArrayIdentity(self.shards.take(picked), chosen, ordinals)
 
     @classmethod
     def of_chunks(cls, chunks: Sequence[ColumnChunk]) -> ArrayIdentity:
@@ -253,9 +259,33 @@ class ArrayIdentity(Identity):
             (index.setdefault(chunk.shard, len(index)) for chunk in chunks), np.int64, len(chunks)
         )
         sizes = np.fromiter((len(chunk) for chunk in chunks), np.int64, len(chunks))
-        if chunks:
-            ordinals = np.concatenate([chunk.ordinals for chunk in chunks]).astype(np.int64)
-            keys = np.concatenate([chunk.key_array() for chunk in chunks])
+        ordinals = (
+            np.concatenate([chunk.ordinals for chunk in chunks]).astype(np.int64, copy=False)
+            if chunks
+            else np.zeros(0, np.int64)
+        )
+        keys: Sequence[str]
+        if chunks and all(chunk.keys is None for chunk in chunks):
+            keys = RowKeys(ordinals)  # row numbers: made only where read
         else:
-            ordinals, keys = np.zeros(0, np.int64), np.zeros(0, object)
+            keys = np.concatenate([chunk.key_array() for chunk in chunks] or [np.zeros(0, object)])
         return cls(ShardCodes(list(index), np.repeat(codes, sizes)), keys, ordinals)
+
+    @staticmethod
+    def unique_by_ranges(chunks: Sequence[ColumnChunk]) -> bool:
+        """True where the chunks' rows are shown unique without a sort: each chunk's
+        ordinals strictly increase (rows read in order), and chunks of one shard cover
+        ranges of ordinals that do not overlap. False means: not shown, check the full way
+        (:func:`check_unique`); shuffled rows always take it."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for chunk in chunks:
+            o = chunk.ordinals
+            if len(o) > 1 and not (o[1:] > o[:-1]).all():
+                return False
+            if len(o):
+                spans.setdefault(chunk.shard, []).append((int(o[0]), int(o[-1])))
+        for ranges in spans.values():
+            ranges.sort()
+            if any(a[1] >= b[0] for a, b in itertools.pairwise(ranges)):
+                return False
+        return True

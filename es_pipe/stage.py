@@ -215,12 +215,14 @@ class EvolvedSampling(tn.BaseNode):
                 samples += fresh
                 parts.append(part)
         pieces: list[ColumnChunk] = []
+        shown_unique = False
         if self._columnar:
             pieces = self._pull_columns(self.sampler.meta_batch_size)
             parts = [ArrayIdentity.of_chunks(pieces)] if pieces else []
+            shown_unique = ArrayIdentity.unique_by_ranges(pieces)
         rows = sum(len(piece) for piece in pieces) if self._columnar else len(samples)
         who = Identity.concat(parts) if parts else None
-        if who is not None and not self._pads:  # before any score changes
+        if who is not None and not self._pads and not shown_unique:  # before scores change
             check_unique(who)
         if not rows:
             if self._restored:  # restored where the epoch ended exactly: as in reset()

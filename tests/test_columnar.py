@@ -164,7 +164,7 @@ def test_columnar_meta_batches_selections_and_scores_equal_the_dict_path(
         )
 
 
-def _eswp(urls, root, columnar, hook=True, **source_options):
+def _eswp(urls, root, columnar, hook=True, key_column="key", **source_options):
     sampler = es_pipe.EvolvedSampler(
         16,
         5,
@@ -177,7 +177,7 @@ def _eswp(urls, root, columnar, hook=True, **source_options):
     )
     source = ParquetSource(
         urls,
-        key_column="key",
+        key_column=key_column,
         shuffle=True,
         seed=5,
         batch_rows=12,
@@ -195,11 +195,16 @@ def _epochs(root) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:epoch .* read and decoded")
-@pytest.mark.parametrize("hook", [True, False], ids=["pruned-hook", "stage-drops"])
-def test_eswp_with_manifests_equals_the_dict_path(parquet, tmp_path, hook):
+@pytest.mark.parametrize(
+    "hook,key_column",
+    [(True, "key"), (False, "key"), (True, None)],
+    ids=["pruned-hook", "stage-drops", "row-number-keys"],
+)
+def test_eswp_with_manifests_equals_the_dict_path(parquet, tmp_path, hook, key_column):
     traces, stages = {}, {}
     for columnar in (False, True):
-        sampler, stage, loader = _eswp(parquet, tmp_path / str(columnar), columnar, hook)
+        root = tmp_path / str(columnar)
+        sampler, stage, loader = _eswp(parquet, root, columnar, hook, key_column)
         traces[columnar] = _trace(loader, sampler, 3)[0]
         stages[columnar] = stage
     _compare(traces[False], traces[True])
@@ -337,3 +342,19 @@ def _walk(x):
     if isinstance(x, dict):
         for v in x.values():
             yield from _walk(v)
+
+
+def test_a_row_twice_in_a_columnar_meta_batch_is_refused(parquet):
+    chunk = next(iter(ParquetSource(parquet[:1], columnar=True)))
+    for upstream in ([chunk.slice(0, 10), chunk.slice(5, 15)], [chunk.slice(0, 10)] * 2):
+        stage = es_pipe.EvolvedSampling(upstream, _sampler(B=20))
+        with pytest.raises(ConfigError, match="have the same identity"):
+            next(iter(tn.Loader(stage)))
+    shuffled = chunk.filter(np.ones(len(chunk), bool))
+    order = np.array([3, 1, 2, 1])
+    twice = ColumnChunk(
+        shuffled.shard, shuffled.ordinals[order], {"x": shuffled.columns["x"][order]}
+    )
+    stage = es_pipe.EvolvedSampling([twice], _sampler(B=4, b=2))
+    with pytest.raises(ConfigError, match="have the same identity"):
+        next(iter(tn.Loader(stage)))
