@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from es_pipe.batch import take_list
 from es_pipe.columns import RowKeys
 from es_pipe.errors import ConfigError
 from es_pipe.sampler import Identity
@@ -78,7 +79,8 @@ def identify(samples: list[Any]) -> Identity:
         ordinals = [sample.get("__index__") for sample in samples]
     except (KeyError, TypeError, IndexError, AttributeError):
         raise ConfigError(_NO_KEY) from None
-    if None in keys or not all(isinstance(shard, str) for shard in shards):
+    codes = _shard_codes(shards)
+    if None in keys or codes is None:
         for sample in samples:
             _refuse_batched(sample)
         raise ConfigError(
@@ -89,7 +91,7 @@ def identify(samples: list[Any]) -> Identity:
     if None in ordinals:
         if samples:
             _refuse_batched(samples[0])
-        return Identity.of(shards, keys, None)
+        return ArrayIdentity(codes, keys, None)
     try:
         array = np.asarray(ordinals)
     except ValueError:  # ragged sequences
@@ -105,7 +107,23 @@ def identify(samples: list[Any]) -> Identity:
             "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
             f"got {ordinals[:3]}"
         )
-    return Identity.of(shards, keys, array)
+    return ArrayIdentity(codes, keys, array.astype(np.int64, copy=False))
+
+
+def _shard_codes(shards: list[Any]) -> ShardCodes | None:
+    """The shard names encoded in one Arrow pass (names in order of first appearance, as
+    ``ShardCodes.encode``); ``None`` when one is not a str."""
+    if not shards:
+        return ShardCodes([], np.zeros(0, np.int64))
+    try:
+        array = pa.array(shards)
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    if array.type != pa.string() or array.null_count:
+        return None
+    encoded = array.dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return ShardCodes(encoded.dictionary.to_pylist(), codes)
 
 
 def key_codes(keys: Sequence[Any]) -> np.ndarray:
@@ -246,9 +264,23 @@ class ArrayIdentity(Identity):
         ordinals = None if self.ordinals is None else self.ordinals[picked]
         keys = self.keys
         chosen = (
-            keys[picked] if isinstance(keys, (np.ndarray, RowKeys)) else np.asarray(keys)[picked]
+            keys[picked] if isinstance(keys, (np.ndarray, RowKeys)) else take_list(keys, picked)
         )
         return ArrayIdentity(self.shards.take(picked), chosen, ordinals)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Identity]) -> Identity:
+        if len(parts) == 1:
+            return parts[0]
+        ordinals = [part.ordinals for part in parts if part.ordinals is not None]
+        keys: list[Any] = []
+        for part in parts:
+            keys += list(part.keys)
+        return cls(
+            ShardCodes.concat([part.shards for part in parts]),
+            keys,
+            np.concatenate(ordinals) if len(ordinals) == len(parts) else None,
+        )
 
     @classmethod
     def of_chunks(cls, chunks: Sequence[ColumnChunk]) -> ArrayIdentity:

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 import torchdata.nodes as tn
 from torch.utils.data import default_collate as torch_collate
 
-from es_pipe.batch import MetaBatch, SubBatch, check_rows
+from es_pipe.batch import MetaBatch, SubBatch, check_rows, take_list
 from es_pipe.columns import ColumnChunk, collate_columns
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.identity import ArrayIdentity, EpochRepeats, check_unique, identify
@@ -33,6 +34,25 @@ def default_collate(samples: list[Any]) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch_collate(samples)
+
+
+def collate_dicts(samples: list[Any], who: Identity) -> Any:
+    """``default_collate(samples)``, with ``__key__`` and ``__index__`` taken from the
+    identity the stage has already read rather than collated again: the same values and
+    types (a list of str, an int64 tensor) where the first sample's are a ``str`` and an
+    ``int``; every other field (and other types) as ``default_collate`` batches them."""
+    first = samples[0] if samples else None
+    if type(first) is not dict:
+        return default_collate(samples)
+    out: dict[str, Any] = {}
+    for name, value in first.items():
+        if name == "__key__" and type(value) is str:
+            out[name] = list(who.keys)
+        elif name == "__index__" and type(value) is int and who.ordinals is not None:
+            out[name] = torch.from_numpy(np.array(who.ordinals, dtype=np.int64))
+        else:
+            out[name] = default_collate([sample[name] for sample in samples])
+    return out
 
 
 class EvolvedSampling(tn.BaseNode):
@@ -221,7 +241,7 @@ class EvolvedSampling(tn.BaseNode):
             parts = [ArrayIdentity.of_chunks(pieces)] if pieces else []
             shown_unique = ArrayIdentity.unique_by_ranges(pieces)
         rows = sum(len(piece) for piece in pieces) if self._columnar else len(samples)
-        who = Identity.concat(parts) if parts else None
+        who = ArrayIdentity.concat(parts) if parts else None
         if who is not None and not self._pads and not shown_unique:  # before scores change
             check_unique(who)
         if not rows:
@@ -235,7 +255,10 @@ class EvolvedSampling(tn.BaseNode):
             else:
                 if self._columnar:  # a custom collate_fn takes sample dicts
                     samples = [sample for piece in pieces for sample in piece.to_dicts()]
-                data = self.collate_fn(samples)
+                if self.collate_fn is default_collate and who is not None:
+                    data = collate_dicts(samples, who)
+                else:
+                    data = self.collate_fn(samples)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(
                 f"collate_fn could not batch the {rows} samples of this meta-batch "
@@ -246,7 +269,7 @@ class EvolvedSampling(tn.BaseNode):
         check_rows(data, rows)  # before any score changes, not in select()
         if who is not None and not self._pads:
             self.repeats.add(who)
-        meta = MetaBatch(data, Identity.concat(parts), self.sampler)
+        meta = MetaBatch(data, who, self.sampler)
         self._restored = False
         self._current, self._position = meta, position
         if self.loss_fn is None:
@@ -448,7 +471,7 @@ class EvolvedSampling(tn.BaseNode):
             return samples, who
         self.pruned_by_stage += int((~keep).sum())
         kept = np.flatnonzero(keep)
-        return [samples[i] for i in kept.tolist()], who.take(kept)
+        return take_list(samples, kept), who.take(kept)
 
     def _end_epoch(self) -> None:
         if self.repeats.count:

@@ -358,3 +358,38 @@ def test_a_row_twice_in_a_columnar_meta_batch_is_refused(parquet):
     stage = es_pipe.EvolvedSampling([twice], _sampler(B=4, b=2))
     with pytest.raises(ConfigError, match="have the same identity"):
         next(iter(tn.Loader(stage)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: {"x": np.float32(i), "__key__": f"k{i}", "__shard__": "s", "__index__": i},
+        lambda i: {"__index__": np.int64(i), "__key__": i, "__shard__": "s", "y": np.array([i, i])},
+        lambda i: {"__key__": f"k{i}", "__url__": f"u{i % 3}", "x": torch.ones(2) * i},
+    ],
+    ids=["str-keys-int-index", "int-keys-numpy-index", "webdataset-url"],
+)
+def test_dict_path_meta_batches_are_default_collate_of_the_samples(make):
+    """The dict path takes ``__key__``/``__index__`` from the identity instead of
+    collating them again: the meta-batch is still exactly ``default_collate``'s."""
+    from torch.utils.data import default_collate
+
+    samples = [make(i) for i in range(40)]
+    stage = es_pipe.EvolvedSampling(samples, _sampler(B=16, b=4))
+    metas = []
+    for meta in tn.Loader(stage):
+        metas.append(meta.data)
+        sub = meta.select(torch.arange(len(meta), dtype=torch.float32) + 1)
+        rows = sub.indices.tolist()
+        assert sub.keys == [meta.keys[i] for i in rows]
+    for n, data in enumerate(metas):
+        expected = default_collate(samples[16 * n : 16 * (n + 1)])
+        assert list(data) == list(expected)
+        for name, value in expected.items():
+            got = data[name]
+            if isinstance(value, torch.Tensor):
+                assert got.dtype == value.dtype and torch.equal(got, value), name
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                assert all(torch.equal(a, b) for a, b in zip(got, value, strict=True)), name
+            else:
+                assert got == value, name
