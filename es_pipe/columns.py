@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,14 @@ def column_values(arr: pa.Array | pa.ChunkedArray, sel: np.ndarray | None) -> An
     return arr.to_pylist()
 
 
+def _take_list(values: list[Any], picked: np.ndarray) -> list[Any]:
+    """Rows ``picked`` of a list column in one C-level ``itemgetter`` call."""
+    rows = picked.tolist()
+    if len(rows) == 1:
+        return [values[rows[0]]]
+    return list(itemgetter(*rows)(values)) if rows else []
+
+
 def _rows(value: Any, start: int, stop: int) -> Any:
     return value[start:stop]
 
@@ -154,7 +163,7 @@ class ColumnChunk:
             self.shard,
             self.ordinals[picked],
             {
-                name: v[picked] if isinstance(v, np.ndarray) else [v[i] for i in picked.tolist()]
+                name: v[picked] if isinstance(v, np.ndarray) else _take_list(v, picked)
                 for name, v in self.columns.items()
             },
             None if self.keys is None else self.keys[picked],
