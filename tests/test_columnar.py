@@ -417,3 +417,34 @@ def test_resume_through_a_prefetcher_is_exact(parquet, split, columnar):
     sampler.load_state_dict(saved["scores"])
     tail = _trace(loader, sampler, 2 - sampler.epoch)[0]
     _compare(full, head + tail)
+
+
+def test_stateful_dataloader_workers_resume_chunks(parquet):
+    """Workers yield whole chunks; a StatefulDataLoader checkpoint resumes them on the
+    same and (merged) on another number of workers with every row once."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from es_pipe.sources import merge_states
+
+    def make(workers, state=None):
+        ds = SourceDataset(
+            ParquetSource(parquet, columnar=True, shuffle=True, seed=4, batch_rows=10)
+        )
+        if state is not None:
+            ds.load_state_dict(state)
+        return StatefulDataLoader(ds, batch_size=None, num_workers=workers)
+
+    def ids(chunks):
+        return [(c.shard, int(o)) for c in chunks for o in c.ordinals]
+
+    everything = sorted((u, i) for u, n in zip(parquet, SIZES, strict=True) for i in range(n))
+    loader = make(2)
+    it = iter(loader)
+    head = ids(next(it) for _ in range(7))
+    state = loader.state_dict()
+    del it
+    same = make(2)
+    same.load_state_dict(state)
+    assert sorted(head + ids(same)) == everything
+    merged = merge_states(SourceDataset.states_from_loader(state))
+    assert sorted(head + ids(make(1, merged))) == everything
