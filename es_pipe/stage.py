@@ -424,11 +424,6 @@ class EvolvedSampling(tn.BaseNode):
         """Restore inside a chunk: pull chunks again and skip the ``skip`` rows of them
         that earlier meta-batches used (the source yields the same rows from its state)."""
         self._drop_held()
-        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-            raise ConfigError(
-                f"the stage state's 'skip' is {skip!r}, not a count of rows: the checkpoint "
-                "is damaged; restore another one"
-            )
         if not skip:
             return
         self._columnar = True
@@ -536,6 +531,12 @@ def check_state(state: Any) -> Mapping[str, Any]:
             f"not a state of the EvolvedSampling stage (expected the entries {STATE_KEYS}, got "
             f"{str(shown)[:200]}); pass what loader.state_dict() (or the stage's "
             "state_dict()) returned"
+        )
+    skip = state.get("skip", 0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ConfigError(
+            f"the stage state's 'skip' is {skip!r}, not a count of rows: the checkpoint "
+            "is damaged; restore another one"
         )
     for flag in ("exhausted", "done"):
         if not isinstance(state[flag], bool):
