@@ -19,7 +19,7 @@ from es_pipe.errors import (
     StorageError,
 )
 from es_pipe.hf import from_hf
-from es_pipe.manifest import Manifests, manifests_dataset
+from es_pipe.manifests import Manifests, manifests_dataset
 from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler

@@ -29,7 +29,7 @@ import torch
 
 from es_pipe import pruning
 from es_pipe.errors import ConfigError, ManifestError
-from es_pipe.manifest import Manifests, fingerprint, fingerprints_match
+from es_pipe.manifests import Manifests, fingerprint, fingerprints_match
 from es_pipe.pruning import Decision, Pruning
 from es_pipe.scores import ScoreStore, ShardCodes
 

@@ -49,7 +49,8 @@ def merge_checkpoints(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     if not states:
         raise ConfigError("merge_checkpoints needs the checkpoints of all old ranks, got none")
-    return _merge(list(states), "state")
+    merged: dict[str, Any] = _merge(list(states), "state")
+    return merged
 
 
 def merge_scores(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

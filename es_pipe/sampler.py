@@ -27,7 +27,7 @@ from es_pipe.sources.shards import resolve_rank
 
 if TYPE_CHECKING:
     from es_pipe.boundary import EpochBoundary
-    from es_pipe.manifest import Manifests
+    from es_pipe.manifests import Manifests
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Sampler:
         total: float | None,
     ) -> EpochBoundary:
         from es_pipe.boundary import EpochBoundary
-        from es_pipe.manifest import Manifests
+        from es_pipe.manifests import Manifests
 
         if manifests is not None and not isinstance(manifests, Manifests):
             manifests = Manifests(manifests, rank=self.rank)
@@ -273,7 +273,7 @@ class Sampler:
         scores and pruning decisions mean (not the seed or the training length)."""
         from dataclasses import asdict, is_dataclass
 
-        from es_pipe.manifest import run_fingerprint
+        from es_pipe.manifests import run_fingerprint
 
         policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
         meaning = {

@@ -57,7 +57,7 @@ class ShardCodes:
         code = self.index.get(name)
         if code is None:
             return np.zeros(len(self.codes), dtype=bool)
-        return self.codes == code
+        return np.asarray(self.codes == code)
 
     @classmethod
     def concat(cls, parts: Sequence[ShardCodes]) -> ShardCodes:
@@ -74,7 +74,7 @@ class ShardCodes:
         return len(self.codes)
 
     def __getitem__(self, i: int) -> str:
-        return self.names[self.codes[i]]
+        return str(self.names[self.codes[i]])
 
 
 MAX_ORDINAL = 2**31  # per-shard ordinals: positions in a shard
@@ -145,7 +145,7 @@ class ScoreStore:
             ):
                 self._grow_block(sid, n)
             self._len[ids] = np.maximum(self._len[ids], rows)
-        return self._off[sids][codes] + ordinals
+        return np.asarray(self._off[sids][codes] + ordinals)
 
     def _ordinals_from_keys(self, shards: ShardCodes, keys: Sequence[str]) -> np.ndarray:
         tables = [self._keys.setdefault(name, {}) for name in shards.names]

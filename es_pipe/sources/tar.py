@@ -46,7 +46,7 @@ import struct
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from es_pipe.errors import ShardError
 
@@ -66,7 +66,7 @@ _REGULAR = frozenset(tarfile.REGULAR_TYPES) - {tarfile.GNUTYPE_SPARSE}
 _SUPPORTED = frozenset(tarfile.SUPPORTED_TYPES)
 _PAX = frozenset((tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE))
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
-_nti, _nts = tarfile.nti, tarfile.nts
+_nti, _nts = tarfile.nti, tarfile.nts  # type: ignore[attr-defined]  # public, not in typeshed
 
 
 class _Bad(Exception):
@@ -304,7 +304,7 @@ class _Members:
             )
         raise _EndError(at, what)
 
-    def _truncated(self, at: int) -> None:
+    def _truncated(self, at: int) -> NoReturn:
         raise ShardError(
             f"shard {self.url!r} is truncated or corrupt: the data of the member at byte "
             f"{at} ends early (unexpected end of data); re-create or re-download the shard"
@@ -403,7 +403,8 @@ def iter_tar_samples(
                 # 267 zero bytes (prefix, padding, link name): the byte sum is below
                 # adler32's modulus, so adler32 gives it exactly (1 + sum); tarfile sums
                 # the checksum field as 8 spaces.
-                if size >= 0 and known[0] == 256 + (adler(hdr) & 0xFFFF) - known[1]:
+                # known is None only where size < 0
+                if size >= 0 and known[0] == 256 + (adler(hdr) & 0xFFFF) - known[1]:  # type: ignore[index]
                     end = hdr.find(0, 0, 100)
                     name = hdr[: end if end >= 0 else 100].decode(decode, _ERR)
                     s.pos = pos + BLOCK
