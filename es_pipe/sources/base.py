@@ -40,7 +40,7 @@ __all__ = ["PrunedSpec", "ShardedSource", "SourceOptions", "merge_states"]
 log = logging.getLogger(__name__)
 
 
-class ShardedSource(BaseNode[dict]):
+class ShardedSource(BaseNode[dict[str, Any]]):
     """Base node: a list of shards read by one stream (rank x worker) per epoch.
 
     The node composes the parts of a source, one module each: the epoch plan
@@ -107,11 +107,11 @@ class ShardedSource(BaseNode[dict]):
         self._epoch = int(epoch)
         self._next_epoch: int | None = None
         self._started = self._consumed = False
-        self._pending_state: dict | None = None
+        self._pending_state: dict[str, Any] | None = None
         self._plan = EpochPlan.start(0, self.seed, self._epoch, False, (0, 1))
-        self._gen: Iterator[list[dict]] | None = None
+        self._gen: Iterator[list[dict[str, Any]]] | None = None
         # The delivery cursor, read per sample by next(): plain attributes, no indirection.
-        self._chunk: list[dict] = []
+        self._chunk: list[dict[str, Any]] = []
         self._chunk_pos = 0
         self._cur_count = 0  # delivered samples of the current shard (or padded ones)
         self._yielded = 0  # delivered samples of the epoch (from its start)
@@ -120,7 +120,7 @@ class ShardedSource(BaseNode[dict]):
     # ------------------------------------------------------------------ the reader interface
     def iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[list[dict]]:
+    ) -> Iterator[list[dict[str, Any]]]:
         """Chunks of one shard's samples (see :meth:`ShardReader.iter_shard
         <es_pipe.sources.reader.ShardReader.iter_shard>`): what a reader implements."""
         raise NotImplementedError
@@ -196,7 +196,7 @@ class ShardedSource(BaseNode[dict]):
         return plan.split_report(epoch, self._kept_sizes(epoch))
 
     # ------------------------------------------------------------------ BaseNode
-    def reset(self, initial_state: dict | None = None) -> None:
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         # Check first: a refused state (or worker arguments) leaves the node as it was,
         # its open shard included.
         stream = self._world.stream()
@@ -220,17 +220,17 @@ class ShardedSource(BaseNode[dict]):
         self._started = True
         self._consumed = False
 
-    def __next__(self) -> dict:
+    def __next__(self) -> dict[str, Any]:
         # Fast path: a chunk exists only after reset(), so BaseNode's lazy initialisation
         # is needed only when the chunk is used up.
         sample = self._from_chunk()
         return sample if sample is not None else super().__next__()
 
-    def next(self) -> dict:
+    def next(self) -> dict[str, Any]:
         sample = self._from_chunk()
         return sample if sample is not None else self._next_slow()
 
-    def _from_chunk(self) -> dict | None:
+    def _from_chunk(self) -> dict[str, Any] | None:
         """The next sample of the chunk the reader produced last, if any is left."""
         pos = self._chunk_pos
         if pos < len(self._chunk) and (self._limit is None or self._yielded < self._limit):
@@ -264,7 +264,7 @@ class ShardedSource(BaseNode[dict]):
         self._cur_count += n
         return block
 
-    def _next_slow(self) -> dict:
+    def _next_slow(self) -> dict[str, Any]:
         if self._pending_state is not None:
             self.reset(self._pending_state)
         self._consumed = True
@@ -310,7 +310,7 @@ class ShardedSource(BaseNode[dict]):
             padded=self._padded_now(),
         )
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # An open shard cannot travel to another process: send the position instead.
         d = self.__dict__.copy()
         if self._gen is not None:
@@ -351,7 +351,7 @@ class ShardedSource(BaseNode[dict]):
         self._stats.start_epoch(self._epoch, yielded, padded)
         self._limit = None
         if self.equalize is not None:
-            kept = self._kept_sizes()
+            kept = self._equalizer.needs_counts(self._kept_sizes())
             self._limit, self._stats.counts["dropped"] = self._equalizer.limit(
                 plan, kept, self._epoch
             )

@@ -51,15 +51,9 @@ class Equalizer:
         """Samples padded so far, given the node's count in the current shard."""
         return current_count if self.in_pad else self.padded
 
-    def limit(self, plan: EpochPlan, kept: list[int] | None, epoch: int) -> tuple[int, int]:
-        """``(limit, dropped)``: the number of samples this stream yields in the epoch
-        (counted from the epoch's start; after a re-split, from the restore), and the
-        surplus it leaves unread under ``"drop"``.
-
-        ``kept`` holds every shard's samples after pruning (None: some are unknown, a
-        :class:`ConfigError`). After a re-split the samples of started shards already
-        delivered (their cursors) are not in the limit.
-        """
+    def needs_counts(self, kept: list[int] | None) -> list[int]:
+        """``kept`` (every shard's samples after pruning), or a :class:`ConfigError`
+        naming how to count the shards when some count is unknown (None)."""
         if kept is None:
             raise ConfigError(
                 f"equalize={self.mode!r} needs the sample count of every shard: "
@@ -69,6 +63,16 @@ class Equalizer:
                 "es-pipe shard write one; or pass num_samples={url: count}, or use "
                 "equalize=None"
             )
+        return kept
+
+    def limit(self, plan: EpochPlan, kept: list[int], epoch: int) -> tuple[int, int]:
+        """``(limit, dropped)``: the number of samples this stream yields in the epoch
+        (counted from the epoch's start; after a re-split, from the restore), and the
+        surplus it leaves unread under ``"drop"``.
+
+        ``kept`` holds every shard's samples after pruning. After a re-split the samples
+        of started shards already delivered (their cursors) are not in the limit.
+        """
         s = plan.stream[0]
         skip = plan.cursors if plan.resplit else {}
         per = [sum(kept[i] - skip.get(int(i), 0) for i in share) for share in plan.shares()]

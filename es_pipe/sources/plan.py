@@ -256,7 +256,7 @@ def read_state(state: Any, shards: ShardList, stream: tuple[int, int]) -> Resume
     )
 
 
-def merge_states(states: Sequence[dict]) -> dict[str, Any]:
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge the states of all streams of one run into a topology-free state.
 
     Pass the result to ``reset()`` / ``load_state_dict()`` of every stream of the new

@@ -29,7 +29,7 @@ class ShardReader(Protocol):
 
     def iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[list[dict]]:
+    ) -> Iterator[list[dict[str, Any]]]:
         """Yield the samples of one shard in shard order, after the first ``start`` ones,
         as lists (chunks) of sample dicts: the node hands them out one by one without a
         generator round-trip per sample.

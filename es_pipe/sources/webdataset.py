@@ -120,7 +120,7 @@ class WebDatasetSource(ShardedSource):
         ``start`` kept (see :func:`es_pipe.sources.tar.iter_tar_samples`)."""
         with contextlib.ExitStack() as stack:
             try:
-                f: BinaryIO = stack.enter_context(self.ctx.open_file(url))  # type: ignore[arg-type]
+                f: BinaryIO = stack.enter_context(self.ctx.open_file(url))  # type: ignore[assignment]
             except FileNotFoundError as exc:
                 raise ShardError(
                     f"shard {url!r} does not exist; fix the shard list or restore the file"
