@@ -116,6 +116,7 @@ class EvolvedSampling(tn.BaseNode):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        self.sampler.start()  # the run's I/O (manifests claimed, resumed), once, here
         self._retire()
         self.repeats.clear()
         self._restored = initial_state is not None
@@ -308,10 +309,10 @@ class EvolvedSampling(tn.BaseNode):
         """Leave out samples the sampler prunes this epoch that the source did not skip
         (a source without the ``pruned=sampler.pruned`` hook); counted in
         ``pruned_by_stage``."""
-        boundary = self.sampler.boundary
-        if boundary is None or boundary.prune is None or who.ordinals is None:
+        eswp = self.sampler.eswp
+        if eswp is None or eswp.prune is None or who.ordinals is None:
             return samples, who
-        keep = boundary.drop_pruned(who.shards, who.ordinals)
+        keep = eswp.drop_pruned(who.shards, who.ordinals)
         if keep.all():
             return samples, who
         self.pruned_by_stage += int((~keep).sum())

@@ -39,7 +39,7 @@ import torchdata.nodes as tn
 from fsspec.implementations.local import LocalFileSystem
 
 import es_pipe
-from es_pipe.boundary import EpochBoundary
+from es_pipe.eswp import ESWP
 from es_pipe.manifest import COMMITS, Manifests
 from es_pipe.sampler import Sampler
 from es_pipe.shard_writer import write_shards
@@ -141,7 +141,7 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "ckpt.replace": (_THIS, "replace_file"),
     # committing
     "sampler.end_epoch": (Sampler, "end_epoch"),
-    "boundary.close_epoch": (EpochBoundary, "close_epoch"),
+    "boundary.close_epoch": (ESWP, "close_epoch"),
     "manifests.write_shard": (Manifests, "write_shard"),
     "manifests._put": (Manifests, "_put"),
     "manifests.finish": (Manifests, "finish"),

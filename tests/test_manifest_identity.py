@@ -59,7 +59,7 @@ def test_commits_record_the_run_identity_and_the_same_run_resumes(tmp_path):
     assert run["run_id"] == "exp-1" and len(run["fingerprint"]) == 16
     assert run["shards"]["count"] == len(urls)
     again = _train(urls, root, epochs=1, run_id="exp-1")
-    assert again.boundary.stats["restored"] == len(urls)
+    assert again.eswp.stats["restored"] == len(urls)
     assert Manifests(root).committed() == [0, 1, 2]
     assert again.step > first.step
 
@@ -115,7 +115,7 @@ def test_moved_data_is_refused_then_relocated(tmp_path):
     relocate = {str(tmp_path / "data") + "/": str(moved) + "/"}
     manifests = es_pipe.Manifests(root, relocate=relocate)
     again = _train(new_urls, manifests, epochs=1)
-    assert again.boundary.stats["restored"] == len(urls)
+    assert again.eswp.stats["restored"] == len(urls)
     for old, new in zip(urls, new_urls):
         assert np.array_equal(
             Manifests(root).read_shard(old, 1).columns["visits"],
