@@ -125,6 +125,11 @@ class Sampler:
 
     Scores change here (forward scoring, ``observe``) and, at restores from manifests, in
     the ESWP part. The checkpoint state is in :class:`~es_pipe.sampler_state.SamplerState`.
+
+    Why over 250 lines: besides the selection (``select``, ``observe``, ``end_epoch``:
+    about 120 lines) it is the public face users call, so it keeps one-line delegates to
+    :class:`~es_pipe.sampler_state.SamplerState` (the checkpoint), the lazy run start and
+    the deprecated names of one release (``boundary``, the ESWP keywords).
     """
 
     def __init__(
@@ -147,25 +152,7 @@ class Sampler:
         world_size: int | None = None,
         **deprecated: Any,
     ) -> None:
-        for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
-            if not is_int(value, at_least=1):
-                raise ConfigError(f"{label}={value!r} must be a positive int")
-        if batch_size > meta_batch_size:
-            raise ConfigError(
-                f"batch_size={batch_size} > meta_batch_size={meta_batch_size}: the stage "
-                "selects b of B buffered samples; raise meta_batch_size or lower batch_size"
-            )
-        if init not in ("loss", "mean"):
-            raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
-        if scoring not in ("forward", "history"):
-            raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
-        if not is_int(seed, at_least=0):
-            raise ConfigError(f"seed={seed!r} must be a non-negative int")
-        if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
-            raise ConfigError(
-                f"policy={policy!r} is not a selection policy: use es_pipe.Evolved(beta1, "
-                "beta2), Uniform(), RandomSubset(), LossProportional() or SelectiveBackprop()"
-            )
+        check_arguments(policy, meta_batch_size, batch_size, init, scoring, seed)
         for label, flag in (("replacement", replacement), ("reweight", reweight)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise ConfigError(f"{label}={flag!r} must be True or False")
@@ -422,21 +409,17 @@ class Sampler:
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> dict[str, Any]:
-        """Position and RNG state: small and JSON-friendly; it rides in the loader's state.
-        Its other half is ``state_dict()`` (the scores), saved at the same step: each
-        names its step, and restoring one without the other, or halves of two steps,
-        raises ``ConfigError``."""
+        """Position and RNG state, small and JSON-friendly, in the loader's state; one
+        checkpoint with ``state_dict()`` (see :mod:`es_pipe.sampler_state`)."""
         return self._checkpoint.get_state()
 
     def check_state(self, state: Any) -> None:
-        """Raise ``ConfigError`` unless ``state`` is a position ``load_state`` accepts
-        (also one without ``version``, as es_pipe wrote them before it had one)."""
+        """Raise ``ConfigError`` unless ``load_state`` accepts ``state``."""
         self._checkpoint.check_state(state)
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore ``get_state()``'s position: this rank's own, or, on another number of
-        ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``.
-        A damaged state raises ``ConfigError`` and changes nothing."""
+        """Restore ``get_state()``'s position (or ``es_pipe.merge_checkpoints``'s); a
+        damaged state raises ``ConfigError`` and changes nothing."""
         self._checkpoint.load_state(state)
 
     def state_dict(self) -> dict[str, Any]:
@@ -448,9 +431,8 @@ class Sampler:
         return self._checkpoint.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s score table (also one without ``version``, as es_pipe
-        wrote them before it had one). A damaged table (NaN scores, negative visits,
-        columns of different lengths, ...) raises ``ConfigError`` and changes nothing."""
+        """Restore ``state_dict()``'s score table; a damaged table (NaN scores, negative
+        visits, ...) raises ``ConfigError`` and changes nothing."""
         self._checkpoint.load_state_dict(state)
 
 
@@ -526,6 +508,31 @@ IDENTITY_FIELDS = (
     "init",
     "prune",
 )
+
+
+def check_arguments(
+    policy: Any, meta_batch_size: Any, batch_size: Any, init: Any, scoring: Any, seed: Any
+) -> None:
+    """``ConfigError`` naming the first of a sampler's arguments that is not valid."""
+    for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
+        if not is_int(value, at_least=1):
+            raise ConfigError(f"{label}={value!r} must be a positive int")
+    if batch_size > meta_batch_size:
+        raise ConfigError(
+            f"batch_size={batch_size} > meta_batch_size={meta_batch_size}: the stage "
+            "selects b of B buffered samples; raise meta_batch_size or lower batch_size"
+        )
+    if init not in ("loss", "mean"):
+        raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
+    if scoring not in ("forward", "history"):
+        raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
+    if not is_int(seed, at_least=0):
+        raise ConfigError(f"seed={seed!r} must be a non-negative int")
+    if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
+        raise ConfigError(
+            f"policy={policy!r} is not a selection policy: use es_pipe.Evolved(beta1, "
+            "beta2), Uniform(), RandomSubset(), LossProportional() or SelectiveBackprop()"
+        )
 
 
 def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
