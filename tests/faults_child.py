@@ -259,8 +259,7 @@ def train(data: str, run: str, config: str, attempt: int) -> None:
         total_epochs=EPOCHS,
         seed=SEED,
         scoring=scoring,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=f"{run}/manifests",
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=f"{run}/manifests"),
         rank=0,
         world_size=1,
     )
