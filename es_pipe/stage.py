@@ -71,6 +71,13 @@ class EvolvedSampling(tn.BaseNode):
     counted in ``repeats`` and warned at the epoch's end. Samples repeated on purpose by
     ``equalize="pad"`` are exempt.
 
+    Where the work happens: the first ``reset()`` (the first ``iter(loader)``) starts the
+    sampler's run (``sampler.start()``: with ESWP manifests, the folder is claimed and a
+    resume finds its epoch; nothing is read or written before). The epoch's end
+    (``sampler.end_epoch()``: ESWP's decisions, manifest writes, the commit and the wait
+    for the other ranks, up to ``commit_timeout``) runs in the epoch's last ``next()``, the
+    one that ends ``for meta in loader``; ``sampler.last_commit`` has its figures.
+
     State (``state_dict``/``reset``): the source's state, the sampler's position and RNG
     (seed, step) and the epoch flags. A meta-batch emitted but not yet answered is not
     consumed: a checkpoint taken before ``select`` restores to emit it again. The score
