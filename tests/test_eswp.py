@@ -168,3 +168,16 @@ def test_misuse_of_eswp_is_refused():
         es_pipe.EvolvedSampler(8, 4, eswp=es_pipe.Pruning())
     with pytest.raises(TypeError, match="prunes"):
         es_pipe.EvolvedSampler(8, 4, prunes=es_pipe.Pruning())
+
+
+def test_the_old_module_names_still_import():
+    import importlib
+    import sys
+
+    sys.modules.pop("es_pipe.boundary", None)
+    with pytest.warns(DeprecationWarning, match="es_pipe.boundary is deprecated"):
+        boundary = importlib.import_module("es_pipe.boundary")
+    assert boundary.EpochBoundary is es_pipe.ESWP
+    from es_pipe.pruning import Pruning
+
+    assert Pruning is es_pipe.Pruning
