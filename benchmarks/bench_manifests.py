@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.scores import ScoreStore
 
 
@@ -182,8 +182,10 @@ def _write_epochs(root: str, epochs: int, rows: int, shards: int) -> None:
 
 def _peak_rss_mib(root: str, pythonpath: str) -> float:
     """Peak RSS (MiB) of ``es-pipe inspect ROOT --epoch 0`` in a fresh subprocess."""
-    code = (
-        "import sys, es_pipe; from es_pipe.cli import main; "
+    code = (  # a baseline checkout from before es_pipe.tools has es_pipe.cli
+        "import sys, es_pipe\n"
+        "try:\n    from es_pipe.tools.cli import main\n"
+        "except ImportError:\n    from es_pipe.cli import main\n"
         "print(es_pipe.__file__, file=sys.stderr); sys.exit(main(sys.argv[1:]))"
     )
     cmd = [sys.executable, "-c", code, "inspect", root, "--epoch", "0", "--no-progress"]

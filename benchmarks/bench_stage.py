@@ -9,6 +9,17 @@ Two levels, for B in {256, 4096, 65536} (b = B/2):
 
 Run:  python benchmarks/bench_stage.py [--sizes 256,4096,65536] [--threads 1] [--out DIR]
 The goal in issue 5: >= 5 million samples/s at B = 4096 on one core.
+
+``--parquet`` (issue 14) instead measures Parquet shards (written by pyarrow) -> stage at
+B = 4096 (b = 2048), three ways interleaved in one process, each a full pass over the
+data, median of ``--reps`` (7):
+
+- ``dict``: ``ParquetSource`` (one dict per row) -> ``EvolvedSampling`` -> ``select``;
+- ``columnar``: ``ParquetSource(columnar=True)`` -> ``EvolvedSampling`` -> ``select``;
+- ``prototype``: ``ParquetFile.iter_batches(4096)`` -> ``torch.from_numpy`` per column ->
+  the same ``Sampler.select`` -> one ``index_select`` per column (the limit).
+
+Run:  python benchmarks/bench_stage.py --parquet [--rows 262144] [--reps 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -70,6 +81,99 @@ def bench_stage(B: int, shards: int, repeats: int) -> float:
     return count / (time.perf_counter() - t)
 
 
+def write_parquet(folder: Path, rows: int, shards: int) -> list[str]:
+    """``shards`` Parquet files written by pyarrow: a float, an int label and 32 int32 token
+    ids per row (row groups of 16384 rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    per = rows // shards
+    urls = []
+    for s in range(shards):
+        tokens = rng.integers(0, 50000, (per, 32), dtype=np.int32)
+        table = pa.table(
+            {
+                "x": rng.random(per, dtype=np.float32),
+                "label": rng.integers(0, 10, per),
+                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), 32),
+            }
+        )
+        path = folder / f"part-{s:03d}.parquet"
+        pq.write_table(table, path, row_group_size=16384)
+        urls.append(str(path))
+    return urls
+
+
+def parquet_stage(urls: list[str], columnar: bool, B: int) -> float:
+    """Seconds for one epoch of ``ParquetSource`` -> ``EvolvedSampling`` -> ``select``."""
+    from es_pipe.sources import ParquetSource
+
+    sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+    source = ParquetSource(urls, columnar=columnar)
+    t = time.perf_counter()
+    for meta in es_pipe.stage.tn.Loader(es_pipe.EvolvedSampling(source, sampler)):
+        sub = meta.select(meta.data["x"])
+        assert len(sub.data["tokens"]) == len(sub)
+    return time.perf_counter() - t
+
+
+def parquet_prototype(urls: list[str], B: int) -> float:
+    """Seconds for one epoch of the columnar limit: ``iter_batches(B)`` -> tensors -> the
+    same ``Sampler.select`` -> ``index_select`` per column."""
+    import pyarrow.parquet as pq
+
+    from es_pipe.scores import ShardCodes
+
+    sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+    t = time.perf_counter()
+    for url in urls:
+        start = 0
+        for batch in pq.ParquetFile(url).iter_batches(batch_size=B):
+            n = batch.num_rows
+            data = {
+                "x": torch.from_numpy(batch.column("x").to_numpy()),
+                "label": torch.from_numpy(batch.column("label").to_numpy()),
+                "tokens": torch.from_numpy(
+                    batch.column("tokens").flatten().to_numpy().reshape(n, 32)
+                ),
+            }
+            ordinals = np.arange(start, start + n, dtype=np.int64)
+            start += n
+            who = Identity(ShardCodes([url], np.zeros(n, np.int64)), range(n), ordinals)
+            chosen = sampler.select(who, data["x"], n)
+            sub = {k: v.index_select(0, chosen.indices) for k, v in data.items()}
+            assert len(sub["tokens"]) == len(chosen.indices)
+    return time.perf_counter() - t
+
+
+def main_parquet(args: argparse.Namespace) -> None:
+    import tempfile
+
+    B = 4096
+    with tempfile.TemporaryDirectory() as folder:
+        urls = write_parquet(Path(folder), args.rows, args.shards)
+        rows = (args.rows // args.shards) * args.shards
+        times: dict[str, list[float]] = {"dict": [], "columnar": [], "prototype": []}
+        for rep in range(args.reps + 1):  # the first round warms the page cache
+            got = {
+                "dict": parquet_stage(urls, False, B),
+                "columnar": parquet_stage(urls, True, B),
+                "prototype": parquet_prototype(urls, B),
+            }
+            if rep:
+                for name, seconds in got.items():
+                    times[name].append(seconds)
+        rate = {name: rows / statistics.median(t) for name, t in times.items()}
+    print(
+        f"Parquet -> stage, B={B}, b={B // 2}, {rows} rows in {args.shards} shards, "
+        f"median of {args.reps}, {torch.get_num_threads()} torch thread(s):"
+    )
+    for name, r in rate.items():
+        print(f"  {name:10s} {r / 1e3:8.1f}k samples/s  ({r / rate['prototype']:.2f}x prototype)")
+    print(f"  columnar / dict: {rate['columnar'] / rate['dict']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256,4096,65536")
@@ -77,8 +181,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write stage.csv and stage.md here")
+    parser.add_argument("--parquet", action="store_true", help="Parquet -> stage, 3 ways")
+    parser.add_argument("--rows", type=int, default=262144, help="--parquet: rows in all")
+    parser.add_argument("--reps", type=int, default=7, help="--parquet: repetitions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.parquet:
+        main_parquet(args)
+        return
     rows = []
     for B in (int(s) for s in args.sizes.split(",")):
         repeats = max(5, min(args.repeats, 2_000_000 // B))

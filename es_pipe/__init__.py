@@ -20,7 +20,7 @@ from es_pipe.errors import (
 )
 from es_pipe.eswp import ESWP, EpochCommit, InfoBatch, Pruning
 from es_pipe.hf import from_hf
-from es_pipe.manifest import Manifests, manifests_dataset
+from es_pipe.manifests import Manifests, manifests_dataset
 from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler
 from es_pipe.sampling import (

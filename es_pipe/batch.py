@@ -7,8 +7,9 @@ exactly once, while it is the stage's current one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,14 @@ from torch import Tensor
 
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.sampler import Identity, Sampler, Selection
+
+
+def take_list(values: Sequence[Any], positions: np.ndarray) -> list[Any]:
+    """``[values[i] for i in positions]`` in one C-level ``itemgetter`` call."""
+    picked = positions.tolist()
+    if len(picked) == 1:
+        return [values[picked[0]]]
+    return list(itemgetter(*picked)(values)) if picked else []
 
 
 def take(data: Any, indices: Tensor) -> Any:
@@ -30,7 +39,7 @@ def take(data: Any, indices: Tensor) -> Any:
     if isinstance(data, tuple):
         return tuple(take(value, indices) for value in data)
     if isinstance(data, list):
-        return [data[i] for i in positions]
+        return take_list(data, positions)
     raise TypeError(
         f"cannot select rows of a {type(data).__name__}; collate to tensors, "
         "arrays, lists, tuples or dicts of them"

@@ -1,5 +1,7 @@
 """The errors es_pipe raises. Every message names what was wrong and how to fix it."""
 
+from typing import Any
+
 
 class EsPipeError(Exception):
     """Base class of every error es_pipe raises on purpose."""
@@ -33,7 +35,9 @@ class StorageError(EsPipeError):
         super().__init__(message)
         self.kind = kind
 
-    def __reduce__(self):  # picklable across DataLoader workers with its kind
+    def __reduce__(
+        self,
+    ) -> tuple[Any, tuple[str, str]]:  # picklable across DataLoader workers with its kind
         return (_storage_error, (str(self), self.kind))
 
 

@@ -19,16 +19,23 @@ is reading the identity fields out of the sample dicts, which the stage must do 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from es_pipe.batch import take_list
+from es_pipe.columns import RowKeys
 from es_pipe.errors import ConfigError
 from es_pipe.sampler import Identity
+from es_pipe.scores import ShardCodes
+
+if TYPE_CHECKING:
+    from es_pipe.columns import ColumnChunk
 
 _MAX_ORDINAL = 2**31
 _NO_KEY = (
@@ -72,7 +79,8 @@ def identify(samples: list[Any]) -> Identity:
         ordinals = [sample.get("__index__") for sample in samples]
     except (KeyError, TypeError, IndexError, AttributeError):
         raise ConfigError(_NO_KEY) from None
-    if None in keys or not all(isinstance(shard, str) for shard in shards):
+    codes = _shard_codes(shards)
+    if None in keys or codes is None:
         for sample in samples:
             _refuse_batched(sample)
         raise ConfigError(
@@ -83,7 +91,7 @@ def identify(samples: list[Any]) -> Identity:
     if None in ordinals:
         if samples:
             _refuse_batched(samples[0])
-        return Identity.of(shards, keys, None)
+        return ArrayIdentity(codes, keys, None)
     try:
         array = np.asarray(ordinals)
     except ValueError:  # ragged sequences
@@ -99,7 +107,23 @@ def identify(samples: list[Any]) -> Identity:
             "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
             f"got {ordinals[:3]}"
         )
-    return Identity.of(shards, keys, array)
+    return ArrayIdentity(codes, keys, array.astype(np.int64, copy=False))
+
+
+def _shard_codes(shards: list[Any]) -> ShardCodes | None:
+    """The shard names encoded in one Arrow pass (names in order of first appearance, as
+    ``ShardCodes.encode``); ``None`` when one is not a str."""
+    if not shards:
+        return ShardCodes([], np.zeros(0, np.int64))
+    try:
+        array = pa.array(shards)
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    if array.type != pa.string() or array.null_count:
+        return None
+    encoded = array.dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return ShardCodes(encoded.dictionary.to_pylist(), codes)
 
 
 def key_codes(keys: Sequence[Any]) -> np.ndarray:
@@ -230,3 +254,70 @@ class EpochRepeats:
             "of every sample ('__shard__', or webdataset's '__url__') and give keys unique "
             "within their shard (README: 'Sample identity')"
         )
+
+
+class ArrayIdentity(Identity):
+    """An :class:`Identity` whose keys are an object array of str (the columnar path):
+    ``take`` and ``concat`` are array operations, with no per-sample Python."""
+
+    def take(self, picked: np.ndarray) -> Identity:
+        ordinals = None if self.ordinals is None else self.ordinals[picked]
+        keys = self.keys
+        chosen = (
+            keys[picked] if isinstance(keys, (np.ndarray, RowKeys)) else take_list(keys, picked)
+        )
+        return ArrayIdentity(self.shards.take(picked), chosen, ordinals)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Identity]) -> Identity:
+        if len(parts) == 1:
+            return parts[0]
+        ordinals = [part.ordinals for part in parts if part.ordinals is not None]
+        keys: list[Any] = []
+        for part in parts:
+            keys += list(part.keys)
+        return cls(
+            ShardCodes.concat([part.shards for part in parts]),
+            keys,
+            np.concatenate(ordinals) if len(ordinals) == len(parts) else None,
+        )
+
+    @classmethod
+    def of_chunks(cls, chunks: Sequence[ColumnChunk]) -> ArrayIdentity:
+        """The identity of the rows of ``chunks``, in order: one shard code per chunk
+        (repeated over its rows), the ordinals and the keys concatenated."""
+        index: dict[str, int] = {}
+        codes = np.fromiter(
+            (index.setdefault(chunk.shard, len(index)) for chunk in chunks), np.int64, len(chunks)
+        )
+        sizes = np.fromiter((len(chunk) for chunk in chunks), np.int64, len(chunks))
+        ordinals = (
+            np.concatenate([chunk.ordinals for chunk in chunks]).astype(np.int64, copy=False)
+            if chunks
+            else np.zeros(0, np.int64)
+        )
+        keys: Sequence[str]
+        if chunks and all(chunk.keys is None for chunk in chunks):
+            keys = RowKeys(ordinals)  # row numbers: made only where read
+        else:
+            keys = np.concatenate([chunk.key_array() for chunk in chunks] or [np.zeros(0, object)])
+        return cls(ShardCodes(list(index), np.repeat(codes, sizes)), keys, ordinals)
+
+    @staticmethod
+    def unique_by_ranges(chunks: Sequence[ColumnChunk]) -> bool:
+        """True where the chunks' rows are shown unique without a sort: each chunk's
+        ordinals strictly increase (rows read in order), and chunks of one shard cover
+        ranges of ordinals that do not overlap. False means: not shown, check the full way
+        (:func:`check_unique`); shuffled rows always take it."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for chunk in chunks:
+            o = chunk.ordinals
+            if len(o) > 1 and not (o[1:] > o[:-1]).all():
+                return False
+            if len(o):
+                spans.setdefault(chunk.shard, []).append((int(o[0]), int(o[-1])))
+        for ranges in spans.values():
+            ranges.sort()
+            if any(a[1] >= b[0] for a, b in itertools.pairwise(ranges)):
+                return False
+        return True

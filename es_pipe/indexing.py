@@ -222,7 +222,7 @@ def index_shards(
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r} must be an int >= 1")
     opts = storage.check_options(storage_options)
-    listed = ShardList.from_spec(shards, storage_options=opts)
+    listed = ShardList.from_spec(shards, storage_options=opts, retry=retry)
     fmts = [format or format_of(u) for u in listed.urls]  # every name checked before reading
     bar = None
     if progress:

@@ -29,7 +29,7 @@ from torch.utils.data import get_worker_info
 
 if TYPE_CHECKING:
     from es_pipe.eswp import ESWP
-    from es_pipe.manifest import Manifests
+    from es_pipe.manifests import Manifests
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class WorkerView:
     @property
     def manifests(self) -> Manifests | None:
         if self._manifests is None and self._spec is not None:
-            from es_pipe.manifest import Manifests
+            from es_pipe.manifests import Manifests
 
             self._manifests = Manifests(self._spec["url"], **self._spec["options"])
         return self._manifests

@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from es_pipe.errors import ConfigError, EsPipeError, ShardError
 
@@ -276,7 +276,7 @@ class RetryingFile:
         except Exception as exc:
             data = self._call("read", lambda: self._f.read(n), failed=exc)
         self._pos += len(data)
-        return data
+        return cast(bytes, data)
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(memoryview(buffer)))

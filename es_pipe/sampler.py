@@ -265,7 +265,7 @@ class Sampler:
         """This run's identity, recorded in every commit and checked when resuming: the
         user's ``run_id`` and a fingerprint of the hyper-parameters that change what the
         scores and pruning decisions mean (not the seed or the training length)."""
-        from es_pipe.manifest import run_fingerprint
+        from es_pipe.manifests import run_fingerprint
 
         hyper = self.hyper()
         meaning = {key: hyper[key] for key in IDENTITY_FIELDS}

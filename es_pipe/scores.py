@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 from typing import Any
 
@@ -45,11 +46,18 @@ class ShardCodes:
     def take(self, picked: np.ndarray) -> ShardCodes:
         return ShardCodes(self.names, self.codes[picked])
 
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """``name -> code``, built on first use (``list.index`` per name would make a loop
+        over a meta-batch's shards quadratic in their number)."""
+        return {name: code for code, name in enumerate(self.names)}
+
     def mask(self, name: str) -> np.ndarray:
         """Which samples belong to shard ``name``."""
-        if name not in self.names:
+        code = self.index.get(name)
+        if code is None:
             return np.zeros(len(self.codes), dtype=bool)
-        return self.codes == self.names.index(name)
+        return np.asarray(self.codes == code)
 
     @classmethod
     def concat(cls, parts: Sequence[ShardCodes]) -> ShardCodes:
@@ -66,7 +74,7 @@ class ShardCodes:
         return len(self.codes)
 
     def __getitem__(self, i: int) -> str:
-        return self.names[self.codes[i]]
+        return str(self.names[self.codes[i]])
 
 
 MAX_ORDINAL = 2**31  # per-shard ordinals: positions in a shard
@@ -137,7 +145,7 @@ class ScoreStore:
             ):
                 self._grow_block(sid, n)
             self._len[ids] = np.maximum(self._len[ids], rows)
-        return self._off[sids][codes] + ordinals
+        return np.asarray(self._off[sids][codes] + ordinals)
 
     def _ordinals_from_keys(self, shards: ShardCodes, keys: Sequence[str]) -> np.ndarray:
         tables = [self._keys.setdefault(name, {}) for name in shards.names]

@@ -12,13 +12,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 import torchdata.nodes as tn
 from torch.utils.data import default_collate as torch_collate
 
-from es_pipe.batch import MetaBatch, SubBatch, check_rows
+from es_pipe.batch import MetaBatch, SubBatch, check_rows, take_list
+from es_pipe.columns import ColumnChunk, collate_columns
 from es_pipe.errors import ConfigError, FeedbackError
-from es_pipe.identity import EpochRepeats, check_unique, identify
+from es_pipe.identity import ArrayIdentity, EpochRepeats, check_unique, identify
 from es_pipe.sampler import Identity, Sampler
+from es_pipe.scores import ShardCodes
 from es_pipe.sources.base import ShardedSource
 
 LossFn = Callable[[Any], Any]
@@ -31,6 +34,25 @@ def default_collate(samples: list[Any]) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch_collate(samples)
+
+
+def collate_dicts(samples: list[Any], who: Identity) -> Any:
+    """``default_collate(samples)``, with ``__key__`` and ``__index__`` taken from the
+    identity the stage has already read rather than collated again: the same values and
+    types (a list of str, an int64 tensor) where the first sample's are a ``str`` and an
+    ``int``; every other field (and other types) as ``default_collate`` batches them."""
+    first = samples[0] if samples else None
+    if type(first) is not dict:
+        return default_collate(samples)
+    out: dict[str, Any] = {}
+    for name, value in first.items():
+        if name == "__key__" and type(value) is str:
+            out[name] = list(who.keys)
+        elif name == "__index__" and type(value) is int and who.ordinals is not None:
+            out[name] = torch.from_numpy(np.array(who.ordinals, dtype=np.int64))
+        else:
+            out[name] = default_collate([sample[name] for sample in samples])
+    return out
 
 
 class EvolvedSampling(tn.BaseNode):
@@ -120,12 +142,21 @@ class EvolvedSampling(tn.BaseNode):
         self._sharded = find_source(self.source)
         # equalize="pad" repeats samples on purpose
         self._pads = self._sharded is not None and self._sharded.equalize == "pad"
+        # the columnar path (sources with columnar=True yield ColumnChunk items): the chunk
+        # being cut into meta-batches, the rows of it already used, and the source's state
+        # just before it was pulled (a checkpoint is that state plus the rows to skip)
+        self._columnar = False
+        self._held: ColumnChunk | None = None
+        self._held_at = 0
+        self._held_state: Any = None
+        self._before: Any = None  # the source's state before the next pull, where known
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self.sampler.start()  # the run's I/O (manifests claimed, resumed), once, here
         self._retire()
         self.repeats.clear()
+        self._drop_held()
         self._restored = initial_state is not None
         if initial_state is None:
             self._start_epoch()
@@ -139,6 +170,7 @@ class EvolvedSampling(tn.BaseNode):
                 for found in source_states(state["source"]):
                     self._refuse_epoch(found.get("epoch"), expected, restored=True)
             self.source.reset(state["source"])
+            self._skip_rows(state["source"], state.get("skip", 0))
             self.sampler.load_state(state["sampler"])
             self._exhausted = state["exhausted"]
             self._done = state["done"]
@@ -157,6 +189,7 @@ class EvolvedSampling(tn.BaseNode):
         if self._clock is not None:  # one epoch clock: the sampler's
             self._clock.set_epoch(self.sampler.epoch)
         self.source.reset(None)
+        self._drop_held()
         self.repeats.clear()
         self._pruned_before = self.pruned_by_stage
         self._exhausted = self._done = False
@@ -196,35 +229,55 @@ class EvolvedSampling(tn.BaseNode):
         if self._exhausted:
             self._end_epoch()
         position = self._snapshot()
+        self._before = position["source"] if self._held is None else None
         samples: list[Any] = []
         parts: list[Identity] = []
-        while len(samples) < self.sampler.meta_batch_size and not self._exhausted:
+        while (
+            len(samples) < self.sampler.meta_batch_size
+            and not self._exhausted
+            and not self._columnar
+        ):
             fresh = self._pull(self.sampler.meta_batch_size - len(samples))
             if fresh:
                 fresh, part = self._unpruned(fresh, identify(fresh))
                 samples += fresh
                 parts.append(part)
-        who = Identity.concat(parts) if parts else None
-        if who is not None and not self._pads:  # before any score changes
+        pieces: list[ColumnChunk] = []
+        shown_unique = False
+        if self._columnar:
+            pieces = self._pull_columns(self.sampler.meta_batch_size)
+            parts = [ArrayIdentity.of_chunks(pieces)] if pieces else []
+            shown_unique = ArrayIdentity.unique_by_ranges(pieces)
+        rows = sum(len(piece) for piece in pieces) if self._columnar else len(samples)
+        who = ArrayIdentity.concat(parts) if parts else None
+        if who is not None and not self._pads and not shown_unique:  # before scores change
             check_unique(who)
-        if not samples:
+        if not rows:
             if self._restored:  # restored where the epoch ended exactly: as in reset()
                 self._next_epoch()
                 return self.next()
             self._end_epoch()
         try:
-            data = self.collate_fn(samples)
+            if self._columnar and self.collate_fn is default_collate:
+                data = collate_columns(pieces)
+            else:
+                if self._columnar:  # a custom collate_fn takes sample dicts
+                    samples = [sample for piece in pieces for sample in piece.to_dicts()]
+                if self.collate_fn is default_collate and who is not None:
+                    data = collate_dicts(samples, who)
+                else:
+                    data = self.collate_fn(samples)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(
-                f"collate_fn could not batch the {len(samples)} samples of this meta-batch "
+                f"collate_fn could not batch the {rows} samples of this meta-batch "
                 f"({type(exc).__name__}: {exc}); give every sample the same fields, of equal "
                 "shapes and collatable types (tensors, arrays, numbers, str), or pass a "
                 "collate_fn that handles them"
             ) from exc
-        check_rows(data, len(samples))  # before any score changes, not in select()
+        check_rows(data, rows)  # before any score changes, not in select()
         if who is not None and not self._pads:
             self.repeats.add(who)
-        meta = MetaBatch(data, Identity.concat(parts), self.sampler)
+        meta = MetaBatch(data, who, self.sampler)
         self._restored = False
         self._current, self._position = meta, position
         if self.loss_fn is None:
@@ -294,6 +347,14 @@ class EvolvedSampling(tn.BaseNode):
         )
 
     def _snapshot(self) -> dict[str, Any]:
+        if self._held is not None:  # inside a chunk: the state before it, rows to skip
+            return {
+                "source": self._held_state,
+                "sampler": self.sampler.get_state(),
+                "exhausted": self._exhausted,
+                "done": self._done,
+                "skip": self._held_at,
+            }
         return {
             "source": self.source.state_dict(),
             "sampler": self.sampler.get_state(),
@@ -302,15 +363,104 @@ class EvolvedSampling(tn.BaseNode):
         }
 
     def _pull(self, n: int) -> list[Any]:
-        """Up to ``n`` samples from the source; fewer when it runs out."""
+        """Up to ``n`` samples from the source; fewer when it runs out. A column chunk
+        as the first item switches the stage to the columnar path (it is held)."""
         pulled = []
         for _ in range(n):
             try:
-                pulled.append(next(self.source))
+                item = next(self.source)
             except StopIteration:
                 self._exhausted = True
                 break
+            if isinstance(item, ColumnChunk):
+                if pulled or self._before is None:
+                    raise ConfigError(_MIXED)
+                self._columnar = True
+                self._hold(item, 0, self._before)
+                break
+            pulled.append(item)
+        self._before = None
         return pulled
+
+    def _hold(self, chunk: ColumnChunk, at: int, before: Any) -> None:
+        self._held, self._held_at, self._held_state = chunk, at, before
+
+    def _drop_held(self) -> None:
+        self._held, self._held_at, self._held_state, self._before = None, 0, None, None
+        self._columnar = False
+
+    def _next_chunk(self) -> ColumnChunk | None:
+        """Pull the next non-empty chunk and hold it (with the source's state before it);
+        ``None`` when the source runs out."""
+        while True:
+            before = self._before if self._before is not None else self.source.state_dict()
+            self._before = None
+            try:
+                item = next(self.source)
+            except StopIteration:
+                self._exhausted = True
+                return None
+            if not isinstance(item, ColumnChunk):
+                raise ConfigError(_MIXED)
+            if len(item):
+                self._hold(item, 0, before)
+                return item
+
+    def _pull_columns(self, n: int) -> list[ColumnChunk]:
+        """Up to ``n`` unpruned rows, as slices of the source's chunks (no copy); the
+        rest of the last chunk is held for the next meta-batch."""
+        pieces: list[ColumnChunk] = []
+        count = 0
+        while count < n:
+            held = self._held if self._held is not None else self._next_chunk()
+            if held is None:
+                break
+            at = self._held_at
+            stop = min(len(held), at + n - count)
+            piece = held if at == 0 and stop == len(held) else held.slice(at, stop)
+            if stop == len(held):
+                self._held, self._held_at, self._held_state = None, 0, None
+            else:
+                self._held_at = stop
+            piece = self._unpruned_chunk(piece)
+            if len(piece):
+                pieces.append(piece)
+                count += len(piece)
+        return pieces
+
+    def _skip_rows(self, before: Any, skip: Any) -> None:
+        """Restore inside a chunk: pull chunks again and skip the ``skip`` rows of them
+        that earlier meta-batches used (the source yields the same rows from its state)."""
+        self._drop_held()
+        if not skip:
+            return
+        self._columnar = True
+        self._before = before
+        while skip:
+            chunk = self._next_chunk()
+            if chunk is None:
+                raise ConfigError(
+                    f"the checkpoint says {skip} more rows of a chunk were used, but the "
+                    "source has no more: the loader state does not belong to these shards; "
+                    "restore the loader.state_dict() saved with this sampler state"
+                )
+            if len(chunk) > skip:
+                self._held_at = skip
+                return
+            skip -= len(chunk)
+            self._held, self._held_state = None, None
+
+    def _unpruned_chunk(self, piece: ColumnChunk) -> ColumnChunk:
+        """The columnar twin of :meth:`_unpruned`: one mask over the chunk's ordinals."""
+        eswp = self.sampler.eswp
+        if eswp is None or eswp.prune is None:
+            return piece
+        codes = ShardCodes([piece.shard], np.zeros(len(piece), np.int64))
+        keep = eswp.drop_pruned(codes, piece.ordinals)
+        if keep.all():
+            return piece
+        self.pruned_by_stage += int((~keep).sum())
+        return piece.filter(keep)
 
     def _unpruned(self, samples: list[Any], who: Identity) -> tuple[list[Any], Identity]:
         """Leave out samples the sampler prunes this epoch that the source did not skip
@@ -324,7 +474,7 @@ class EvolvedSampling(tn.BaseNode):
             return samples, who
         self.pruned_by_stage += int((~keep).sum())
         kept = np.flatnonzero(keep)
-        return [samples[i] for i in kept.tolist()], who.take(kept)
+        return take_list(samples, kept), who.take(kept)
 
     def _end_epoch(self) -> None:
         if self.repeats.count:
@@ -374,6 +524,10 @@ class EvolvedSampling(tn.BaseNode):
 
 
 STATE_KEYS = ("source", "sampler", "exhausted", "done")
+_MIXED = (
+    "the upstream yields both column chunks (a source with columnar=True) and single "
+    "samples: give the stage one kind, e.g. build every source with the same columnar="
+)
 _LINKS = ("source", "iterable", "dataset")  # torchdata nodes, IterableWrapper, DataLoader
 
 
@@ -385,6 +539,12 @@ def check_state(state: Any) -> Mapping[str, Any]:
             f"not a state of the EvolvedSampling stage (expected the entries {STATE_KEYS}, got "
             f"{str(shown)[:200]}); pass what loader.state_dict() (or the stage's "
             "state_dict()) returned"
+        )
+    skip = state.get("skip", 0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ConfigError(
+            f"the stage state's 'skip' is {skip!r}, not a count of rows: the checkpoint "
+            "is damaged; restore another one"
         )
     for flag in ("exhausted", "done"):
         if not isinstance(state[flag], bool):

@@ -164,7 +164,8 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
         if isinstance(config, dict):
             config.setdefault("retries", dict(S3_RETRIES))
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return fs, str(path)
     except ImportError as exc:
         raise StorageError(
             f"cannot open {_cut(url)}: {exc}. Install the fsspec backend of its protocol "

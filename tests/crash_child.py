@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from es_pipe import manifest
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests, layout
+from es_pipe.manifests.commit import Committer
+from es_pipe.manifests.fs import ManifestFS
 
 SHARDS = ["a.tar", "b.tar", "c.tar"]
 
@@ -32,9 +33,9 @@ def write_epoch(root: str, epoch: int, point: str | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     m = Manifests(root)
-    original_put = Manifests._put
+    original_put = ManifestFS.put
     original_replace = os.replace
-    original_publish = Manifests._publish
+    original_publish = Committer._publish
     calls = {"publish": 0}
 
     def put(self, path, data, *, atomic):
@@ -47,7 +48,7 @@ def write_epoch(root: str, epoch: int, point: str | None = None) -> None:
     def replace(src, dst):
         if point == "finish" and "_done" in dst:
             die()
-        if point == "marker" and manifest.COMMITS in dst:
+        if point == "marker" and layout.COMMITS in dst:
             die()
         return original_replace(src, dst)
 
@@ -57,9 +58,9 @@ def write_epoch(root: str, epoch: int, point: str | None = None) -> None:
             die()
         return original_publish(self, entry)
 
-    Manifests._put = put
-    Manifests._publish = publish
-    manifest.os.replace = replace
+    ManifestFS.put = put
+    Committer._publish = publish
+    os.replace = replace
     for i, shard in enumerate(SHARDS):
         keys = pa.array([f"{shard}-{j}" for j in range(500)])
         m.write_shard(epoch, shard, columns(epoch, i), keys=keys)

@@ -40,7 +40,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 import es_pipe
 from es_pipe.eswp import ESWP
-from es_pipe.manifest import COMMITS, Manifests
+from es_pipe.manifests import COMMITS, Manifests
+from es_pipe.manifests.commit import Committer
+from es_pipe.manifests.fs import ManifestFS
 from es_pipe.sampler import Sampler
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ParquetSource, WebDatasetSource
@@ -143,10 +145,10 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "sampler.end_epoch": (Sampler, "end_epoch"),
     "boundary.close_epoch": (ESWP, "close_epoch"),
     "manifests.write_shard": (Manifests, "write_shard"),
-    "manifests._put": (Manifests, "_put"),
+    "manifests._put": (ManifestFS, "put"),
     "manifests.finish": (Manifests, "finish"),
     "manifests.commit": (Manifests, "commit"),
-    "manifests._publish": (Manifests, "_publish"),
+    "manifests._publish": (Committer, "_publish"),
     "fs.rm": (LocalFileSystem, "rm"),
 }
 PSEUDO = {"manifests.marker": "manifests._put"}
@@ -178,8 +180,8 @@ def _torn(target: str, args: tuple, kwargs: dict) -> None:
         if isinstance(self.fs, LocalFileSystem):
             directory, name = os.path.split(path)
             os.makedirs(directory, exist_ok=True)
-            if kwargs.get("atomic"):  # what _put writes first: its hidden temporary
-                path = os.path.join(directory, f".{name}.{self._token}.tmp")
+            if kwargs.get("atomic"):  # what put writes first: its hidden temporary
+                path = os.path.join(directory, f".{name}.{self.token}.tmp")
             with open(path, "wb") as handle:
                 handle.write(memoryview(data)[: len(data) // 2])
         die()

@@ -23,7 +23,8 @@ import torch
 import torchdata.nodes as tn
 
 import es_pipe
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
+from es_pipe.manifests.commit import Committer
 from es_pipe.sources import ParquetSource
 
 EPOCHS = 3
@@ -81,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # re-commit and lease take-over warnings are expected
     if args.kill_at_publish is not None:
-        original, calls = Manifests._publish, [0]
+        original, calls = Committer._publish, [0]
 
         def publish(self, entry):
             calls[0] += 1
@@ -89,7 +90,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self, entry)
 
-        Manifests._publish = publish
+        Committer._publish = publish
     options = json.loads(os.environ["ES_PIPE_TEST_S3"])
     print("finished", run(args.shards, args.manifests, args.checkpoint, options))
 

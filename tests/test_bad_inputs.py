@@ -29,12 +29,12 @@ from _sweep import SCALES, dump_report, es_error_or_ok, few_faults, outcome_of, 
 from hypothesis import strategies as st
 
 import es_pipe
-from es_pipe.cli import main as cli_main
 from es_pipe.errors import ConfigError, EsPipeError, FeedbackError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sampler import Identity, check_losses
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ArrowSource, ParquetSource, WebDatasetSource
+from es_pipe.tools.cli import main as cli_main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -837,9 +837,9 @@ def test_manifest_folders(n, manifest_root, tmp_path):
             data = _wrong_parquet(mutation, data_path.read_bytes())
             data_path.write_bytes(data)
             if kind == "parquet_schema_fixed_marker":
-                from es_pipe.manifest import _crc
+                from es_pipe.manifests.fs import crc
 
-                entry["size"], entry["crc32"] = len(data), _crc(data)
+                entry["size"], entry["crc32"] = len(data), crc(data)
                 marker_path.write_text(json.dumps(marker))
 
         result, error = es_error_or_ok(lambda: _read_everything(str(root)), (EsPipeError,))
@@ -896,7 +896,7 @@ def _options(pairs):
 
 @pytest.mark.parametrize("n", SCALES)
 def test_cli_arguments(n, cli_files, tmp_path):
-    """``es_pipe.cli.main`` with random and invalid arguments: an exit status (argparse's
+    """``es_pipe.tools.cli.main`` with random and invalid arguments: an exit status (argparse's
     SystemExit(2) included) and a message; never a traceback. ``demo`` always gets an
     invalid option, so that it exits in argparse instead of training."""
     d, manifests = cli_files

@@ -14,7 +14,7 @@ from es_pipe.sources import ParquetSource, WebDatasetSource
 
 def es_pipe_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "es_pipe.cli", *args], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "es_pipe.tools.cli", *args], capture_output=True, text=True, cwd=ROOT
     )
 
 
@@ -113,7 +113,7 @@ def test_shard_checks_the_output_pattern_before_formatting_it(tmp_path):
     """Issue 11: 'out/%999999999d.tar' took 73 s and 6.1 GB, and echoed a 1 GB path."""
     raw = _raw_folder(tmp_path)
     out = subprocess.run(
-        [sys.executable, "-m", "es_pipe.cli", "shard", str(raw), "out/%999999999d.tar"],
+        [sys.executable, "-m", "es_pipe.tools.cli", "shard", str(raw), "out/%999999999d.tar"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -124,7 +124,7 @@ def test_shard_checks_the_output_pattern_before_formatting_it(tmp_path):
 
 @pytest.mark.parametrize("pattern", BAD_PATTERNS)
 def test_shard_refuses_bad_output_patterns(tmp_path, monkeypatch, capsys, pattern):
-    from es_pipe.cli import main
+    from es_pipe.tools.cli import main
 
     raw = _raw_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -156,7 +156,7 @@ def _folder_with_links(tmp_path):
 
 @pytest.mark.parametrize("link", ["file", "folder"])
 def test_shard_does_not_follow_links_out_of_the_source(tmp_path, capsys, link):
-    from es_pipe.cli import main
+    from es_pipe.tools.cli import main
 
     raw, outside = _folder_with_links(tmp_path)
     if link == "file":

@@ -21,7 +21,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "es_pipe.cli", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "es_pipe.tools.cli", "demo", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,

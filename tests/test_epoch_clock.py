@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import es_pipe
 from es_pipe.errors import ConfigError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ParquetSource, SourceDataset, WebDatasetSource
 

@@ -18,7 +18,7 @@ import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError, ManifestError
-from es_pipe.manifest import COMMITS, LEASE
+from es_pipe.manifests import COMMITS, LEASE
 from es_pipe.sources import ParquetSource
 
 SIZES = (40, 29, 35)

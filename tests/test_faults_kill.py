@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 
 HERE = Path(__file__).parent
 if str(HERE) not in sys.path:

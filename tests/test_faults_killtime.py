@@ -43,7 +43,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 
 HERE = Path(__file__).parent
 if str(HERE) not in sys.path:

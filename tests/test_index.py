@@ -25,7 +25,7 @@ SIZES = (5, 7, 11)
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "es_pipe.cli", *args],
+        [sys.executable, "-m", "es_pipe.tools.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -155,7 +155,7 @@ def test_cli_failures_are_one_line_and_status_2(tmp_path):
     ],
 )
 def test_cli_failures_in_process(tmp_path, capsys, args, words):
-    from es_pipe.cli import main
+    from es_pipe.tools.cli import main
 
     tar_writer_shards(tmp_path / "t")
     code = main([a.format(d=tmp_path) for a in args])

@@ -123,11 +123,6 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inspect.py (not this branch's file) imports matplotlib itself: its plot() must "
-    "take pyplot from es_pipe.plotting, whose ConfigError the CLI prints as one line",
-)
 def test_inspect_plot_without_matplotlib_names_the_extra(tmp_path):
     urls = _tars(tmp_path)
     sampler = es_pipe.EvolvedSampler(10, 10, seed=0, manifests=str(tmp_path / "m"))
@@ -139,7 +134,7 @@ def test_inspect_plot_without_matplotlib_names_the_extra(tmp_path):
         )
     proc = _python(
         f"""
-        from es_pipe.cli import main
+        from es_pipe.tools.cli import main
         raise SystemExit(main(["inspect", {str(tmp_path / "m")!r}, "--plot", "p.png"]))
         """,
         tmp_path,
@@ -152,7 +147,7 @@ def test_inspect_plot_without_matplotlib_names_the_extra(tmp_path):
 def test_demo_without_matplotlib_names_the_extra(tmp_path):
     proc = _python(
         """
-        from es_pipe.cli import main
+        from es_pipe.tools.cli import main
         raise SystemExit(main(["demo", "--samples", "128", "--val-samples", "32", "--epochs", "1",
                                "--methods", "uniform", "--batch-size", "32", "--d-model", "16",
                                "--layers", "1", "--no-progress", "--out", "out"]))

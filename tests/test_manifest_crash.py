@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -15,9 +15,9 @@ import torch
 import torchdata.nodes as tn
 
 import es_pipe
-from es_pipe.cli import main as cli_main
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ParquetSource
+from es_pipe.tools.cli import main as cli_main
 
 SHARDS, PER, EPOCHS = 3, 96, 4
 

@@ -24,7 +24,7 @@ from faulty_fs import Faults, installed
 
 from es_pipe import Retry
 from es_pipe.errors import ManifestError
-from es_pipe.manifest import COMMITS, STAGING, Manifests
+from es_pipe.manifests import COMMITS, STAGING, Manifests
 
 SHARDS = ["s3://bucket/train-000.tar", "s3://bucket/train-001.tar", "/data/train-002.tar"]
 ROWS = 40
@@ -197,7 +197,7 @@ def test_local_disk_full_writing_the_marker(tmp_path, monkeypatch):
         f = real_open(path, mode, *args, **kwargs)
         return Full(f) if full["on"] and COMMITS in str(path) and "w" in mode else f
 
-    monkeypatch.setattr("es_pipe.manifest.open", fake_open, raising=False)
+    monkeypatch.setattr("es_pipe.manifests.fs.open", fake_open, raising=False)
     m = Manifests(root)
     with pytest.raises(OSError, match="No space"):
         write_epoch(m, 1)

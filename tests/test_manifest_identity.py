@@ -14,7 +14,7 @@ import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError, ManifestError
-from es_pipe.manifest import COMMITS, Manifests
+from es_pipe.manifests import COMMITS, Manifests
 from es_pipe.sources import ParquetSource
 
 SIZES = [24, 17, 30]

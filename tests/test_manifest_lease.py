@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from es_pipe.manifest import LEASE, Manifests
+from es_pipe.manifests import LEASE, Manifests
 
 HERE = Path(__file__).parent
 CHILD = str(HERE / "lease_child.py")
@@ -138,7 +138,7 @@ def _committed_by(root: Path) -> dict[int, str]:
         marker = m.marker(epoch)
         attempts = {marker["attempt"]}
         for entry in marker["files"]:
-            _, meta, _ = m._read_entry(epoch, entry)  # size + crc32 checked
+            _, meta, _ = m.read_file(epoch, entry)  # size + crc32 checked
             attempts.add(meta["attempt"])
         assert len(attempts) == 1, f"epoch {epoch} mixes attempts {attempts}"
         assert m.read_epoch(epoch).num_rows == marker["rows"]

@@ -31,10 +31,10 @@ from conftest import keyed_samples
 from torch.utils.data import default_collate
 
 import es_pipe
-from es_pipe.cli import main as cli_main
 from es_pipe.errors import ManifestError
-from es_pipe.manifest import COMMITS, STAGING, Manifests
+from es_pipe.manifests import COMMITS, STAGING, Manifests
 from es_pipe.sources import WebDatasetSource
+from es_pipe.tools.cli import main as cli_main
 
 
 def _train(source, sampler, epochs: int, collate_fn=None) -> int:
@@ -214,7 +214,7 @@ def test_a_crashed_launchs_done_file_is_not_taken_for_a_live_rank(tmp_path):
     crashed; launch 2's rank 0 (this process, default attempt id) must wait for launch
     2's rank 1, not commit launch 1's file (the default id was the constant "local")."""
     code = (
-        "import sys, numpy as np; from es_pipe.manifest import Manifests; "
+        "import sys, numpy as np; from es_pipe.manifests import Manifests; "
         "m = Manifests(sys.argv[1], rank=1); n = 4; "
         "m.write_shard(0, 'b.tar', {'score': np.zeros(n, np.float32), "
         "'loss': np.ones(n, np.float32), 'visits': np.ones(n, np.uint32), "

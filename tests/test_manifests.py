@@ -15,7 +15,7 @@ import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError, ManifestError
-from es_pipe.manifest import Manifests, arrow_schema, safe_name, schema_spec
+from es_pipe.manifests import Manifests, arrow_schema, safe_name, schema_spec
 
 
 def _columns(n, seed=0):
@@ -238,9 +238,10 @@ def test_unknown_schema_version(tmp_path):
 
 
 def test_unknown_schema_version_in_file(tmp_path):
-    from es_pipe.manifest import build_table, encode_table, file_meta
+    from es_pipe.manifests import build_table, encode_table, file_meta
+    from es_pipe.manifests.writer import STATE_BITS
 
-    table = build_table("a.tar", _columns(3))
+    table = build_table("a.tar", _columns(3), bits=STATE_BITS)
     data = encode_table(table, {"schema_version": 7})
     schema = pq.read_schema(pa.BufferReader(data))
     with pytest.raises(ManifestError, match="schema version 7"):
@@ -370,3 +371,58 @@ def test_a_file_as_the_manifest_root_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "f.txt"))
     assert (tmp_path / "f.txt").read_text() == "hello"
+
+
+# --------------------------------------------------------------------------- the package's API
+
+
+def test_one_fingerprint_with_an_explicit_policy_for_what_is_no_file(tmp_path):
+    """Sources and manifests share one fingerprint function; only the policy for a URL
+    that names no file differs, and it is an argument."""
+    from es_pipe.errors import ShardError
+    from es_pipe.manifests import fingerprint as manifest_fingerprint
+    from es_pipe.sources.shards import fingerprint
+
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"12345")
+    m = Manifests(str(tmp_path / "m"))
+    same = fingerprint(str(shard))
+    assert same == manifest_fingerprint(str(shard)) == m.fingerprint(str(shard))
+    assert same["size"] == 5 and same["url"] == str(shard)
+    missing = str(tmp_path / "gone.tar")
+    with pytest.raises(ShardError, match="does not exist"):
+        fingerprint(missing)
+    assert fingerprint(missing, missing="none") is None
+    assert manifest_fingerprint(missing) is None and m.fingerprint(missing) is None
+    assert fingerprint(str(tmp_path), missing="none") is None  # a folder: no file
+    with pytest.raises(ConfigError, match="'raise' or 'none'"):
+        fingerprint(str(shard), missing="skip")
+
+
+def test_the_reader_reads_what_the_writer_committed_and_writes_nothing(tmp_path):
+    """``ManifestReader`` (what ``es-pipe inspect`` uses) reads a root written by
+    ``Manifests`` through public methods only, and leaves every byte of it unchanged."""
+    from es_pipe.manifests import ManifestReader
+
+    _commit(tmp_path, 0, ["a.tar", "b.tar"]).commit(0)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    reader = ManifestReader(str(tmp_path))
+    assert reader.committed() == [0] and reader.latest() == 0
+    assert [f["shard"] for f in reader.files(0)] == ["a.tar", "b.tar"]
+    assert [f["shard"] for f in reader.files(0, "b.tar")] == ["b.tar"]
+    streamed = {e["shard"]: t for e, t in reader.iter_files(0, ["row", "score"])}
+    assert streamed["a.tar"].column_names == ["row", "score"]
+    whole = reader.read_epoch(0)
+    assert whole.num_rows == sum(t.num_rows for t in streamed.values()) == 100
+    table, meta, path = reader.read_file(0, reader.files(0, "a.tar")[0])
+    assert meta["shard"] == "a.tar" and meta["epoch"] == 0 and path.endswith(".parquet")
+    assert table.num_rows == 50
+    assert reader.read_shard("a.tar").columns["score"].tolist() == (
+        table.column("score").to_numpy().tolist()
+    )
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+    empty = ManifestReader(str(tmp_path / "empty"))
+    with pytest.raises(ManifestError, match="no committed epoch"):
+        empty.latest(required=True)
+    assert "no committed epoch" in empty.nothing_committed()

@@ -24,7 +24,7 @@ from faulty_fs import Faults, installed
 
 import es_pipe
 from es_pipe.errors import ManifestError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 
 SHARDS = ["s3://bucket/train-000.tar", "s3://bucket/train-001.tar", "/data/train-002.tar"]
 ROWS = 10

@@ -17,7 +17,7 @@ import torch
 import torchdata.nodes as tn
 
 import es_pipe
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ParquetSource
 
 SIZES, EPOCHS = [24, 17, 30], 3

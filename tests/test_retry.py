@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import os
 import shutil
 import time
 import warnings
@@ -189,7 +190,7 @@ def test_missing_shard_is_not_retried(tmp_path):
 def test_manifest_reads_and_writes_through_transient_errors(tmp_path):
     import numpy as np
 
-    from es_pipe.manifest import Manifests
+    from es_pipe.manifests import Manifests
 
     cols = {k: np.arange(5, dtype=np.float32) for k in ("score", "loss", "visits", "step")}
     root = faulty_fs.url(tmp_path / "m")
@@ -211,3 +212,60 @@ def test_manifest_reads_and_writes_through_transient_errors(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Manifests(root).committed() == [0]
+
+
+# --------------------------------------------------------------------------- retry= everywhere
+
+
+def _keeps_failing(times: int) -> Faults:
+    """Every read of a path fails ``times`` times in a row, then succeeds."""
+    return Faults(seed=0, read_error_rate=1.0, max_consecutive=times)
+
+
+PATIENT = Retry(attempts=5, backoff=0.0005, seed=0)  # gets through 4 failures in a row
+
+
+@pytest.mark.parametrize("look_up", ["from_index", "from_spec", "fingerprint", "manifests"])
+def test_the_callers_retry_policy_is_the_one_used(tmp_path, look_up):
+    """The look-ups that used a fixed ``Retry()`` (3 attempts) take the caller's
+    ``retry=``: 4 failures in a row defeat the default and not ``Retry(attempts=5)``."""
+    from es_pipe.manifests import Manifests
+    from es_pipe.sources.shards import ShardList, fingerprint
+
+    (tmp_path / "a[0].tar").write_bytes(b"x" * 7)  # glob characters: from_spec looks it up
+    (tmp_path / "index.txt").write_text("a[0].tar 3\n")
+    shard = f"{faulty_fs.url(tmp_path)}/a[0].tar"
+    calls = {
+        "from_index": lambda r: (
+            ShardList.from_index(f"{faulty_fs.url(tmp_path)}/index.txt", retry=r).urls
+        ),
+        "from_spec": lambda r: ShardList.from_spec(shard, retry=r).urls,
+        "fingerprint": lambda r: fingerprint(shard, retry=r)["size"],
+        "manifests": lambda r: (
+            Manifests(str(tmp_path / "m"), retry=r).fingerprint(shard) or {}
+        ).get("size"),
+    }
+    expected = 7 if look_up in ("fingerprint", "manifests") else (shard,)
+    with installed(_keeps_failing(4)) as plan:  # the default policy: 3 attempts
+        try:
+            got = calls[look_up](None)
+        except (OSError, ConfigError):  # the read gave up; a lookup that gave up: no file
+            got = "gave up"
+    assert got != expected
+    assert plan.injected["read_transient"] >= 3  # from_spec then tries a glob: 3 more
+    with installed(_keeps_failing(4)) as plan:
+        assert calls[look_up](PATIENT) == expected
+    assert plan.injected["read_transient"] == 4
+
+
+def test_index_shards_looks_its_shards_up_under_the_callers_retry(tmp_path):
+    from es_pipe.indexing import index_shards
+    from es_pipe.shard_writer import write_shards
+
+    samples = [{"__key__": f"k{i}", "x": b"1"} for i in range(3)]
+    (written,) = write_shards(samples, f"{tmp_path}/s-%d.tar", "tar", 3)
+    os.replace(written, tmp_path / "s[0].tar")
+    shard = f"{faulty_fs.url(tmp_path)}/s[0].tar"
+    with installed(_keeps_failing(4)):
+        listed = index_shards(shard, retry=PATIENT)
+    assert listed.urls == (shard,) and listed.num_samples == (3,)

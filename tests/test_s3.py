@@ -26,11 +26,11 @@ import torchdata.nodes as tn
 from conftest import ROOT
 
 import es_pipe
-from es_pipe.cli import main as cli_main
 from es_pipe.errors import StorageError
 from es_pipe.indexing import index_shards
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ArrowSource, ParquetSource, ShardList, WebDatasetSource
+from es_pipe.tools.cli import main as cli_main
 
 pytestmark = [pytest.mark.s3, pytest.mark.filterwarnings("ignore:re-committing")]
 
@@ -43,7 +43,7 @@ def s3fs_of(s3):
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "es_pipe.cli", *args],
+        [sys.executable, "-m", "es_pipe.tools.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -20,7 +20,7 @@ import torch
 
 import es_pipe
 from es_pipe.errors import ConfigError, ManifestError
-from es_pipe.manifest import COMMITS, STAGING, Manifests, safe_name
+from es_pipe.manifests import COMMITS, STAGING, Manifests, safe_name
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ParquetSource, WebDatasetSource
 

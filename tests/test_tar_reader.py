@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import tarfile
 import threading
 import warnings
@@ -58,7 +59,7 @@ def _truth(path) -> list[dict]:
     key = None
     with tarfile.open(path, "r:") as tf:
         for m in tf.getmembers():
-            if not m.isreg() or (m.name.startswith("__") and m.name.endswith("__")):
+            if not m.isreg() or _is_meta(m.name):
                 continue
             prefix, ext = wds.tariterators.base_plus_ext(m.name)
             assert prefix is not None, m.name
@@ -67,6 +68,13 @@ def _truth(path) -> list[dict]:
                 out.append({"__key__": prefix, "__index__": len(out)})
             out[-1][ext.lower()] = tf.extractfile(m).read()
     return out
+
+
+def _is_meta(name: str) -> bool:
+    """webdataset's tar_file_iterator: metadata members, never part of a sample."""
+    return bool(re.match(r"__[^/]*__($|/)", name)) or (
+        "/" not in name and name.startswith("__") and name.endswith("__")
+    )
 
 
 def _ours(urls, **kw) -> list[dict]:
@@ -405,16 +413,19 @@ def test_a_stream_that_cannot_seek(tmp_path):
 
 _NAMES = st.lists(
     st.tuples(
-        st.sampled_from(["", "d/", "a/b/", "é/", "x" * 120 + "/"]),
-        st.text(alphabet="abcXYZ_-é", min_size=1, max_size=8),
-        st.sampled_from(["txt", "CLS", "seg.png", "json", "b"]),
+        st.sampled_from(["", "d/", "a/b/", "é/", "x" * 120 + "/", "__m/", "d/."]),
+        st.one_of(  # a few keys, so that samples get several members; and odd names
+            st.sampled_from(["k", "k", "k", "q", "_", "__x", "\n", "", "é"]),
+            st.text(alphabet="abXY_.é\n", min_size=0, max_size=8),
+        ),
+        st.sampled_from(["txt", "CLS", "seg.png", "", "b__", "x/y"]),
     ),
     min_size=0,
     max_size=12,
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     names=_NAMES,
     fmt=st.sampled_from(list(FORMATS.values())),
@@ -422,26 +433,116 @@ _NAMES = st.lists(
     mtime=st.integers(0, 2**33 - 1),
 )
 def test_random_tars_read_as_tarfile(tmp_path_factory, names, fmt, sizes, mtime):
-    """Random members, in every format: the same samples as tarfile + webdataset's rules,
-    or (for duplicated keys or extensions) a ShardError."""
+    """Random members and names (hidden files, dots, newlines, "__" metadata names,
+    extensions with slashes), in every format: the same samples as tarfile + webdataset's
+    rules, or a ShardError where es_pipe is stricter (a member without a key, a key or an
+    extension twice)."""
     path = tmp_path_factory.mktemp("r") / "r.tar"
     members = [(f"{d}{k}.{e}", bytes([i % 251]) * sizes[i]) for i, (d, k, e) in enumerate(names)]
     try:
         _write_tar(path, members, fmt, mtime=mtime)
     except ValueError:  # ustar cannot hold that name
         return
-    truth_ok = True
+    with tarfile.open(path) as tf:  # the names as tarfile reads them back
+        read_names = [m.name for m in tf.getmembers() if m.isreg() and not _is_meta(m.name)]
+    problem = None
     seen, key, exts = set(), None, set()
-    for m in members:
-        prefix, ext = wds.tariterators.base_plus_ext(m[0])
+    for name in read_names:
+        prefix, ext = wds.tariterators.base_plus_ext(name)
+        if prefix is None:
+            problem = problem or "no key"
+            continue
         if prefix != key:
-            truth_ok &= prefix not in seen
+            if prefix in seen:
+                problem = problem or "twice"
             seen.add(prefix)
             key, exts = prefix, set()
-        truth_ok &= ext.lower() not in exts
+        elif ext.lower() in exts:
+            problem = problem or "two"
         exts.add(ext.lower())
-    if not truth_ok:
-        with pytest.raises(ShardError, match=r"twice|two"):
+    if problem is not None:
+        with pytest.raises(ShardError, match=problem):
             _ours([str(path)])
         return
     assert _ours([str(path)]) == _truth(path)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_names_that_are_not_utf8(tmp_path, fmt):
+    """Bytes that are not UTF-8 decode as tarfile decodes them (surrogateescape), and the
+    members of one such key still form one sample."""
+    members = [
+        ("k\udcff.txt", b"a"),
+        ("k\udcff.cls", b"b"),
+        ("\udce9\udc80/x.txt", b"c"),  # an invalid sequence before a slash
+        ("\udce9\udc80/x.\udcfe", b"d"),  # and as an extension
+        ("z.txt", b"e"),
+    ]
+    url = _write_tar(tmp_path / "b.tar", members, FORMATS[fmt])
+    got = _ours([url])
+    assert got == _truth(url)
+    assert [s["__key__"] for s in got] == ["k\udcff", "\udce9\udc80/x", "z"]
+    assert got[1]["\udcfe"] == b"d"
+
+
+def _tarfile_samples(data: bytes) -> list[dict] | None:
+    """What tarfile reads from ``data`` grouped as webdataset groups it; None where
+    tarfile fails or a sample is malformed (then es_pipe must raise)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None
+    out: list[dict] = []
+    key, seen = None, set()
+    for name, payload in files:
+        if _is_meta(name):
+            continue
+        prefix, ext = wds.tariterators.base_plus_ext(name)
+        if prefix is None:
+            return None
+        if prefix != key:
+            if prefix in seen:
+                return None
+            key = prefix
+            seen.add(prefix)
+            out.append({"__key__": prefix, "__index__": len(out)})
+        if ext.lower() in out[-1]:
+            return None
+        out[-1][ext.lower()] = payload
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    member=st.integers(0, 11),
+    at=st.integers(0, 511),
+    patch=st.binary(min_size=1, max_size=8),
+    signed=st.booleans(),
+)
+def test_headers_changed_with_a_valid_checksum(tmp_path_factory, member, at, patch, signed):
+    """Any change to a header whose checksum is then made right again (so that every
+    other field check, in the fast path and the full parser, is what decides): es_pipe
+    reads what tarfile reads, or raises a ShardError; never other samples."""
+    base = tmp_path_factory.mktemp("h")
+    raw = b"".join(_member(f"k{i}.{e}", f"{i}{e}".encode() * 50) for i in range(6) for e in "ab")
+    raw += bytes(1024)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        start = [m.offset for m in tf.getmembers()][member]
+    b = bytearray(raw)
+    if 148 <= at < 156:
+        at = 140
+    b[start + at : start + at + len(patch)] = patch[: 512 - at]
+    hdr = bytearray(b[start : start + 512])
+    _fix_checksum(hdr, signed=signed)
+    b[start : start + 512] = hdr
+    data = bytes(b)
+    url = base / "m.tar"
+    url.write_bytes(data)
+    truth = _tarfile_samples(data)
+    try:
+        got = _ours([str(url)])
+    except ShardError as exc:
+        assert "m.tar" in str(exc)
+        return
+    assert truth is not None and got == truth

@@ -53,7 +53,7 @@ losses, no extra forward pass), eswp (ES with set-level pruning), infobatch, and
 families es@F / es-history@F (b/B = F), es-prune@R / es-prune-s3@R (full batches, ES-scored
 pruning at ratio R), infobatch@R.""",
     )
-    from es_pipe.cli import positive_float, positive_int
+    from es_pipe.tools.argtypes import positive_float, positive_int
 
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})"

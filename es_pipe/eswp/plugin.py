@@ -23,7 +23,7 @@ from es_pipe.eswp.book import EpochBook
 from es_pipe.eswp.commit import EpochCommit
 from es_pipe.eswp.restore import OnMismatch, Restorer, Resumed
 from es_pipe.eswp.rule import Decision, Pruning
-from es_pipe.manifest import Manifests, fingerprint
+from es_pipe.manifests import Manifests, fingerprint
 from es_pipe.scores import ScoreStore, ShardCodes
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from es_pipe.checks import is_int
 from es_pipe.errors import ManifestError
 from es_pipe.eswp import rule
 from es_pipe.eswp.book import EpochBook
-from es_pipe.manifest import Manifests, fingerprints_match
+from es_pipe.manifests import Manifests, fingerprints_match
 from es_pipe.scores import ScoreStore
 
 OnMismatch = Literal["raise", "fresh"]

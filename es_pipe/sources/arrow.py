@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from es_pipe import storage
+from es_pipe.columns import ColumnChunk, column_values
 from es_pipe.errors import ConfigError, ShardError
 from es_pipe.sources.base import ShardedSource, SourceOptions
 from es_pipe.sources.shards import ShardList
@@ -121,9 +122,12 @@ class _ColumnarSource(ShardedSource):
         shuffle_rows: bool = False,
         shuffle_window: int = 8192,
         batch_rows: int = 8192,
+        columnar: bool = False,
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
+        if not isinstance(columnar, bool):
+            raise ConfigError(f"columnar={columnar!r} must be True or False")
         for label, value in (("batch_rows", batch_rows), ("shuffle_window", shuffle_window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{label} must be an int >= 1, got {value!r}")
@@ -143,6 +147,7 @@ class _ColumnarSource(ShardedSource):
         self.shuffle_rows = bool(shuffle_rows)
         self.shuffle_window = int(shuffle_window)
         self.batch_rows = int(batch_rows)
+        self.columnar = columnar
 
     # -- schema ------------------------------------------------------------------
     def _reference_schema(self) -> pa.Schema:
@@ -217,9 +222,12 @@ class _ColumnarSource(ShardedSource):
         ords: np.ndarray,
         keys: Any,
         sel: np.ndarray | None = None,
-    ) -> list[dict]:
-        """Sample dicts of the rows ``sel`` of ``data`` (all if None), ordinals ``ords``."""
+    ) -> list[Any]:
+        """Sample dicts of the rows ``sel`` of ``data`` (all if None), ordinals ``ords``;
+        under ``columnar=True`` one :class:`~es_pipe.columns.ColumnChunk` of them."""
         names = list(data.schema.names)
+        if self.columnar:
+            return [self._chunk_of(url, data, names, ords, keys, sel)] if len(ords) else []
         cols = [_values(data.column(i), sel) for i in range(data.num_columns)]
         key_only = self.key_column is not None and self.key_column not in (self.columns or names)
         if key_only:  # read for the keys, not asked for as a column
@@ -232,6 +240,45 @@ class _ColumnarSource(ShardedSource):
             dict(zip(fields, row, strict=True))
             for row in zip(*cols, ks, repeat(url, len(idx)), idx, strict=True)
         ]
+
+    def _chunk_of(
+        self,
+        url: str,
+        data: pa.RecordBatch | pa.Table,
+        names: list[str],
+        ords: np.ndarray,
+        keys: Any,
+        sel: np.ndarray | None,
+    ) -> ColumnChunk:
+        key_only = self.key_column is not None and self.key_column not in (self.columns or names)
+        columns = {
+            name: column_values(data.column(i), sel)
+            for i, name in enumerate(names)
+            if not (key_only and name == self.key_column)
+        }
+        return ColumnChunk(url, ords, columns, None if keys is None else keys[ords])
+
+    def _from_chunk(self) -> Any:
+        """Under ``columnar=True``: the whole next chunk, counted by its rows (cut where
+        ``equalize`` ends the stream), so the cursors and counts of the state stay those
+        of the dict path."""
+        if not self.columnar:
+            return ShardedSource._from_chunk(self)
+        pos = self._chunk_pos
+        if pos >= len(self._chunk):
+            return None
+        chunk = self._chunk[pos]
+        n = len(chunk)
+        if self._limit is not None:
+            room = self._limit - self._yielded
+            if room <= 0:
+                return None
+            if n > room:
+                chunk, n = chunk.slice(0, room), room
+        self._chunk_pos = pos + 1
+        self._yielded += n
+        self._cur_count += n
+        return chunk
 
     def _read_columns(self) -> list[str] | None:
         if self.columns is None:
@@ -293,6 +340,12 @@ class ParquetSource(_ColumnarSource):
         shuffle_window: rows shuffled together under ``shuffle_rows`` (whole row groups are
             added until the window holds at least this many).
         batch_rows: record batch size when reading in order.
+        columnar: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept rows of a
+            record batch as arrays, with their identity as arrays) instead of one dict per
+            row. The ``EvolvedSampling`` stage builds meta-batches from them without
+            per-sample Python (README: "Columnar path"); states and resume are the same.
+            For the stage (and a ``tn.Prefetcher`` or ``SourceDataset`` before it); a
+            mapping step written for sample dicts would get chunks instead.
         **kwargs: see :class:`~es_pipe.sources.base.ShardedSource`.
     """
 

@@ -92,6 +92,7 @@ class ShardList:
         spec: str | Sequence[str] | ShardList,
         *,
         storage_options: Mapping[str, Any] | None = None,
+        retry: Retry | int | None = None,
     ) -> ShardList:
         """Expand a brace pattern, glob, single URL or list of those into a ShardList.
 
@@ -108,7 +109,8 @@ class ShardList:
 
         ``storage_options`` are the fsspec filesystem arguments used to list globs and look
         files up, and kept on the list for the sources (a :class:`ShardList` passed in keeps
-        its own unless ``storage_options`` is given).
+        its own unless ``storage_options`` is given). ``retry`` is the policy of those
+        look-ups (:class:`es_pipe.Retry`; ``None``: ``Retry()``).
         """
         opts = storage.check_options(storage_options)
         if isinstance(spec, ShardList):
@@ -126,7 +128,7 @@ class ShardList:
         for item in spec:
             if not isinstance(item, str):
                 raise ConfigError(f"shard URLs must be strings, got {type(item).__name__}")
-            if any(c in item for c in _PATTERN_CHARS) and _is_file(item, opts):
+            if any(c in item for c in _PATTERN_CHARS) and _is_file(item, opts, retry):
                 urls.append(item)  # a file with braces or glob characters in its name
                 continue
             try:
@@ -134,8 +136,10 @@ class ShardList:
             except UnbalancedBracesError as exc:
                 raise ConfigError(f"shard pattern {item!r}: {exc}; fix the braces") from None
             for url in expanded:
-                if any(c in url for c in _GLOB_CHARS) and (url == item or not _is_file(url, opts)):
-                    urls.extend(_glob(url, opts))
+                if any(c in url for c in _GLOB_CHARS) and (
+                    url == item or not _is_file(url, opts, retry)
+                ):
+                    urls.extend(_glob(url, opts, retry))
                 else:
                     urls.append(url)
         return cls(tuple(urls), storage_options=opts)
@@ -161,18 +165,23 @@ class ShardList:
 
     @classmethod
     def from_index(
-        cls, index_url: str, *, storage_options: Mapping[str, Any] | None = None
+        cls,
+        index_url: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        retry: Retry | int | None = None,
     ) -> ShardList:
         """Read an index file: one ``url [num_samples]`` per line, ``#`` starts a comment.
 
         Relative URLs are taken relative to the index file's directory (the layout that
         :func:`es_pipe.shard_writer.write_shards` writes). ``storage_options`` are used to
-        read the index and kept for the shards it lists.
+        read the index and kept for the shards it lists; ``retry`` is the policy of that
+        read (:class:`es_pipe.Retry`; ``None``: ``Retry()``).
         """
         opts = storage.check_options(storage_options)
         try:
             fs, path = storage.url_to_fs(index_url, opts)
-            text = Retry().call(fs.cat_file, path, what=f"read {index_url}")
+            text = Retry.of(retry).call(fs.cat_file, path, what=f"read {index_url}")
             lines = text.decode("utf-8").splitlines()
         except FileNotFoundError as exc:
             storage.raise_storage_error(exc, index_url)
@@ -205,11 +214,13 @@ class ShardList:
         return cls(tuple(urls), tuple(counts), opts)
 
 
-def _is_file(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+def _is_file(
+    url: str, storage_options: Mapping[str, Any] | None = None, retry: Retry | int | None = None
+) -> bool:
     """Whether ``url`` names an existing file, taken literally (no pattern)."""
     fs, path = storage.url_to_fs(url, storage_options)
     try:  # not fs.isfile: it answers False for every error, missing credentials included
-        info = Retry().call(fs.info, path, what=f"info {url}")
+        info = Retry.of(retry).call(fs.info, path, what=f"info {url}")
     except (FileNotFoundError, NotADirectoryError) as exc:
         storage.raise_storage_error(exc, url)
         return False
@@ -219,12 +230,14 @@ def _is_file(url: str, storage_options: Mapping[str, Any] | None = None) -> bool
     return info.get("type") == "file"
 
 
-def _glob(pattern: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def _glob(
+    pattern: str, storage_options: Mapping[str, Any] | None = None, retry: Retry | int | None = None
+) -> list[str]:
     """List a glob, spelling each match the way the pattern spells its fixed prefix
     (``memory://d/x-*`` lists ``memory://d/x-0``, a relative pattern stays relative)."""
     fs, path = storage.url_to_fs(pattern, storage_options)
     try:
-        found = sorted(Retry().call(fs.glob, path, what=f"glob {pattern}"))
+        found = sorted(Retry.of(retry).call(fs.glob, path, what=f"glob {pattern}"))
     except Exception as exc:
         storage.raise_storage_error(exc, pattern)
         raise
@@ -299,22 +312,47 @@ def resolve_worker(worker: int | None, num_workers: int | None) -> tuple[int, in
     return _checked_pair("worker", worker, "num_workers", num_workers)
 
 
-def fingerprint(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``.
+def fingerprint(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    retry: Retry | int | None = None,
+    missing: str = "raise",
+) -> dict[str, Any] | None:
+    """The identity of a shard's bytes: ``{"url", "size", "etag", "mtime"}``; the one
+    fingerprint of es_pipe (sources and manifests alike).
 
     ``etag`` comes from object stores (None on local disks); ``mtime`` is a float of
     seconds or an ISO string, whatever the filesystem reports (None if nothing). Manifests
-    store it and refuse a shard whose fingerprint changed.
+    store it and refuse a shard whose fingerprint changed. The lookup is retried under
+    ``retry`` (:class:`es_pipe.Retry`; ``None``: ``Retry()``). A storage that refuses (no
+    credentials, no bucket) is always a ``StorageError``.
+
+    ``missing`` is the policy for a URL that names no file: ``"raise"`` (a
+    :class:`ShardError`: a listed shard must exist) or ``"none"`` (``None``: the name of
+    an in-memory source, a directory or an unreachable path has no fingerprint to record
+    or check; what manifests use).
     """
-    fs, path = storage.url_to_fs(url, storage_options)
+    if missing not in ("raise", "none"):
+        raise ConfigError(f"missing={missing!r}: give 'raise' or 'none'")
     try:
-        info = Retry().call(fs.info, path, what=f"info {url}")
+        fs, path = storage.url_to_fs(url, storage_options)
+        info = Retry.of(retry).call(fs.info, path, what=f"info {url}")
     except FileNotFoundError as exc:
         storage.raise_storage_error(exc, url)
+        if missing == "none":
+            return None
         raise ShardError(f"shard {url!r} does not exist; check the shard list") from exc
+    except (ValueError, ImportError, OSError) as exc:
+        storage.raise_storage_error(exc, url)
+        if missing == "none":
+            return None
+        raise
     except Exception as exc:
         storage.raise_storage_error(exc, url)
         raise
+    if missing == "none" and info.get("type") != "file":
+        return None
     return fingerprint_of(url, info)
 
 

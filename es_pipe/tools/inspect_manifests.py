@@ -1,4 +1,5 @@
-"""``es-pipe inspect``: what a run pruned and why, from its committed manifests."""
+"""``es-pipe inspect``: what a run pruned and why, from its committed manifests, read
+through the public :class:`es_pipe.manifests.ManifestReader` (committed epochs only)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 
 from es_pipe import storage
 from es_pipe.errors import EsPipeError, ManifestError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import ManifestReader
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 KEY_COLUMNS = ["key", "row", "score", "loss", "visits", "pruned", "streak", "weight"]
@@ -121,14 +122,8 @@ DETAIL_COLUMNS = ["score", "visits", "pruned"]  # the detailed epoch: one file =
 DIFF_COLUMNS = ["row", "score", "pruned"]
 
 
-def _files(manifests: Manifests, epoch: int, shard: str | None = None) -> list[dict[str, Any]]:
-    """The file entries of a committed epoch (only ``shard``'s when given)."""
-    files = manifests.marker(epoch)["files"]
-    return [f for f in files if shard is None or f["shard"] == shard]
-
-
 def _read_files(
-    manifests: Manifests,
+    manifests: ManifestReader,
     epoch: int,
     columns: list[str],
     shard: str | None,
@@ -136,15 +131,14 @@ def _read_files(
 ) -> Any:
     """Yield ``(entry, table)`` for each file of ``epoch`` (``shard``'s only), read with
     only ``columns``; size and crc32 checked against the marker."""
-    for entry in _files(manifests, epoch, shard):
-        table, _, _ = manifests._read_entry(epoch, entry, columns)
+    for entry, table in manifests.iter_files(epoch, columns, shard):
         if bar is not None:
             bar.update(1)
         yield entry, table
 
 
-def _bar(manifests: Manifests, reads: list[tuple[int, str | None]], progress: bool) -> Any:
-    total = sum(len(_files(manifests, e, s)) for e, s in reads)
+def _bar(manifests: ManifestReader, reads: list[tuple[int, str | None]], progress: bool) -> Any:
+    total = sum(len(manifests.files(e, s)) for e, s in reads)
     if not progress or total <= 16:
         return None
     from tqdm.auto import tqdm
@@ -159,7 +153,7 @@ def _quantiles(values: np.ndarray) -> dict[str, float | None]:
     return {f"p{int(q * 100)}": float(v) for q, v in zip(QUANTILES, got)}
 
 
-def _counts(manifests: Manifests, committed: list[int], shard: str | None) -> list[dict]:
+def _counts(manifests: ManifestReader, committed: list[int], shard: str | None) -> list[dict]:
     """Per committed epoch E, from the markers alone (no manifest file is read):
 
     - ``samples``: rows of E's manifests;
@@ -176,12 +170,12 @@ def _counts(manifests: Manifests, committed: list[int], shard: str | None) -> li
         if e not in known:
             return {}
         if e not in by_epoch:
-            by_epoch[e] = {f["shard"]: f for f in _files(manifests, e, shard)}
+            by_epoch[e] = {f["shard"]: f for f in manifests.files(e, shard)}
         return by_epoch[e]
 
     def total(files: dict[str, dict[str, Any]], names: Any, field: str) -> int | None:
         values = [files[n].get(field) for n in names if n in files]
-        return None if any(v is None for v in values) else sum(values)
+        return None if any(v is None for v in values) else sum(v for v in values if v)
 
     out = []
     for e in committed:
@@ -284,10 +278,10 @@ def _few(names: list[str], n: int = 5) -> str:
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     options = storage.options_from_cli(getattr(args, "storage_option", None))
-    manifests = Manifests(args.root, storage_options=options)
+    manifests = ManifestReader(args.root, storage_options=options)
     committed = manifests.committed()
     if not committed:
-        raise ManifestError(manifests._no_epochs())
+        raise ManifestError(manifests.nothing_committed())
     epoch = committed[-1] if args.epoch is None else args.epoch
     manifests.marker(epoch)  # a clear error for an uncommitted epoch
     if args.diff:
@@ -295,7 +289,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             manifests.marker(e)
     shard = None
     if args.shard:
-        names = sorted({f["shard"] for e in committed for f in _files(manifests, e)})
+        names = sorted({f["shard"] for e in committed for f in manifests.files(e)})
         shard = _match_shard(names, args.shard)
     reads = [(epoch, shard)]
     if shard is not None:
@@ -315,7 +309,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(
     args: argparse.Namespace,
-    manifests: Manifests,
+    manifests: ManifestReader,
     committed: list[int],
     epoch: int,
     shard: str | None,
@@ -360,7 +354,7 @@ def _report(
 
 
 def _key_history(
-    manifests: Manifests, committed: list[int], key: str, shard: str | None, bar: Any
+    manifests: ManifestReader, committed: list[int], key: str, shard: str | None, bar: Any
 ) -> list[dict[str, Any]]:
     """One key's rows across the committed epochs, read file by file (only ``shard``'s
     files when given): memory of one file, whatever the number of epochs."""
@@ -373,16 +367,16 @@ def _key_history(
     return history
 
 
-def _diff(manifests: Manifests, a: int, b: int, shard: str | None, bar: Any) -> dict[str, Any]:
+def _diff(manifests: ManifestReader, a: int, b: int, shard: str | None, bar: Any) -> dict[str, Any]:
     """What changed from epoch ``a`` to ``b``, joined shard by shard (memory: one shard's
     files of both epochs at a time)."""
-    files_a = {f["shard"]: f for f in _files(manifests, a, shard)}
-    files_b = {f["shard"]: f for f in _files(manifests, b, shard)}
+    files_a = {f["shard"]: f for f in manifests.files(a, shard)}
+    files_b = {f["shard"]: f for f in manifests.files(b, shard)}
     counts = dict.fromkeys(["samples_both", "pruned_a", "pruned_b", "newly", "returned", "both"], 0)
     deltas = []
     for name in sorted(files_a.keys() & files_b.keys()):
-        ta, _, _ = manifests._read_entry(a, files_a[name], DIFF_COLUMNS)
-        tb, _, _ = manifests._read_entry(b, files_b[name], DIFF_COLUMNS)
+        ta, _, _ = manifests.read_file(a, files_a[name], DIFF_COLUMNS)
+        tb, _, _ = manifests.read_file(b, files_b[name], DIFF_COLUMNS)
         for _ in range(2 if bar is not None else 0):
             bar.update(1)
         joined = ta.join(tb, "row", left_suffix="_a", right_suffix="_b", join_type="inner")
@@ -562,10 +556,9 @@ def render(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str) -> None:
     """Pruned fraction per epoch and the score distribution (kept vs pruned)."""
-    import matplotlib
+    from es_pipe.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(f"--plot {path}")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     history = report.get("shard_history") or report["epochs"]
