@@ -23,7 +23,7 @@ from es_pipe.eswp.book import EpochBook
 from es_pipe.eswp.commit import EpochCommit
 from es_pipe.eswp.restore import OnMismatch, Restorer, Resumed
 from es_pipe.eswp.rule import Decision, Pruning
-from es_pipe.manifests import Manifests, fingerprint
+from es_pipe.manifests import Manifests
 from es_pipe.scores import ScoreStore, ShardCodes
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class ESWP:
         run_id: str | None = None,
         on_mismatch: OnMismatch = "raise",
         commit_timeout: float = 300.0,
-        fingerprint_fn: Callable[[str], dict[str, Any] | None] = fingerprint,
+        fingerprint_fn: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         check_options(resume, run_id, on_mismatch, commit_timeout, prune)
         if prune is None and manifests is None:
@@ -177,7 +177,9 @@ class ESWP:
             )
         self.manifests = manifests
         if manifests is not None:
-            self.restorer = Restorer(manifests, self.on_mismatch, self.fingerprint_fn, self.stats)
+            # the shards' fingerprints under the manifests' retry= policy, unless given
+            look = self.fingerprint_fn or manifests.fingerprint
+            self.restorer = Restorer(manifests, self.on_mismatch, look, self.stats)
         self._sampler = sampler
         self.store = sampler.store
         self.seed, self.world_size = sampler.seed, sampler.world_size
