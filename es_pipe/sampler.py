@@ -557,7 +557,12 @@ def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
         DeprecationWarning,
         stacklevel=4,
     )
-    settings = {"resume": True, "run_id": None, "on_mismatch": "raise", "commit_timeout": 300.0}
+    settings: dict[str, Any] = {
+        "resume": True,
+        "run_id": None,
+        "on_mismatch": "raise",
+        "commit_timeout": 300.0,
+    }
     settings.update({k: v for k, v in options.items() if k in settings})
     prune, manifests = options.get("prune"), options.get("manifests")
     check_options(prune=prune, **settings)

@@ -277,6 +277,7 @@ class EvolvedSampling(tn.BaseNode):
         check_rows(data, rows)  # before any score changes, not in select()
         if who is not None and not self._pads:
             self.repeats.add(who)
+        assert who is not None  # rows > 0: some part was pulled
         meta = MetaBatch(data, who, self.sampler)
         self._restored = False
         self._current, self._position = meta, position
@@ -365,7 +366,7 @@ class EvolvedSampling(tn.BaseNode):
     def _pull(self, n: int) -> list[Any]:
         """Up to ``n`` samples from the source; fewer when it runs out. A column chunk
         as the first item switches the stage to the columnar path (it is held)."""
-        pulled = []
+        pulled: list[Any] = []
         for _ in range(n):
             try:
                 item = next(self.source)
@@ -560,7 +561,7 @@ def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
     ``DataLoader.dataset``): the first object with ``set_epoch`` (the stage drives it) and
     the es_pipe source reached through torchdata nodes only, whose epoch is read right
     after its ``reset`` (the stage checks it). Either may be ``None``."""
-    driven, direct, seen = None, True, set()
+    driven, direct, seen = None, True, set[int]()
     while node is not None and id(node) not in seen and len(seen) < 64:
         seen.add(id(node))
         if driven is None and callable(getattr(node, "set_epoch", None)):
