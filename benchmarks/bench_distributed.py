@@ -82,8 +82,7 @@ def rank_main(args: argparse.Namespace) -> None:
         args.meta,
         args.meta // 4,
         seed=0,
-        prune=es_pipe.Pruning(ratio=0.3, anneal=0),
-        manifests=args.manifests,
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.3, anneal=0), manifests=args.manifests),
     )
     source = WebDatasetSource(
         ShardList.from_index(args.index),

@@ -18,9 +18,9 @@ from es_pipe.errors import (
     ShardError,
     StorageError,
 )
+from es_pipe.eswp import ESWP, EpochCommit, InfoBatch, Pruning
 from es_pipe.hf import from_hf
 from es_pipe.manifests import Manifests, manifests_dataset
-from es_pipe.pruning import InfoBatch, Pruning
 from es_pipe.retry import Retry
 from es_pipe.sampler import EvolvedSampler, Sampler
 from es_pipe.sampling import (
@@ -39,7 +39,9 @@ __version__ = "0.1.0"
 logging.getLogger("es_pipe").addHandler(logging.NullHandler())
 
 __all__ = [
+    "ESWP",
     "ConfigError",
+    "EpochCommit",
     "Epochs",
     "EsPipeError",
     "Evolved",

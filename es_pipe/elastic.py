@@ -16,7 +16,7 @@ The rest of the epoch delivers every sample exactly once (the shards not yet fin
 dealt to the new ranks; a partly read shard resumes at its cursor). The scores of the
 epoch continue where they were: a shard read again writes its manifest from the rank that
 reads it; a shard finished before the checkpoint from its owner,
-:func:`es_pipe.boundary.shard_owner`. Until that epoch ends, each new rank holds the
+:func:`es_pipe.eswp.shard_owner`. Until that epoch ends, each new rank holds the
 merged score table of the interrupted epoch; from the next epoch on, only its own shards.
 
 Not covered: sources inside DataLoader worker processes (``SourceDataset``), whose

@@ -296,7 +296,7 @@ class ArrayIdentity(Identity):
             if chunks
             else np.zeros(0, np.int64)
         )
-        keys: Sequence[str]
+        keys: Any  # a sequence of str: row numbers made when read, or an object array
         if chunks and all(chunk.keys is None for chunk in chunks):
             keys = RowKeys(ordinals)  # row numbers: made only where read
         else:

@@ -1,7 +1,7 @@
 """The ``pruned=`` hook a source asks which samples ESWP skips, in the trainer's process and
 in DataLoader worker processes.
 
-In the trainer's process the hook asks the sampler's :class:`~es_pipe.boundary.EpochBoundary`
+In the trainer's process the hook asks the sampler's :class:`~es_pipe.eswp.ESWP`
 (the decisions it holds, restored lazily from the manifests). A DataLoader worker holds a
 *copy* of the hook, made when the worker started (fork, or pickling under spawn):
 non-persistent workers get a fresh copy every epoch, persistent workers
@@ -9,7 +9,7 @@ non-persistent workers get a fresh copy every epoch, persistent workers
 answers from a :class:`WorkerView`:
 
 * the epoch it answers for is the sampler's current one, which the worker reads from a
-  one-number tensor in shared memory (``EpochBoundary.epoch_cell``): right even when the
+  one-number tensor in shared memory (``ESWP.epoch_cell``): right even when the
   source in the worker was never told the epoch (no ``set_epoch``: its shard order is
   stale, but the samples the stage will drop are still the ones skipped);
 * for the epoch the copy was made in: the decisions the sampler held then;
@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import get_worker_info
 
 if TYPE_CHECKING:
-    from es_pipe.boundary import EpochBoundary
+    from es_pipe.eswp import ESWP
     from es_pipe.manifests import Manifests
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class PrunedHook:
     asked for every shard by every rank: answered from the commit marker, so no rank loads
     the scores of shards it does not read)."""
 
-    def __init__(self, boundary: EpochBoundary | None) -> None:
+    def __init__(self, boundary: ESWP | None) -> None:
         self._boundary = boundary
         self._view: WorkerView | None = None
         if boundary is not None:  # given to a source, maybe behind DataLoader workers
@@ -60,7 +60,7 @@ class PrunedHook:
 
     def __call__(self, shard: str, epoch: int | None = None) -> np.ndarray | None:
         view = self._worker_view()
-        if view is not None:
+        if view is not None:  # never starts the run: that is the trainer process's I/O
             return view.pruned(shard, epoch)
         return None if self._boundary is None else self._boundary.pruned(shard, epoch)
 
@@ -75,6 +75,7 @@ class PrunedHook:
         score table and its open manifest root stay in the trainer's process)."""
         view = self._view
         if view is None and self._boundary is not None:
+            self._boundary.ensure_started()  # pickled in the trainer's process
             view = WorkerView.of(self._boundary)
         if view is None:
             return (PrunedHook, (None,))
@@ -102,7 +103,7 @@ class WorkerView:
         self._committed: set[int] = set()
 
     @classmethod
-    def of(cls, boundary: EpochBoundary) -> WorkerView:
+    def of(cls, boundary: ESWP) -> WorkerView:
         pruned = {n: d.pruned for n, d in boundary.decisions.items() if len(d.pruned)}
         return cls(
             boundary.epoch,

@@ -8,26 +8,31 @@ RNG position are updated together, at the end, or not at all.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from es_pipe import sampling
-from es_pipe.checks import is_int, is_positive_number
-from es_pipe.errors import ConfigError, FeedbackError, ManifestError
+from es_pipe.checks import is_int
+from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.eswp import ESWP, EpochCommit, Pruning
+from es_pipe.eswp.plugin import check_options
 from es_pipe.prune_hook import PrunedHook
-from es_pipe.pruning import Pruning, from_state
+from es_pipe.sampler_state import (  # noqa: F401  (re-exported: es_pipe.elastic, old imports)
+    POSITION_KIND,
+    SCORES_KIND,
+    STATE_VERSION,
+    SamplerState,
+    check_header,
+)
 from es_pipe.sampling import Phase, Policy, Schedule, Span
-from es_pipe.scores import ScoreStore, ShardCodes, damaged, is_count
+from es_pipe.scores import ScoreStore, ShardCodes
 from es_pipe.sources.shards import resolve_rank
-
-if TYPE_CHECKING:
-    from es_pipe.boundary import EpochBoundary
-    from es_pipe.manifests import Manifests
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +107,29 @@ class Sampler:
             Under history scoring every sub-batch must be reported before the next
             meta-batch is asked for (``FeedbackError`` otherwise).
         seed: with the step counter, the whole RNG state.
-        prune: set-level pruning at epoch boundaries, ``es_pipe.Pruning(ratio=0.3,
-            anneal=0.125)`` (ESWP) or ``es_pipe.InfoBatch()``; pruned samples are skipped
-            by the sources (their ``pruned=sampler.pruned`` hook) or by the stage. Pruning
-            ranks by scores, which form from losses: a policy that needs no losses
-            (``Uniform()``, ``RandomSubset()``, InfoBatch's setting) needs
-            ``scoring="history"`` plus ``batch.report(losses)``; with the default
-            ``scoring="forward"`` it is refused (``ConfigError``), since no loss would
-            ever arrive and nothing would be pruned.
-        manifests: a folder or fsspec URL (or an ``es_pipe.Manifests``) where every epoch's
-            per-shard scores and pruning decisions are written as Parquet and committed;
-            shards are restored from it the first time they show up.
-        resume: with ``manifests`` that already hold committed epochs, continue after the
-            newest (epoch and step from its commit) unless a checkpoint is loaded; ``False``
-            starts over at epoch 0 (and replaces the old epochs as it commits). Only the
-            same run is continued: the commits record a run identity (a fingerprint of the
-            policy, B, b, scoring and pruning rule, plus ``run_id``), and epochs of another
-            run raise ``ManifestError``, as does data that moved (no shard seen is in the
-            committed manifests: pass ``manifests=es_pipe.Manifests(url, relocate=...)``).
-            ``"force"`` adopts another run's epochs deliberately (with a warning).
-        run_id: an optional name of this run, recorded in every commit and required to
-            match when resuming (e.g. your experiment id).
-        rank, world_size: who writes which manifests; rank 0 commits each epoch once every
-            rank's files are there (default: torch.distributed, else RANK/WORLD_SIZE).
-        on_mismatch: a manifest whose shard fingerprint differs from the shard:
-            ``"raise"`` (``ManifestError``) or ``"fresh"`` (warn, start that shard over).
-        commit_timeout: seconds rank 0 waits for the other ranks' manifests.
+        eswp: the optional ESWP part, ``es_pipe.ESWP(prune=es_pipe.Pruning(...),
+            manifests=url, resume=True, ...)``: set-level pruning at epoch boundaries
+            and the per-epoch score manifests (see :class:`es_pipe.ESWP`).
+        rank, world_size: this rank, for the RNG stream and for who writes which
+            manifests (default: torch.distributed, else RANK/WORLD_SIZE).
+
+    Deprecated: ``prune=``, ``manifests=``, ``resume=``, ``run_id=``, ``on_mismatch=`` and
+    ``commit_timeout=`` on the sampler still work for one release (``DeprecationWarning``):
+    they build ``eswp=es_pipe.ESWP(...)`` with the same meaning.
+
+    When the I/O happens: constructing does none. :meth:`start` (the stage's first
+    ``reset()``, or the sampler's first use) claims the manifests folder and resumes.
+    The epoch commit runs in :meth:`end_epoch`, which the stage calls where an epoch's
+    ``for meta in loader`` ends; :attr:`last_commit` says what it did and how long it
+    took.
+
+    Scores change here (forward scoring, ``observe``) and, at restores from manifests, in
+    the ESWP part. The checkpoint state is in :class:`~es_pipe.sampler_state.SamplerState`.
+
+    Why over 250 lines: besides the selection (``select``, ``observe``, ``end_epoch``:
+    about 120 lines) it is the public face users call, so it keeps one-line delegates to
+    :class:`~es_pipe.sampler_state.SamplerState` (the checkpoint), the lazy run start and
+    the deprecated names of one release (``boundary``, the ESWP keywords).
     """
 
     def __init__(
@@ -145,63 +147,22 @@ class Sampler:
         init: Literal["loss", "mean"] = "loss",
         scoring: Literal["forward", "history"] = "forward",
         seed: int = 0,
-        prune: Pruning | None = None,
-        manifests: Any = None,
-        resume: bool | Literal["force"] = True,
-        run_id: str | None = None,
+        eswp: ESWP | None = None,
         rank: int | None = None,
         world_size: int | None = None,
-        on_mismatch: Literal["raise", "fresh"] = "raise",
-        commit_timeout: float = 300.0,
+        **deprecated: Any,
     ) -> None:
-        for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
-            if not is_int(value, at_least=1):
-                raise ConfigError(f"{label}={value!r} must be a positive int")
-        if batch_size > meta_batch_size:
-            raise ConfigError(
-                f"batch_size={batch_size} > meta_batch_size={meta_batch_size}: the stage "
-                "selects b of B buffered samples; raise meta_batch_size or lower batch_size"
-            )
-        if init not in ("loss", "mean"):
-            raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
-        if scoring not in ("forward", "history"):
-            raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
-        if not is_int(seed, at_least=0):
-            raise ConfigError(f"seed={seed!r} must be a non-negative int")
-        if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
-            raise ConfigError(
-                f"policy={policy!r} is not a selection policy: use es_pipe.Evolved(beta1, "
-                "beta2), Uniform(), RandomSubset(), LossProportional() or SelectiveBackprop()"
-            )
+        check_arguments(policy, meta_batch_size, batch_size, init, scoring, seed)
         for label, flag in (("replacement", replacement), ("reweight", reweight)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise ConfigError(f"{label}={flag!r} must be True or False")
-        if prune is not None and not isinstance(prune, Pruning):
+        eswp = legacy_eswp(eswp, deprecated)
+        if eswp is not None and not isinstance(eswp, ESWP):
             raise ConfigError(
-                f"prune={prune!r}: give es_pipe.Pruning(ratio=..., anneal=...), "
-                "es_pipe.InfoBatch() or None"
+                f"eswp={eswp!r}: give es_pipe.ESWP(prune=es_pipe.Pruning(...), manifests=...) "
+                "or None"
             )
-        if prune is not None and scoring == "forward" and not policy.needs_losses:
-            raise ConfigError(
-                f"prune={prune!r} ranks samples by their scores, and with "
-                f"scoring='forward' a {policy.name!r} policy never receives a loss "
-                "(meta.needs_losses is False, so no scoring pass runs): nothing would ever "
-                "be pruned. Pass scoring='history' and feed the training losses back with "
-                "batch.report(losses) after each step (InfoBatch's way), or use a policy that "
-                "scores with a forward pass, e.g. es_pipe.Evolved()"
-            )
-        if on_mismatch not in ("raise", "fresh"):
-            raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
-        if resume not in (True, False, "force"):
-            raise ConfigError(f"resume={resume!r}: use True, False or 'force'")
-        if run_id is not None and (not isinstance(run_id, str) or not run_id):
-            raise ConfigError(f"run_id={run_id!r} must be a non-empty string or None")
-        self.run_id = run_id
-        timeout = commit_timeout
-        if not is_positive_number(timeout):
-            raise ConfigError(f"commit_timeout={commit_timeout!r} must be a number of seconds > 0")
         self.policy = policy
-        self.prune = prune
         self.meta_batch_size = meta_batch_size
         self.batch_size = batch_size
         self.schedule = Schedule(burn_in, anneal, total_steps, total_epochs)
@@ -211,117 +172,108 @@ class Sampler:
         self.scoring = scoring
         self.seed = seed
         self.store = ScoreStore()
-        self.step = 0
-        self.epoch = 0
-        # a restored position's step while its score table is not loaded, and a loaded
-        # score table (with its step, None if it names none) while its position is not
-        self._position_step: int | None = None
-        self._scores_waiting = False
-        self._scores_step: int | None = None
+        self._step = 0
+        self._epoch = 0
+        self._started = self._starting = False
+        self._checkpoint = SamplerState(self)
         self._steps_in_epoch = 0
         self._steps_last_epoch = 0
         self.rank, self.world_size = resolve_rank(rank, world_size)
-        if prune is not None and manifests is None and self.world_size > 1:
-            raise ConfigError(
-                f"prune= on {self.world_size} ranks needs manifests=: a rank learns the "
-                "pruning decisions of the shards it reads next epoch from the manifests the "
-                "other ranks committed. Pass manifests='s3://bucket/run/manifests' (any "
-                "folder every rank can reach)"
-            )
-        self.boundary: EpochBoundary | None = None
-        if prune is not None or manifests is not None:
-            self.boundary = self._make_boundary(
-                prune, manifests, on_mismatch, commit_timeout, total_epochs
-            )
-            if self.boundary.manifests is not None:
-                self._begin_run(self.boundary, self.boundary.manifests, prune, resume)
+        self.eswp = eswp
+        if eswp is not None:
+            eswp.bind(self)
 
-    def _make_boundary(
-        self,
-        prune: Pruning | None,
-        manifests: Any,
-        on_mismatch: Literal["raise", "fresh"],
-        timeout: float,
-        total: float | None,
-    ) -> EpochBoundary:
-        from es_pipe.boundary import EpochBoundary
-        from es_pipe.manifests import Manifests
+    @property
+    def prune(self) -> Pruning | None:
+        """The pruning rule of the ESWP part (``None`` without one)."""
+        return None if self.eswp is None else self.eswp.prune
 
-        if manifests is not None and not isinstance(manifests, Manifests):
-            manifests = Manifests(manifests, rank=self.rank)
-        elif manifests is not None and manifests.rank != self.rank:
-            raise ConfigError(
-                f"manifests={manifests!r} was made for rank {manifests.rank}, but this sampler "
-                f"is rank {self.rank}: two ranks would write the same files. Pass "
-                f"es_pipe.Manifests(url, rank={self.rank}, storage_options=...), or the URL"
-            )
-        return EpochBoundary(
-            self.store,
-            prune=prune,
-            manifests=manifests,
-            seed=self.seed,
-            hyper=self.hyper(),
-            total_epochs=total,
-            world_size=self.world_size,
-            on_mismatch=on_mismatch,
-            commit_timeout=timeout,
+    @property
+    def run_id(self) -> str | None:
+        return None if self.eswp is None else self.eswp.run_id
+
+    @property
+    def boundary(self) -> ESWP | None:
+        """Deprecated name of :attr:`eswp`."""
+        warnings.warn(
+            "sampler.boundary is deprecated: use sampler.eswp (the es_pipe.ESWP part)",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return self.eswp
 
-    def identity(self, prune: Pruning | None = None) -> dict[str, Any]:
-        """This run's identity, recorded in every commit and checked when resuming: the
-        user's ``run_id`` and a fingerprint of the hyper-parameters that change what the
-        scores and pruning decisions mean (not the seed or the training length)."""
-        from dataclasses import asdict, is_dataclass
+    @property
+    def last_commit(self) -> EpochCommit | None:
+        """What the last epoch end did on this rank (epoch, step, seconds, seconds waiting
+        for the commit, manifests written, samples pruned next), or ``None`` before the
+        first epoch end and without ESWP. See :class:`es_pipe.eswp.EpochCommit`."""
+        return None if self.eswp is None else self.eswp.last_commit
 
-        from es_pipe.manifests import run_fingerprint
+    @property
+    def step(self) -> int:
+        """Steps taken (selections made). Reading it starts the run (:meth:`start`)."""
+        if not self._started:
+            self.start()
+        return self._step
 
-        policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
-        meaning = {
-            "policy": {"name": self.policy.name, **policy},
-            "meta_batch_size": self.meta_batch_size,
-            "batch_size": self.batch_size,
-            "scoring": self.scoring,
-            "replacement": self.replacement,
-            "reweight": self.reweight,
-            "init": self.init,
-            "prune": None if prune is None else prune.describe(),
-        }
-        return {"run_id": self.run_id, "fingerprint": run_fingerprint(meaning)}
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
 
-    def _begin_run(
-        self,
-        boundary: EpochBoundary,
-        manifests: Manifests,
-        prune: Pruning | None,
-        resume: bool | str,
-    ) -> None:
-        """Claim the manifests folder and, when resuming, continue after its newest commit
-        if it is this run's (see ``resume``)."""
-        identity = self.identity(prune)
-        boundary.run = identity
-        latest = manifests.begin(world_size=self.world_size, identity=identity, resume=resume)
-        if latest is None:
+    @property
+    def epoch(self) -> int:
+        """The epoch being read. Reading it starts the run (:meth:`start`): after a resume
+        from manifests it is the epoch after the newest commit."""
+        if not self._started:
+            self.start()
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = value
+
+    def start(self) -> None:
+        """Start the run, once: with ``eswp=`` and manifests, claim the folder (its lease,
+        the run identity check) and, when resuming, continue at the epoch after the newest
+        commit and the step it records. The stage calls it at its first ``reset()`` (the
+        first ``iter(loader)``); the sampler's first use (a selection, a restore, its
+        ``epoch``/``step``, a source's ``pruned=`` hook) calls it when nothing did before.
+        A failed start (``ManifestError``: another run's folder, data that moved) changes
+        nothing and raises again at the next use."""
+        if self._started or self._starting:
             return
-        step = manifests.marker(latest).get("hyper", {}).get("step")
-        if step is not None and not is_int(step, at_least=0, below=2**31 - 1):
-            raise ManifestError(
-                f"the commit marker of epoch {latest} under {manifests.url} records step "
-                f"{step!r}, not a step count; restore the marker or start with resume=False"
-            )
-        self.epoch = boundary.epoch = latest + 1
-        self.step = int(step) if step is not None else self.step
-        boundary.expect_known = resume != "force"
+        self._starting = True
+        try:
+            resumed = None if self.eswp is None else self.eswp.start(self.identity())
+            self._started = True
+        finally:
+            self._starting = False
+        if resumed is None:
+            return
+        self._epoch = resumed.epoch + 1
+        self._step = self._step if resumed.step is None else resumed.step
         log.info(
             "resuming from the manifests under %s: epoch %d committed, continuing at epoch %d, "
             "step %d",
-            manifests.url,
-            latest,
-            self.epoch,
-            self.step,
+            None if self.eswp is None or self.eswp.manifests is None else self.eswp.manifests.url,
+            resumed.epoch,
+            self._epoch,
+            self._step,
         )
 
+    def identity(self) -> dict[str, Any]:
+        """This run's identity, recorded in every commit and checked when resuming: the
+        user's ``run_id`` and a fingerprint of the hyper-parameters that change what the
+        scores and pruning decisions mean (not the seed or the training length)."""
+        from es_pipe.manifests import run_fingerprint
+
+        hyper = self.hyper()
+        meaning = {key: hyper[key] for key in IDENTITY_FIELDS}
+        return {"run_id": self.run_id, "fingerprint": run_fingerprint(meaning)}
+
     def hyper(self) -> dict[str, Any]:
-        """The hyper-parameters, JSON-friendly (recorded in manifests)."""
+        """The hyper-parameters, JSON-friendly (recorded in manifests), the pruning rule
+        included."""
         from dataclasses import asdict, is_dataclass
 
         policy: dict[str, Any] = asdict(self.policy) if is_dataclass(self.policy) else {}
@@ -365,13 +317,8 @@ class Sampler:
 
     def select(self, who: Identity, losses: Any | None, n: int) -> Selection:
         """Choose members of a meta-batch of ``n`` from their losses, then record scores."""
-        if self._position_step is not None:
-            raise ConfigError(
-                f"the loader was restored to step {self._position_step}, but this sampler's "
-                "score table was not: without it the run would go on from an empty table. "
-                "Save sampler.state_dict() with loader.state_dict() and restore both "
-                "(sampler.load_state_dict(saved) before or after loader.load_state_dict)"
-            )
+        self.start()
+        self._checkpoint.refuse_without_scores()
         phase, k = self.phase, self.sub_batch_size(n)
         if losses is None and self.needs_losses:
             raise FeedbackError(
@@ -380,8 +327,8 @@ class Sampler:
                 "loss_fn(model(x), y, reduction='none') under torch.no_grad()"
             )
         loss = None if losses is None else check_losses(losses, n, self.policy.nonnegative)
-        if self.boundary is not None:
-            self.boundary.admit(who.shards, who.keys, who.ordinals)
+        if self.eswp is not None:
+            self.eswp.admit(who.shards, who.keys, who.ordinals)
         slots, prior = self._prior(who, loss)
         device = prior.device
 
@@ -393,10 +340,10 @@ class Sampler:
         if self.reweight:
             pi = sampling.inclusion_probabilities(weights, k, n, self.replacement).to(device)
             importance = sampling.importance_weights(pi, picked, k, n)
-        if self.boundary is not None:  # ESWP: 1/keep weights of kept low-score samples
+        if self.eswp is not None:  # ESWP: 1/keep weights of kept low-score samples
             positions = picked.cpu().numpy()
             ordinals = None if who.ordinals is None else who.ordinals[positions]
-            keep = self.boundary.weights(who.shards.take(positions), ordinals)
+            keep = self.eswp.weights(who.shards.take(positions), ordinals)
             if keep is not None:
                 rescale = torch.from_numpy(keep).to(device)
                 importance = rescale if importance is None else importance * rescale
@@ -431,237 +378,62 @@ class Sampler:
         return slots, torch.ones(len(slots), device=device)
 
     def end_epoch(self) -> None:
-        """Close the current epoch: the schedule's epoch clock advances; with ``prune`` /
-        ``manifests``, the next epoch's pruning is decided and the epoch's manifests are
-        written and committed."""
+        """Close the current epoch: the schedule's epoch clock advances; with ``eswp=``,
+        the next epoch's pruning is decided and the epoch's manifests are written and
+        committed, after waiting up to ``commit_timeout`` for the other ranks.
+
+        The stage calls it in the last ``next()`` of an epoch, so the work shows up where
+        the trainer's ``for meta in loader`` ends, before the loop exits;
+        :attr:`last_commit` holds its figures (also logged at INFO). It stays there, not
+        in the next ``reset()``, so that a checkpoint saved after the loop names a
+        committed epoch: a run killed after the loop resumes from the manifests alone."""
         ended = self.epoch
         self.epoch += 1
         self._steps_last_epoch, self._steps_in_epoch = self._steps_in_epoch, 0
-        if self.boundary is not None:
-            prune = self.boundary.prune
+        if self.eswp is not None:
+            prune = self.eswp.prune
             active = (
                 prune is not None
                 and prune.active(self.epoch, self.schedule.total_epochs)
                 and self.schedule.phase(self.step, self.epoch) == "evolve"
             )
-            self.boundary.close_epoch(ended, active=active, rank=self.rank, step=self.step)
+            self.eswp.close_epoch(ended, active=active, rank=self.rank, step=self.step)
 
     @property
     def pruned(self) -> PrunedHook:
         """The hook for the sources, ``Source(..., pruned=sampler.pruned)``:
         ``sampler.pruned(shard, epoch=None)`` gives the sorted int64 ordinals of ``shard``
         to skip in ``epoch`` (default: the current one), or ``None``."""
-        return PrunedHook(self.boundary)
+        return PrunedHook(self.eswp)
 
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> dict[str, Any]:
-        """Position and RNG state: small and JSON-friendly; it rides in the loader's state.
-        Its other half is ``state_dict()`` (the scores), saved at the same step: each
-        names its step, and restoring one without the other, or halves of two steps,
-        raises ``ConfigError``."""
-        return {
-            "kind": POSITION_KIND,
-            "version": STATE_VERSION,
-            "seed": self.seed,
-            "step": self.step,
-            "epoch": self.epoch,
-            "steps_in_epoch": self._steps_in_epoch,
-            "steps_last_epoch": self._steps_last_epoch,
-            "world_size": self.world_size,
-        }
+        """Position and RNG state, small and JSON-friendly, in the loader's state; one
+        checkpoint with ``state_dict()`` (see :mod:`es_pipe.sampler_state`)."""
+        return self._checkpoint.get_state()
 
     def check_state(self, state: Any) -> None:
-        """Raise ``ConfigError`` unless ``state`` is a position ``load_state`` accepts
-        (also one without ``version``, as es_pipe wrote them before it had one)."""
-        check_header(state, POSITION_KIND, "position", "the loader's state_dict()")
-        for name in POSITION_FIELDS:
-            value = state.get(name)
-            if not is_int(value, at_least=0):
-                raise ConfigError(
-                    f"the sampler position in this checkpoint has {name}={value!r}, not a "
-                    "non-negative int: the checkpoint is damaged. Restore another checkpoint, "
-                    "or start the epoch over from manifests= without a loader checkpoint"
-                )
-        world = state.get("world_size", 1)
-        if not is_int(world, at_least=1):
-            raise ConfigError(
-                f"the sampler position in this checkpoint has world_size={world!r}, not a "
-                "positive int: the checkpoint is damaged; restore another one"
-            )
-        if not isinstance(state.get("merged", False), bool):
-            raise ConfigError(
-                f"the sampler position's 'merged' is {state['merged']!r}, not True or False: "
-                "the checkpoint is damaged; merge the old ranks' checkpoints again"
-            )
-        if state["seed"] != self.seed:
-            raise ConfigError(
-                f"checkpoint was taken with seed={state['seed']}, this sampler has "
-                f"seed={self.seed}: construct the sampler with the checkpoint's seed"
-            )
-        merged = bool(state.get("merged"))
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world_size and not merged:
-            raise ConfigError(
-                f"this checkpoint is one rank's of {saved_world}, and it is restored on "
-                f"{self.world_size} ranks: merge the checkpoints of all {saved_world} old "
-                "ranks with es_pipe.merge_checkpoints(...) (and their score tables with "
-                "es_pipe.merge_scores(...)) and restore the merged ones on every new rank"
-            )
+        """Raise ``ConfigError`` unless ``load_state`` accepts ``state``."""
+        self._checkpoint.check_state(state)
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore ``get_state()``'s position: this rank's own, or, on another number of
-        ranks, the state merged from all old ranks by ``es_pipe.merge_checkpoints``.
-        A damaged state raises ``ConfigError`` and changes nothing."""
-        self.check_state(state)
-        self._pair_step(position=state["step"], scores=self._scores_step)  # before changes
-        merged = bool(state.get("merged"))
-        self.step, self.epoch = state["step"], state["epoch"]
-        self._steps_in_epoch = state["steps_in_epoch"]
-        self._steps_last_epoch = state["steps_last_epoch"]
-        log.debug("sampler restored to epoch %d, step %d", self.epoch, self.step)
-        if self.boundary is not None:  # also at the same epoch: see EpochBoundary.rewind
-            self.boundary.rewind(self.epoch, merged=merged)
-        if not self._scores_waiting and state["step"] > 0:
-            self._position_step = state["step"]  # select() refuses until the scores come
-        self._scores_waiting, self._scores_step = False, None
-
-    def _pair_step(self, *, position: int | None, scores: int | None) -> None:
-        """Refuse the two halves of a checkpoint when they were saved at different steps."""
-        if position is None or scores is None or position == scores:
-            return
-        raise ConfigError(
-            f"the sampler's score table is from step {scores} but the loader position is "
-            f"from step {position}: they are halves of two checkpoints. Restore the "
-            "sampler.state_dict() and loader.state_dict() saved together (at the same step)"
-        )
+        """Restore ``get_state()``'s position (or ``es_pipe.merge_checkpoints``'s); a
+        damaged state raises ``ConfigError`` and changes nothing."""
+        self._checkpoint.load_state(state)
 
     def state_dict(self) -> dict[str, Any]:
         """The score table, as tensors (like an optimizer's moments): save it with the
-        model; ``torch.load(..., weights_only=True)`` reads it back. With ``prune=`` or
-        ``manifests=`` it also holds what a checkpoint inside an epoch needs to resume
-        exactly: the keys read so far (for the epoch's manifests) or, without manifests,
-        the epoch's pruning decisions."""
-        state: dict[str, Any] = {
-            "kind": SCORES_KIND,
-            "version": STATE_VERSION,
-            "step": self.step,
-            "scores": self.store.state_dict(),
-        }
-        if self.boundary is not None and self.boundary.manifests is not None:
-            state["keys"] = self.boundary.key_state()  # for this epoch's manifests
-        elif self.boundary is not None:  # this epoch's pruning: no manifest holds it
-            state["pruning"] = {
-                "epoch": self.boundary.epoch,
-                "shards": {
-                    name: {"state": torch.from_numpy(d.state.copy()), "factor": d.factor}
-                    for name, d in self.boundary.decisions.items()
-                },
-            }
-        if self.boundary is not None:  # the shards this epoch's boundary decides (writes)
-            state["read"] = self.boundary.read_state()
-        return state
+        model; ``torch.load(..., weights_only=True)`` reads it back. With ``eswp=`` it also
+        holds what a checkpoint inside an epoch needs to resume exactly: the keys read so
+        far (for the epoch's manifests) or, without manifests, the epoch's pruning
+        decisions."""
+        return self._checkpoint.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s score table (also one without ``version``, as es_pipe
-        wrote them before it had one). A damaged table (NaN scores, negative visits,
-        columns of different lengths, ...) raises ``ConfigError`` and changes nothing."""
-        check_header(state, SCORES_KIND, "score table", "sampler.state_dict()")
-        if "scores" not in state:
-            raise _damaged(f"it has no 'scores' entry (its entries: {[str(k) for k in state][:8]})")
-        keys, pruning, read = state.get("keys", {}), state.get("pruning"), state.get("read")
-        _check_key_book(keys)
-        if read is not None and (
-            not isinstance(read, (list, tuple)) or not all(isinstance(n, str) for n in read)
-        ):
-            raise _damaged("its 'read' entry is not a list of shard names")
-        decisions = None if pruning is None else _pruning_decisions(pruning)
-        step = state.get("step")  # absent in states up to version 1 without it, and merged
-        if step is not None and not is_int(step, at_least=0):
-            raise _damaged(f"its 'step' is {step!r}, not a non-negative int")
-        self._pair_step(position=self._position_step, scores=step)
-        self.store.load_state_dict(state["scores"])  # checks the table, then loads it
-        self._scores_waiting = self._position_step is None
-        self._scores_step = step if self._scores_waiting else None
-        self._position_step = None
-        if self.boundary is not None:
-            self.boundary.rewind(self.epoch)
-            self.boundary.load_key_state(keys)
-            self.boundary.load_read(read)
-        if self.boundary is not None and decisions is not None:
-            self.boundary.epoch = int(state["pruning"]["epoch"])
-            self.boundary.decisions = decisions
-
-
-STATE_VERSION = 1
-POSITION_KIND = "es_pipe.sampler.position"  # Sampler.get_state(), inside the loader's state
-SCORES_KIND = "es_pipe.sampler.scores"  # Sampler.state_dict()
-POSITION_FIELDS = ("seed", "step", "epoch", "steps_in_epoch", "steps_last_epoch")
-
-
-def check_header(state: Any, kind: str, what: str, source: str) -> None:
-    """``kind`` and ``version`` of a sampler state; a state without them (es_pipe up to
-    3d23362 wrote none) is read as version 1."""
-    if not isinstance(state, Mapping):
-        raise ConfigError(
-            f"the sampler {what} to restore is a {type(state).__name__}, not a dict: pass "
-            f"what {source} returned"
-        )
-    if state.get("kind", kind) != kind:
-        raise ConfigError(
-            f"this is a {state.get('kind')!r} state, not the sampler {what} ({kind!r}): pass "
-            f"what {source} returned"
-        )
-    version = state.get("version", STATE_VERSION)
-    if version != STATE_VERSION:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > 1
-        raise ConfigError(
-            f"the sampler {what} has version {version!r}; this es_pipe reads version "
-            f"{STATE_VERSION} (and states without a version). "
-            + (
-                "It was written by a newer es_pipe: upgrade es_pipe to restore it"
-                if newer
-                else "The checkpoint is damaged: restore another one"
-            )
-        )
-
-
-def _damaged(what: str) -> ConfigError:
-    return damaged(what, "the sampler's score table (sampler.state_dict())")
-
-
-def _check_key_book(keys: Any) -> None:
-    if not isinstance(keys, Mapping) or not all(
-        isinstance(name, str)
-        and isinstance(book, (list, tuple))
-        and all(k is None or isinstance(k, str) for k in book)
-        for name, book in keys.items()
-    ):
-        raise _damaged("its 'keys' entry is not a map from shard names to lists of keys")
-
-
-def _pruning_decisions(pruning: Any) -> dict[str, Any]:
-    """The pruning decisions of a checkpoint without manifests, checked."""
-    entries = pruning.get("shards") if isinstance(pruning, Mapping) else None
-    if not isinstance(pruning, Mapping) or not is_count(pruning.get("epoch")):
-        raise _damaged("its 'pruning' entry has no epoch")
-    if not isinstance(entries, Mapping):
-        raise _damaged("its 'pruning' entry has no decisions per shard")
-    decisions = {}
-    for name, entry in entries.items():
-        state = entry.get("state") if isinstance(entry, Mapping) else None
-        factor = entry.get("factor") if isinstance(entry, Mapping) else None
-        if (
-            not isinstance(state, Tensor)
-            or state.dim() != 1
-            or state.is_floating_point()
-            or (state.numel() and not 0 <= int(state.min()) <= int(state.max()) <= 255)
-        ):
-            raise _damaged(f"the pruning state of shard {name!r} is not a 1-D uint8 tensor")
-        if not is_positive_number(factor):
-            raise _damaged(f"the pruning factor of shard {name!r} is {factor!r}")
-        decisions[name] = from_state(state.numpy(), float(factor))
-    return decisions
+        """Restore ``state_dict()``'s score table; a damaged table (NaN scores, negative
+        visits, ...) raises ``ConfigError`` and changes nothing."""
+        self._checkpoint.load_state_dict(state)
 
 
 class EvolvedSampler(Sampler):
@@ -700,7 +472,9 @@ class EvolvedSampler(Sampler):
         formed from the training forward's own losses (``scoring="history"``, no extra
         pass), prune ``prune_ratio`` of each shard's below-mean samples at every epoch
         boundary, with a sample pruned at most ``max_streak`` epochs in a row, kept ones
-        weighted by 1/keep, and no pruning in the last ``anneal`` of training. Report the
+        weighted by 1/keep, and no pruning in the last ``anneal`` of training: an
+        ``es_pipe.ESWP`` built from these and ``manifests=``, ``resume=``, ``run_id=``,
+        ``on_mismatch=``, ``commit_timeout=`` when given. Report the
         training losses with ``batch.report(losses)`` and multiply by ``batch.weights``.
 
         Measured (``make bench-long``, 3 seeds, CPU time vs full uniform): Fashion-MNIST
@@ -709,9 +483,92 @@ class EvolvedSampler(Sampler):
         noise, 0.848 vs uniform's 0.787, but under a random half-subset's 0.856. See
         ``benchmarks/README.md``.
         """
+        if "eswp" in options or "prune" in options:
+            raise ConfigError(
+                "EvolvedSampler.recommended() builds its own es_pipe.ESWP from prune_ratio=, "
+                "max_streak= and anneal=; pass manifests=, resume=, run_id=, on_mismatch= or "
+                "commit_timeout= to it, or build EvolvedSampler(B, b, eswp=es_pipe.ESWP(...))"
+            )
+        eswp_options = {k: options.pop(k) for k in ESWP_OPTIONS if k in options}
         prune = Pruning(ratio=prune_ratio, anneal=anneal, max_streak=max_streak)
-        options = {"scoring": "history", "prune": prune, **options}
-        return cls(batch_size, batch_size, total_epochs=total_epochs, **options)
+        eswp = ESWP(prune=prune, **eswp_options)
+        options = {"scoring": "history", **options}
+        return cls(batch_size, batch_size, total_epochs=total_epochs, eswp=eswp, **options)
+
+
+ESWP_OPTIONS = ("manifests", "resume", "run_id", "on_mismatch", "commit_timeout")
+# what makes a run's scores and pruning decisions mean what they mean (its identity)
+IDENTITY_FIELDS = (
+    "policy",
+    "meta_batch_size",
+    "batch_size",
+    "scoring",
+    "replacement",
+    "reweight",
+    "init",
+    "prune",
+)
+
+
+def check_arguments(
+    policy: Any, meta_batch_size: Any, batch_size: Any, init: Any, scoring: Any, seed: Any
+) -> None:
+    """``ConfigError`` naming the first of a sampler's arguments that is not valid."""
+    for label, value in (("meta_batch_size", meta_batch_size), ("batch_size", batch_size)):
+        if not is_int(value, at_least=1):
+            raise ConfigError(f"{label}={value!r} must be a positive int")
+    if batch_size > meta_batch_size:
+        raise ConfigError(
+            f"batch_size={batch_size} > meta_batch_size={meta_batch_size}: the stage "
+            "selects b of B buffered samples; raise meta_batch_size or lower batch_size"
+        )
+    if init not in ("loss", "mean"):
+        raise ConfigError(f"init={init!r}: use 'loss' or 'mean'")
+    if scoring not in ("forward", "history"):
+        raise ConfigError(f"scoring={scoring!r}: use 'forward' or 'history'")
+    if not is_int(seed, at_least=0):
+        raise ConfigError(f"seed={seed!r} must be a non-negative int")
+    if not all(callable(getattr(policy, f, None)) for f in ("weigh", "score")):
+        raise ConfigError(
+            f"policy={policy!r} is not a selection policy: use es_pipe.Evolved(beta1, "
+            "beta2), Uniform(), RandomSubset(), LossProportional() or SelectiveBackprop()"
+        )
+
+
+def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
+    """The ESWP part of a sampler built the deprecated way, ``Sampler(..., prune=...,
+    manifests=..., resume=..., run_id=..., on_mismatch=..., commit_timeout=...)``: the
+    same ``ESWP`` (with a ``DeprecationWarning``), or ``None`` without prune and
+    manifests."""
+    if not options:
+        return eswp
+    unknown = sorted(set(options) - {"prune", *ESWP_OPTIONS})
+    if unknown:
+        raise TypeError(f"Sampler() got an unexpected keyword argument {unknown[0]!r}")
+    if eswp is not None:
+        raise ConfigError(
+            f"eswp= and {', '.join(f'{k}=' for k in options)} were both given: pass the "
+            "ESWP options inside es_pipe.ESWP(...) only"
+        )
+    warnings.warn(
+        f"the sampler's {', '.join(f'{k}=' for k in options)}: deprecated, to be removed "
+        "in the next release. Pass eswp=es_pipe.ESWP(prune=..., manifests=..., "
+        "resume=..., run_id=..., on_mismatch=..., commit_timeout=...)",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    settings: dict[str, Any] = {
+        "resume": True,
+        "run_id": None,
+        "on_mismatch": "raise",
+        "commit_timeout": 300.0,
+    }
+    settings.update({k: v for k, v in options.items() if k in settings})
+    prune, manifests = options.get("prune"), options.get("manifests")
+    check_options(prune=prune, **settings)
+    if prune is None and manifests is None:
+        return None
+    return ESWP(prune=prune, manifests=manifests, **settings)
 
 
 def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:

@@ -93,6 +93,13 @@ class EvolvedSampling(tn.BaseNode):
     counted in ``repeats`` and warned at the epoch's end. Samples repeated on purpose by
     ``equalize="pad"`` are exempt.
 
+    Where the work happens: the first ``reset()`` (the first ``iter(loader)``) starts the
+    sampler's run (``sampler.start()``: with ESWP manifests, the folder is claimed and a
+    resume finds its epoch; nothing is read or written before). The epoch's end
+    (``sampler.end_epoch()``: ESWP's decisions, manifest writes, the commit and the wait
+    for the other ranks, up to ``commit_timeout``) runs in the epoch's last ``next()``, the
+    one that ends ``for meta in loader``; ``sampler.last_commit`` has its figures.
+
     State (``state_dict``/``reset``): the source's state, the sampler's position and RNG
     (seed, step) and the epoch flags. A meta-batch emitted but not yet answered is not
     consumed: a checkpoint taken before ``select`` restores to emit it again. The score
@@ -146,6 +153,7 @@ class EvolvedSampling(tn.BaseNode):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
+        self.sampler.start()  # the run's I/O (manifests claimed, resumed), once, here
         self._retire()
         self.repeats.clear()
         self._drop_held()
@@ -269,6 +277,7 @@ class EvolvedSampling(tn.BaseNode):
         check_rows(data, rows)  # before any score changes, not in select()
         if who is not None and not self._pads:
             self.repeats.add(who)
+        assert who is not None  # rows > 0: some part was pulled
         meta = MetaBatch(data, who, self.sampler)
         self._restored = False
         self._current, self._position = meta, position
@@ -357,7 +366,7 @@ class EvolvedSampling(tn.BaseNode):
     def _pull(self, n: int) -> list[Any]:
         """Up to ``n`` samples from the source; fewer when it runs out. A column chunk
         as the first item switches the stage to the columnar path (it is held)."""
-        pulled = []
+        pulled: list[Any] = []
         for _ in range(n):
             try:
                 item = next(self.source)
@@ -444,11 +453,11 @@ class EvolvedSampling(tn.BaseNode):
 
     def _unpruned_chunk(self, piece: ColumnChunk) -> ColumnChunk:
         """The columnar twin of :meth:`_unpruned`: one mask over the chunk's ordinals."""
-        boundary = self.sampler.boundary
-        if boundary is None or boundary.prune is None:
+        eswp = self.sampler.eswp
+        if eswp is None or eswp.prune is None:
             return piece
         codes = ShardCodes([piece.shard], np.zeros(len(piece), np.int64))
-        keep = boundary.drop_pruned(codes, piece.ordinals)
+        keep = eswp.drop_pruned(codes, piece.ordinals)
         if keep.all():
             return piece
         self.pruned_by_stage += int((~keep).sum())
@@ -458,10 +467,10 @@ class EvolvedSampling(tn.BaseNode):
         """Leave out samples the sampler prunes this epoch that the source did not skip
         (a source without the ``pruned=sampler.pruned`` hook); counted in
         ``pruned_by_stage``."""
-        boundary = self.sampler.boundary
-        if boundary is None or boundary.prune is None or who.ordinals is None:
+        eswp = self.sampler.eswp
+        if eswp is None or eswp.prune is None or who.ordinals is None:
             return samples, who
-        keep = boundary.drop_pruned(who.shards, who.ordinals)
+        keep = eswp.drop_pruned(who.shards, who.ordinals)
         if keep.all():
             return samples, who
         self.pruned_by_stage += int((~keep).sum())
@@ -552,7 +561,7 @@ def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
     ``DataLoader.dataset``): the first object with ``set_epoch`` (the stage drives it) and
     the es_pipe source reached through torchdata nodes only, whose epoch is read right
     after its ``reset`` (the stage checks it). Either may be ``None``."""
-    driven, direct, seen = None, True, set()
+    driven, direct, seen = None, True, set[int]()
     while node is not None and id(node) not in seen and len(seen) < 64:
         seen.add(id(node))
         if driven is None and callable(getattr(node, "set_epoch", None)):

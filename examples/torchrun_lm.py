@@ -66,14 +66,17 @@ def main() -> None:
     counts = dict(zip(corpus["train"], corpus["train_counts"]))
 
     # 2. ESWP. Rank and world size come from torch.distributed; manifests= is shared by all.
+    eswp = es_pipe.ESWP(
+        prune=es_pipe.Pruning(ratio=0.3, anneal=0.34),
+        manifests=str(args.out / "manifests"),
+        resume=args.resume,
+    )
     sampler = es_pipe.EvolvedSampler(
         args.meta_batch_size,
         args.batch_size,
         burn_in=es_pipe.Epochs(0.5),
         total_epochs=args.epochs,
-        prune=es_pipe.Pruning(ratio=0.3, anneal=0.34),
-        manifests=str(args.out / "manifests"),
-        resume=args.resume,
+        eswp=eswp,
         seed=0,
     )
     # 3. This rank's shards, reshuffled every epoch, pruned samples skipped unread. No
@@ -93,6 +96,7 @@ def main() -> None:
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     checkpoints = args.out / "checkpoints"
+    sampler.start()  # claims the manifests folder; with --resume, after its newest commit
     if sampler.epoch > 0:  # resumed from the manifests: the model of the same epoch
         state = torch.load(checkpoints / f"epoch{sampler.epoch - 1}.pt", weights_only=True)
         model.module.load_state_dict(state["model"])
@@ -128,7 +132,9 @@ def main() -> None:
             print(
                 f"epoch {epoch + 1}: held-out loss {val:.4f} nats/byte at step {sampler.step} "
                 f"on {world} ranks, {int(samples)} samples read ({int(padded)} repeated "
-                f"to equalise), {int(held) // world} scores held per rank"
+                f"to equalise), {int(held) // world} scores held per rank; epoch commit "
+                f"{sampler.last_commit.seconds:.2f}s ({sampler.last_commit.wait_seconds:.2f}s "
+                "waiting for the other ranks)"
             )
     if rank == 0:
         print(f"manifests: {args.out / 'manifests'} (es-pipe inspect {args.out / 'manifests'})")

@@ -77,9 +77,11 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         8,
         4,
         seed=0,
-        prune=es_pipe.Pruning(ratio=args.prune, anneal=0) if args.prune else None,
-        manifests=args.manifests,
-        commit_timeout=args.commit_timeout,
+        eswp=es_pipe.ESWP(
+            prune=es_pipe.Pruning(ratio=args.prune, anneal=0) if args.prune else None,
+            manifests=args.manifests,
+            commit_timeout=args.commit_timeout,
+        ),
     )
     source = WebDatasetSource(
         ShardList.from_index(args.index),

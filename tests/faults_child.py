@@ -39,7 +39,7 @@ import torchdata.nodes as tn
 from fsspec.implementations.local import LocalFileSystem
 
 import es_pipe
-from es_pipe.boundary import EpochBoundary
+from es_pipe.eswp import ESWP
 from es_pipe.manifests import COMMITS, Manifests
 from es_pipe.manifests.commit import Committer
 from es_pipe.manifests.fs import ManifestFS
@@ -143,7 +143,7 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "ckpt.replace": (_THIS, "replace_file"),
     # committing
     "sampler.end_epoch": (Sampler, "end_epoch"),
-    "boundary.close_epoch": (EpochBoundary, "close_epoch"),
+    "boundary.close_epoch": (ESWP, "close_epoch"),
     "manifests.write_shard": (Manifests, "write_shard"),
     "manifests._put": (ManifestFS, "put"),
     "manifests.finish": (Manifests, "finish"),
@@ -261,8 +261,7 @@ def train(data: str, run: str, config: str, attempt: int) -> None:
         total_epochs=EPOCHS,
         seed=SEED,
         scoring=scoring,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=f"{run}/manifests",
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=f"{run}/manifests"),
         rank=0,
         world_size=1,
     )

@@ -82,8 +82,10 @@ def build(data: str, run: str, config: str) -> tuple[Any, Any, Any, Any]:
         seed=SEED,
         scoring=scoring,
         reweight=reweight,
-        prune=None if ratio is None else es_pipe.Pruning(ratio=ratio, anneal=0),
-        manifests=f"{run}/manifests",
+        eswp=es_pipe.ESWP(
+            prune=None if ratio is None else es_pipe.Pruning(ratio=ratio, anneal=0),
+            manifests=f"{run}/manifests",
+        ),
         rank=0,
         world_size=1,
     )

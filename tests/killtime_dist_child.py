@@ -83,9 +83,11 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         b,
         seed=SEED,
         total_epochs=EPOCHS,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=os.path.join(args.run_dir, "manifests"),
-        commit_timeout=30.0,
+        eswp=es_pipe.ESWP(
+            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
+            manifests=os.path.join(args.run_dir, "manifests"),
+            commit_timeout=30.0,
+        ),
     )
     source = WebDatasetSource(
         ShardList.from_index(args.index),

@@ -4,7 +4,7 @@ A small model trained through es_pipe's stage on real Parquet shards, ESWP with 
 (resuming after the newest committed epoch when the folder holds this run's epochs), a
 little slower than it needs to be (``--sleep`` seconds per step) so that the parent can
 start a second job, SIGSTOP or SIGKILL this one while it trains. Once it holds the folder
-(the sampler is built) it writes ``ready`` to ``--log``, then ``epoch step`` after every
+(the sampler has started) it writes ``ready`` to ``--log``, then ``epoch step`` after every
 step; before every step it waits while the file ``--pause`` exists (the parent's way to
 hold it mid-epoch, never inside a commit). The outcome goes to ``--out`` as JSON: ``ok``,
 or the error's type and message (an es_pipe error is an expected outcome: exit 3).
@@ -65,14 +65,9 @@ def train(args: argparse.Namespace) -> dict:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sampler = es_pipe.EvolvedSampler(
-            16,
-            8,
-            total_epochs=args.epochs,
-            seed=5,
-            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-            manifests=manifests,
-        )
+        eswp = es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=manifests)
+        sampler = es_pipe.EvolvedSampler(16, 8, total_epochs=args.epochs, seed=5, eswp=eswp)
+        sampler.start()  # claims the folder (the first iter(loader) would, too)
     started = sampler.epoch
     source = ParquetSource(urls(args.data), key_column="key", pruned=sampler.pruned)
     loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))

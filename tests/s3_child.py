@@ -37,8 +37,10 @@ def run(shards: str, root: str, checkpoint: str, options: dict) -> int:
         3,
         total_epochs=EPOCHS,
         seed=5,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=Manifests(root, storage_options=options),
+        eswp=es_pipe.ESWP(
+            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
+            manifests=Manifests(root, storage_options=options),
+        ),
         rank=0,
         world_size=1,
     )

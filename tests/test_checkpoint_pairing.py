@@ -114,9 +114,8 @@ def test_the_commit_marker_records_the_pruning_rule(tmp_path):
     path = tmp_path / "d-000.parquet"
     pq.write_table(pa.table({"key": [f"k{i}" for i in range(rows)], "x": list(x)}), path)
     prune = es_pipe.Pruning(ratio=0.5, anneal=0.25)
-    sampler = es_pipe.EvolvedSampler(
-        16, 8, seed=1, total_epochs=4, prune=prune, manifests=str(tmp_path / "m")
-    )
+    eswp = es_pipe.ESWP(prune=prune, manifests=str(tmp_path / "m"))
+    sampler = es_pipe.EvolvedSampler(16, 8, seed=1, total_epochs=4, eswp=eswp)
     source = ParquetSource([str(path)], key_column="key", pruned=sampler.pruned)
     loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
     for meta in loader:

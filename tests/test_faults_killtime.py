@@ -404,7 +404,9 @@ def _torchrun(index: str, run: Path, attempt: int, kill: tuple[float, str] | Non
                 except subprocess.TimeoutExpired:
                     pid_file = run / f"pid-{who}.{attempt}"
                     if who != "all" and pid_file.exists():
-                        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                        # the rank may have finished a moment ago (torchrun still exiting)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid_file.read_text()), signal.SIGKILL)
                     else:
                         os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait(180)

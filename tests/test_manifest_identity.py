@@ -33,18 +33,13 @@ def _shards(folder, sizes=SIZES, tag="d"):
 
 def _train(urls, root, epochs=1, B=8, b=3, **kw):
     """A run as a (re)started process builds it; trains ``epochs`` more epochs."""
-    sampler = es_pipe.EvolvedSampler(
-        B,
-        b,
-        seed=5,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=root,
-        rank=0,
-        world_size=1,
-        **kw,
-    )
+    eswp_kw = {k: kw.pop(k) for k in ("resume", "run_id") if k in kw}
+    eswp = es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=root, **eswp_kw)
+    sampler = es_pipe.EvolvedSampler(B, b, seed=5, eswp=eswp, rank=0, world_size=1, **kw)
     source = ParquetSource(urls, key_column="key", shuffle=True, seed=5, pruned=sampler.pruned)
     loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    if not epochs:  # the first iter(loader) is where the run starts (claims, resumes)
+        iter(loader)
     for _ in range(epochs):
         for meta in loader:
             meta.select(meta.data["x"][:, 0].abs() + 0.1)
@@ -59,7 +54,7 @@ def test_commits_record_the_run_identity_and_the_same_run_resumes(tmp_path):
     assert run["run_id"] == "exp-1" and len(run["fingerprint"]) == 16
     assert run["shards"]["count"] == len(urls)
     again = _train(urls, root, epochs=1, run_id="exp-1")
-    assert again.boundary.stats["restored"] == len(urls)
+    assert again.eswp.stats["restored"] == len(urls)
     assert Manifests(root).committed() == [0, 1, 2]
     assert again.step > first.step
 
@@ -115,7 +110,7 @@ def test_moved_data_is_refused_then_relocated(tmp_path):
     relocate = {str(tmp_path / "data") + "/": str(moved) + "/"}
     manifests = es_pipe.Manifests(root, relocate=relocate)
     again = _train(new_urls, manifests, epochs=1)
-    assert again.boundary.stats["restored"] == len(urls)
+    assert again.eswp.stats["restored"] == len(urls)
     for old, new in zip(urls, new_urls):
         assert np.array_equal(
             Manifests(root).read_shard(old, 1).columns["visits"],

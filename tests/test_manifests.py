@@ -309,7 +309,7 @@ def test_sampler_resumes_scores_and_decisions_exactly(tmp_path):
         assert expected is not None and np.array_equal(got, expected)
         for column, values in first.store.shard(url).items():
             assert np.array_equal(again.store.shard(url)[column], values), column
-    assert again.boundary.stats["restored"] == len(urls)
+    assert again.eswp.stats["restored"] == len(urls)
 
 
 def test_fingerprint_mismatch(tmp_path):

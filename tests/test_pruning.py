@@ -173,7 +173,7 @@ def test_rescale_weights_reach_the_sub_batch():
     )
     loader = tn.Loader(es_pipe.EvolvedSampling(_samples(2), sampler))
     _epoch(None, loader, [])
-    decisions = dict(sampler.boundary.decisions)  # for epoch 1
+    decisions = dict(sampler.eswp.decisions)  # for epoch 1
     record = []
     _epoch(None, loader, record)
     weights = torch.cat([sub.weights for sub in record])

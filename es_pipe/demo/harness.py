@@ -177,7 +177,7 @@ def _manifests(cfg: RunConfig, method: str) -> dict[str, Any]:
 
 
 def _eswp(cfg: RunConfig) -> Sampler:
-    return _es(cfg, prune=_pruning(cfg), **_manifests(cfg, "eswp"))
+    return _es(cfg, eswp=es_pipe.ESWP(prune=_pruning(cfg), **_manifests(cfg, "eswp")))
 
 
 def _infobatch(cfg: RunConfig, ratio: float = 0.5) -> Sampler:
@@ -191,8 +191,7 @@ def _infobatch(cfg: RunConfig, ratio: float = 0.5) -> Sampler:
         seed=cfg.seed,
         scoring="history",
         total_epochs=cfg.epochs,
-        prune=es_pipe.InfoBatch(ratio),
-        **_manifests(cfg, "infobatch"),
+        eswp=es_pipe.ESWP(prune=es_pipe.InfoBatch(ratio), **_manifests(cfg, "infobatch")),
     )
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from es_pipe import pruning
 from es_pipe.errors import ManifestError
+from es_pipe.eswp import rule as pruning
 from es_pipe.manifests import codec, layout
 from es_pipe.manifests.fs import ManifestFS, crc
 from es_pipe.manifests.reader import ManifestReader
