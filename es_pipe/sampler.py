@@ -32,7 +32,7 @@ from es_pipe.sampler_state import (  # noqa: F401  (re-exported: es_pipe.elastic
 )
 from es_pipe.sampling import Phase, Policy, Schedule, Span
 from es_pipe.scores import ScoreStore, ShardCodes
-from es_pipe.sources.shards import resolve_rank
+from es_pipe.sources.world import resolve_rank
 
 log = logging.getLogger(__name__)
 
