@@ -22,6 +22,7 @@ demo: $(STAMP)
 test: $(STAMP) data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 test-faults: $(STAMP)
@@ -30,6 +31,7 @@ test-faults: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The side-by-side training benchmark (about 20 minutes on 2 CPU cores). Fashion-MNIST comes
 # from Debian's dataset-fashion-mnist package (installed here with apt-get when missing).

@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from braceexpand import UnbalancedBracesError, braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand  # type: ignore[attr-defined]  # not in its stubs
 
 from es_pipe import storage
 from es_pipe.errors import ConfigError, ShardError
