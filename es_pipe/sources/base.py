@@ -94,13 +94,13 @@ class ShardedSource(BaseNode[dict[str, Any]]):
         for name, value in (("seed", seed), ("epoch", epoch)):
             if not is_int(value, at_least=0, numpy=True):
                 raise ConfigError(f"{name}={value!r} must be a non-negative int")
-        shards = ShardList.from_spec(urls, storage_options=storage_options)
+        self.retry = Retry.of(retry)  # also for listing the shards
+        shards = ShardList.from_spec(urls, storage_options=storage_options, retry=self.retry)
         self.shards = with_counts(shards, num_samples)
         self.storage_options = self.shards.storage_options
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self._world = World.of(rank, world_size, worker, num_workers)
-        self.retry = Retry.of(retry)
         self._sizes = ShardSizes(self.shards.urls, self.shards.num_samples)
         self.ctx = ReadContext(self.storage_options, self.retry, self._sizes, self._stats)
         """The reader's way to the node (:class:`~es_pipe.sources.reader.ReadContext`)."""
