@@ -23,8 +23,8 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from es_pipe.errors import ManifestError
 from es_pipe.manifests import codec, layout
@@ -32,6 +32,13 @@ from es_pipe.manifests.fs import ManifestFS, crc, load_json, storage_error
 from es_pipe.manifests.lease import Lease
 from es_pipe.manifests.reader import ManifestReader
 from es_pipe.manifests.writer import done_name, now
+
+
+class CommitRecord(NamedTuple):
+    """What a commit marker records about the run: its hyper-parameters and identity."""
+
+    hyper: Mapping[str, Any] | None
+    run: Mapping[str, Any] | None
 
 
 class Committer:
@@ -53,18 +60,12 @@ class Committer:
         return self.lease.attempt
 
     def commit(
-        self,
-        epoch: int,
-        *,
-        expected_ranks: int | Iterable[int] = 1,
-        timeout: float = 300.0,
-        poll: float = 0.2,
-        hyper: Mapping[str, Any] | None = None,
-        run: Mapping[str, Any] | None = None,
+        self, epoch: int, ranks: list[int], wait: tuple[float, float], record: CommitRecord
     ) -> dict[str, Any]:
-        """Make ``epoch`` visible; see :meth:`es_pipe.Manifests.commit`."""
-        epoch = int(epoch)
-        ranks = sorted(range(expected_ranks) if isinstance(expected_ranks, int) else expected_ranks)
+        """Make ``epoch`` visible once ``ranks`` are done, waiting ``(timeout, poll)``;
+        see :meth:`es_pipe.Manifests.commit`."""
+        timeout, poll = wait
+        hyper, run = record
         folder = layout.epoch_folder(epoch)
         layout.refuse_links(self.store.fs, self.store.root, folder, layout.COMMITS, layout.STAGING)
         dones = self._wait_for_ranks(epoch, ranks, timeout, poll)

@@ -22,11 +22,11 @@ import pyarrow as pa
 
 from es_pipe.errors import ConfigError, ManifestError
 from es_pipe.manifests import layout
-from es_pipe.manifests.commit import Committer
+from es_pipe.manifests.commit import CommitRecord, Committer
 from es_pipe.manifests.fingerprints import fingerprint
 from es_pipe.manifests.lease import PROCESS_TOKEN, Lease, default_attempt
 from es_pipe.manifests.reader import ManifestReader
-from es_pipe.manifests.writer import RankWriter
+from es_pipe.manifests.writer import RankWriter, ShardMeta
 from es_pipe.retry import Retry
 
 
@@ -132,16 +132,8 @@ class Manifests(ManifestReader):
         ``fallback`` marks a copy written only in case no rank that read the shard this
         epoch writes it (a shard inherited from a checkpoint of another topology): the
         commit prefers any other rank's file of the shard."""
-        return self._writer.write_shard(
-            epoch,
-            shard,
-            columns,
-            keys=keys,
-            factor=factor,
-            fingerprint=fingerprint,
-            hyper=hyper,
-            fallback=fallback,
-        )
+        meta = ShardMeta(keys, factor, fingerprint, hyper, fallback)
+        return self._writer.write_shard(epoch, shard, columns, meta)
 
     def write_shards(
         self, epoch: int, items: Iterable[Mapping[str, Any]], *, threads: int | None = None
@@ -179,9 +171,9 @@ class Manifests(ManifestReader):
         left there (with a warning). ``run`` is the run identity recorded in the marker
         (see :meth:`begin`). A full disk raises :class:`ManifestStorageError`; the previous
         epoch stays committed."""
-        return self._committer.commit(
-            epoch, expected_ranks=expected_ranks, timeout=timeout, poll=poll, hyper=hyper, run=run
-        )
+        ranks = sorted(range(expected_ranks) if isinstance(expected_ranks, int) else expected_ranks)
+        record = CommitRecord(hyper, run)
+        return self._committer.commit(int(epoch), ranks, (timeout, poll), record)
 
     def wait_committed(
         self, epoch: int, *, ranks: int, timeout: float, poll: float = 0.2, max_poll: float = 2.0

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,16 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+class ShardMeta(NamedTuple):
+    """What a shard's manifest records besides its columns (see ``Manifests.write_shard``)."""
+
+    keys: pa.Array | None
+    factor: float
+    fingerprint: dict[str, Any] | None
+    hyper: Mapping[str, Any] | None
+    fallback: bool
+
+
 class RankWriter:
     """Stages one rank's manifests of an epoch and waits for their commit.
 
@@ -52,18 +62,10 @@ class RankWriter:
         self._written: dict[int, list[dict[str, Any]]] = {}
 
     def write_shard(
-        self,
-        epoch: int,
-        shard: str,
-        columns: Mapping[str, np.ndarray],
-        *,
-        keys: pa.Array | None = None,
-        factor: float = 1.0,
-        fingerprint: dict[str, Any] | None = None,
-        hyper: Mapping[str, Any] | None = None,
-        fallback: bool = False,
+        self, epoch: int, shard: str, columns: Mapping[str, np.ndarray], info: ShardMeta
     ) -> dict[str, Any]:
         """Stage one shard's manifest for ``epoch``; see :meth:`es_pipe.Manifests.write_shard`."""
+        keys, factor, fingerprint, hyper, fallback = info
         table = codec.build_table(shard, columns, bits=STATE_BITS, keys=keys, factor=factor)
         meta = {
             "schema_version": codec.schema_version(),
