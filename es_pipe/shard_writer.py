@@ -39,11 +39,14 @@ def samples_from_folder(
     *,
     follow_symlinks: bool = False,
     storage_options: Mapping[str, Any] | None = None,
-) -> Iterator[dict[str, Any]]:
+) -> FolderSamples:
     """Samples from a folder of files: files sharing a key (the relative path up to the
     first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``.
 
-    Files are listed recursively (any fsspec URL) and samples come in sorted key order.
+    Files are listed recursively (any fsspec URL), up front, so a bad name is refused
+    before any file is read and ``len()`` of the result is the number of samples (a
+    progress bar's total); samples come in sorted key order, each file read when its
+    sample is.
     Files without an extension are refused (they would have no field name).
 
     On a local disk, a symbolic link that leads out of ``root`` (to a file or a folder) is
@@ -71,12 +74,27 @@ def samples_from_folder(
                 f"two files for key {key!r} and extension {ext!r} in {root!r}; rename or remove one"
             )
         groups[key][ext] = path
-    for key in sorted(groups):
+    return FolderSamples(fs, groups)
+
+
+class FolderSamples(Iterator[dict[str, Any]]):
+    """The samples of a listed folder (see :func:`samples_from_folder`): an iterator with
+    a length."""
+
+    def __init__(self, fs: Any, groups: Mapping[str, Mapping[str, str]]) -> None:
+        self._fs, self._groups = fs, groups
+        self._keys = iter(sorted(groups))
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __next__(self) -> dict[str, Any]:
+        key = next(self._keys)
         sample: dict[str, Any] = {"__key__": key}
-        for ext, path in sorted(groups[key].items()):
-            with fs.open(path, "rb") as f:
+        for ext, path in sorted(self._groups[key].items()):
+            with self._fs.open(path, "rb") as f:
                 sample[ext] = f.read()
-        yield sample
+        return sample
 
 
 def _local_files(base: str, root: str, follow_symlinks: bool) -> list[str]:

@@ -32,6 +32,7 @@ def test_shard_a_folder_into_tars(tmp_path):
     samples = list(WebDatasetSource(str(tmp_path / "out" / "train-{000..002}.tar")))
     assert sorted(s["__key__"] for s in samples) == [f"s{i}" for i in range(7)]
     assert {s["txt"] for s in samples} == {f"text {i}".encode() for i in range(7)}
+    assert "7/7" in out.stderr  # the progress bar knows its total: the folder is listed first
 
 
 def test_shard_a_parquet_table(tmp_path):
@@ -191,6 +192,7 @@ def test_samples_from_folder_refuses_links_out_and_survives_loops(tmp_path):
 
     raw, outside = _folder_with_links(tmp_path)
     (raw / "sub" / "loop").symlink_to(raw)  # a folder link back into the folder
+    assert len(samples_from_folder(str(raw))) == 2
     assert [s["__key__"] for s in samples_from_folder(str(raw))] == ["s0", "s1"]
     followed = [s["__key__"] for s in samples_from_folder(str(raw), follow_symlinks=True)]
     assert followed == ["s0", "s1"]  # every real folder once: no endless loop
