@@ -140,6 +140,9 @@ def test_failed_publication_is_never_read_by_the_one_liner(tmp_path):
     frame = dataset.to_table().to_pandas()
     assert frame.groupby("epoch").size().to_dict() == {0: n, 1: n}
     assert set(frame["shard"].astype(str)) == set(SHARDS)
+    polars = pytest.importorskip("polars")  # and Polars, lazily, through the same dataset
+    counts = polars.scan_pyarrow_dataset(dataset).group_by("epoch").len().collect()
+    assert dict(counts.sort("epoch").iter_rows()) == {0: n, 1: n}
     # the next commit of epoch 2 (the restarted launch) replaces the abandoned files
     with installed(Faults()):
         _write(Manifests(root, attempt="launch-3"), 2, run=3)
