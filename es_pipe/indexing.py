@@ -105,11 +105,15 @@ def _count_tar(url: str, f: BinaryIO) -> int:
             url,
             start=sys.maxsize,  # hand out no sample: count them
             pruned=set(),
-            bad_sample=lambda message: None,  # counted as the reader counts samples
+            bad_sample=_refuse,  # a shard the reader would refuse gets no count
             check_count=counted.append,
         ):
             pass
     return counted[-1] if counted else 0
+
+
+def _refuse(message: str) -> None:
+    raise ShardError(message + " (before it can be indexed)")
 
 
 def _count_arrow(url: str, f: Any) -> int:

@@ -3,10 +3,12 @@ and the CLI's contract for expected failures: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -121,6 +123,21 @@ def test_a_truncated_shard_is_refused_and_no_index_is_written(tmp_path):
         count_samples(tars[1])
     out = cli("index", *tars, "--out", str(tmp_path / "i.txt"))
     one_clear_line(out, "wds-1.tar", "re-create or re-download")
+    assert not (tmp_path / "i.txt").exists()
+
+
+def test_a_shard_the_reader_would_refuse_gets_no_count(tmp_path):
+    """A member without KEY.EXTENSION: the reader refuses it, so the index does too."""
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as sink:
+        for name in ("a.txt", "noext", "b.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            sink.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ShardError, match="'noext' has no key"):
+        count_samples(str(path))
+    out = cli("index", str(path), "--out", str(tmp_path / "i.txt"))
+    one_clear_line(out, "noext", "before it can be indexed")
     assert not (tmp_path / "i.txt").exists()
 
 
