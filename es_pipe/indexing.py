@@ -71,22 +71,18 @@ def format_of(url: str) -> Format:
 @contextlib.contextmanager
 def _open(url: str, storage_options: Mapping[str, Any] | None, retry: Retry) -> Iterator[Any]:
     fs, path = storage.url_to_fs(url, storage_options)
-    try:
-        if isinstance(fs, LocalFileSystem):
-            f: Any = open(path, "rb")  # noqa: SIM115 (closed by the with below)
-        else:
-            f = RetryingFile(fs, path, url=url, retry=retry)
-    except FileNotFoundError as exc:
-        storage.raise_storage_error(exc, url)
-        raise ShardError(f"shard {url!r} does not exist; check the shard list") from exc
-    except IsADirectoryError as exc:
-        raise ShardError(
-            f"{url!r} is a folder, not a shard; give its shard files (a glob such as "
-            f"'{url.rstrip('/')}/*.tar')"
-        ) from exc
-    except Exception as exc:
-        storage.raise_storage_error(exc, url)
-        raise
+    missing = f"shard {url!r} does not exist; check the shard list"
+    with storage.named_errors(url, missing=missing):
+        try:
+            if isinstance(fs, LocalFileSystem):
+                f: Any = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+            else:
+                f = RetryingFile(fs, path, url=url, retry=retry)
+        except IsADirectoryError as exc:
+            raise ShardError(
+                f"{url!r} is a folder, not a shard; give its shard files (a glob such as "
+                f"'{url.rstrip('/')}/*.tar')"
+            ) from exc
     with f:
         yield f
 

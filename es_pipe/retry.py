@@ -200,6 +200,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def gave_up(
+    error: Callable[[str], BaseException], what: str, advice: str
+) -> Callable[[BaseException, int], BaseException]:
+    """An ``exhausted=`` for :meth:`Retry.call`: ``error("WHAT failed N times in a row
+    (the last error); ADVICE")``, the one form of every "the retries ran out" message."""
+
+    def build(exc: BaseException, attempts: int) -> BaseException:
+        return error(f"{what} failed {attempts} times in a row ({_describe(exc)}); {advice}")
+
+    return build
+
+
 class RetryingFile:
     """A read-only binary file over an fsspec filesystem whose reads are retried.
 
@@ -257,14 +269,13 @@ class RetryingFile:
                 self._f = f
             return fn()
 
-        def give_up(exc: BaseException, attempts: int) -> BaseException:
-            return ShardError(
-                f"shard {self.url!r}: {what} failed {attempts} times in a row "
-                f"({_describe(exc)}); the filesystem kept failing. Check the storage or the "
-                "network, allow more attempts with retry=es_pipe.Retry(attempts=...), or "
-                "pass on_error='skip' to skip such shards"
-            )
-
+        give_up = gave_up(
+            ShardError,
+            f"shard {self.url!r}: {what}",
+            "the filesystem kept failing. Check the storage or the network, allow more "
+            "attempts with retry=es_pipe.Retry(attempts=...), or pass on_error='skip' to skip "
+            "such shards",
+        )
         return self.retry.call(
             attempt, what=f"{what} {self.url}", on_retry=again, exhausted=give_up, failed=failed
         )

@@ -11,7 +11,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -72,6 +72,36 @@ class Identity:
             [key for part in parts for key in part.keys],
             np.concatenate(ordinals) if len(ordinals) == len(parts) else None,
         )
+
+
+class _RunCounter:
+    """A counter of the run (:attr:`Sampler.step`, :attr:`Sampler.epoch`), kept in the
+    sampler's ``_<name>``. Reading it starts the run first (:meth:`Sampler.start`), so that
+    a resume from manifests is applied before anyone sees the counter; assigning sets it."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self.attr = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _RunCounter: ...
+
+    @overload
+    def __get__(self, obj: Sampler, owner: type | None = None) -> int: ...
+
+    def __get__(self, obj: Sampler | None, owner: type | None = None) -> _RunCounter | int:
+        if obj is None:
+            return self
+        if not obj._started:
+            obj.start()
+        value: int = getattr(obj, self.attr)
+        return value
+
+    def __set__(self, obj: Sampler, value: int) -> None:
+        setattr(obj, self.attr, value)
 
 
 @dataclass(frozen=True)
@@ -209,28 +239,11 @@ class Sampler:
         first epoch end and without ESWP. See :class:`es_pipe.eswp.EpochCommit`."""
         return None if self.eswp is None else self.eswp.last_commit
 
-    @property
-    def step(self) -> int:
-        """Steps taken (selections made). Reading it starts the run (:meth:`start`)."""
-        if not self._started:
-            self.start()
-        return self._step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self._step = value
-
-    @property
-    def epoch(self) -> int:
-        """The epoch being read. Reading it starts the run (:meth:`start`): after a resume
-        from manifests it is the epoch after the newest commit."""
-        if not self._started:
-            self.start()
-        return self._epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._epoch = value
+    step = _RunCounter("Steps taken (selections made). Reading it starts the run (:meth:`start`).")
+    epoch = _RunCounter(
+        "The epoch being read. Reading it starts the run (:meth:`start`): after a resume "
+        "from manifests it is the epoch after the newest commit."
+    )
 
     def start(self) -> None:
         """Start the run, once: with ``eswp=`` and manifests, claim the folder (its lease,

@@ -389,11 +389,7 @@ def write_shards(
         for url, n in zip(urls, counts, strict=True):
             name = url[len(base) + 1 :] if base and url.startswith(base + "/") else url
             lines.append(f"{name} {n}\n")
-        try:
-            with _open_write(index_url, options) as f:
-                f.write("".join(lines).encode("utf-8"))
-        except Exception as exc:
-            storage.raise_storage_error(exc, index_url)
-            raise
+        with storage.named_errors(index_url), _open_write(index_url, options) as f:
+            f.write("".join(lines).encode("utf-8"))
     storage.remember(urls, options)
     return urls

@@ -34,14 +34,15 @@ even under ``on_error="skip"``, and es_pipe never retries them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import fsspec
 
-from es_pipe.errors import ConfigError, StorageError
+from es_pipe.errors import ConfigError, ShardError, StorageError
 
 __all__ = [
     "StorageError",
@@ -287,6 +288,22 @@ def raise_storage_error(exc: BaseException, url: str) -> None:
         if error is exc:
             raise error
         raise error from exc
+
+
+@contextlib.contextmanager
+def named_errors(url: str, *, missing: str | None = None) -> Iterator[None]:
+    """Run the block on ``url``'s storage; an error it raises that is a storage
+    misconfiguration leaves as :func:`storage_error`'s error (from it). Else, with
+    ``missing`` given, a ``FileNotFoundError`` leaves as ``ShardError(missing)``; anything
+    else leaves unchanged. The one place the ``try``/``raise_storage_error`` pattern of
+    every storage call is written."""
+    try:
+        yield
+    except Exception as exc:
+        raise_storage_error(exc, url)
+        if missing is not None and isinstance(exc, FileNotFoundError):
+            raise ShardError(missing) from exc
+        raise
 
 
 def parse_option(text: str) -> tuple[list[str], Any]:

@@ -31,12 +31,15 @@ RECOMMENDED = harness.RECOMMENDED
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    from es_pipe.tools.argtypes import add_command, positive_float, positive_int
+
+    parser = add_command(
+        subparsers,
         "demo",
+        run_demo,
         help="pretrain a byte-level LM on the Python stdlib: uniform, ES with pruning, and "
         "uniform given the same compute, side by side",
         description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""By default it trains three runs: uniform (plain training), {RECOMMENDED}
 (the recommended configuration) and uniform@F, uniform cut to the CPU time the recommended
 run took, and ends with a one-line verdict. The columns are explained under the table.
@@ -53,8 +56,6 @@ losses, no extra forward pass), eswp (ES with set-level pruning), infobatch, and
 families es@F / es-history@F (b/B = F), es-prune@R / es-prune-s3@R (full batches, ES-scored
 pruning at ratio R), infobatch@R.""",
     )
-    from es_pipe.tools.argtypes import positive_float, positive_int
-
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})"
     )
@@ -97,7 +98,6 @@ pruning at ratio R), infobatch@R.""",
         help="bf16 autocast for the scoring pass (slower on CPUs without AMX)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=run_demo)
     return parser
 
 

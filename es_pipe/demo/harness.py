@@ -148,14 +148,18 @@ def _schedule(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def _scores(cfg: RunConfig) -> dict[str, Any]:
+    """What every ES method takes from the config alike: the score's two EMA decays and
+    the seed."""
+    return {"beta1": cfg.beta1, "beta2": cfg.beta2, "seed": cfg.seed}
+
+
 def _es(cfg: RunConfig, scoring: str = "forward", **options: Any) -> Sampler:
     return es_pipe.EvolvedSampler(
         cfg.meta_batch_size,
         cfg.batch_size,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
         scoring=scoring,
-        seed=cfg.seed,
+        **_scores(cfg),
         **_schedule(cfg),
         **options,
     )
@@ -206,9 +210,7 @@ def _es_pruned(cfg: RunConfig) -> Sampler:
         prune_ratio=cfg.prune_ratio,
         max_streak=cfg.max_streak,
         anneal=cfg.anneal,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        seed=cfg.seed,
+        **_scores(cfg),
         **_manifests(cfg, "es-prune"),
     )
 

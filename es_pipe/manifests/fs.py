@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from es_pipe import storage
 from es_pipe.errors import ConfigError, ManifestError, ManifestStorageError
-from es_pipe.retry import Retry
+from es_pipe.retry import Retry, gave_up
 
 STORAGE_ERRNOS = frozenset(
     getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n)
@@ -93,19 +93,15 @@ class ManifestFS:
             with self._lock:
                 self.retries += 1
 
-        def give_up(exc: BaseException, attempts: int) -> ManifestError:
-            return ManifestError(
-                f"{what} failed {attempts} times in a row ({type(exc).__name__}: {exc}); the "
-                f"storage of {self.url} kept failing. Check it (or the network) and call again "
-                "(a failed commit leaves the previous epoch committed), or allow more attempts "
-                "with retry=es_pipe.Retry(attempts=...)"
-            )
-
-        try:
+        give_up = gave_up(
+            ManifestError,
+            what,
+            f"the storage of {self.url} kept failing. Check it (or the network) and call again "
+            "(a failed commit leaves the previous epoch committed), or allow more attempts "
+            "with retry=es_pipe.Retry(attempts=...)",
+        )
+        with storage.named_errors(self.url):  # no credentials, no bucket...: the fix named
             return self.retry.call(fn, *args, what=what, on_retry=count, exhausted=give_up)
-        except Exception as exc:  # no credentials, no bucket...: StorageError with the fix
-            storage.raise_storage_error(exc, self.url)
-            raise
 
     def read(self, path: str) -> bytes:
         """The bytes of ``path`` (``FileNotFoundError`` propagates)."""

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from es_pipe.errors import ManifestError
+from es_pipe.forward import Forward
 from es_pipe.manifests import codec, layout
 from es_pipe.manifests.fs import ManifestFS, crc
 from es_pipe.retry import Retry
@@ -85,30 +86,11 @@ class ManifestReader:
         self._markers: dict[int, dict[str, Any]] = {}
         self._by_shard: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
 
-    @property
-    def url(self) -> str:
-        """The root as given."""
-        return self.store.url
-
-    @property
-    def fs(self) -> Any:
-        """The root's fsspec filesystem."""
-        return self.store.fs
-
-    @property
-    def root(self) -> str:
-        """The root's path on :attr:`fs`."""
-        return self.store.root
-
-    @property
-    def retry(self) -> Retry:
-        """The retry policy of every filesystem call."""
-        return self.store.retry
-
-    @property
-    def retries(self) -> int:
-        """Filesystem calls retried so far."""
-        return self.store.retries
+    url = Forward[str]("store.url", "The root as given.")
+    fs = Forward[Any]("store.fs", "The root's fsspec filesystem.")
+    root = Forward[str]("store.root", "The root's path on :attr:`fs`.")
+    retry = Forward[Retry]("store.retry", "The retry policy of every filesystem call.")
+    retries = Forward[int]("store.retries", "Filesystem calls retried so far.")
 
     def committed(self, *, refresh: bool = True) -> list[int]:
         """Committed epochs, oldest first."""

@@ -23,6 +23,7 @@ from torchdata.nodes import BaseNode
 from es_pipe import storage
 from es_pipe.checks import is_int
 from es_pipe.errors import ConfigError, EsPipeError, ShardError
+from es_pipe.forward import Forward
 from es_pipe.retry import Retry
 from es_pipe.sources.equalize import Equalize, Equalizer
 from es_pipe.sources.options import SourceOptions as SourceOptions  # its old home
@@ -130,31 +131,18 @@ class ShardedSource(BaseNode[dict[str, Any]]):
         return None
 
     # ------------------------------------------------------------------ public API
-    @property
-    def epoch(self) -> int:
-        """The epoch being read (or about to be read)."""
-        return self._epoch
-
-    @property
-    def stream(self) -> tuple[int, int]:
-        """``(s, S)``: this node's stream id and the number of streams (ranks x workers)."""
-        return self._plan.stream
-
-    @property
-    def rank(self) -> int:
-        return self._world.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world.world_size
-
-    @property
-    def equalize(self) -> Equalize:
-        return self._equalizer.mode
-
-    @property
-    def on_error(self) -> OnError:
-        return self._stats.on_error
+    epoch = Forward[int]("_epoch", "The epoch being read (or about to be read).")
+    stream = Forward[tuple[int, int]](
+        "_plan.stream",
+        "``(s, S)``: this node's stream id and the number of streams (ranks x workers).",
+    )
+    rank = Forward[int]("_world.rank")
+    world_size = Forward[int]("_world.world_size")
+    equalize = Forward[Equalize]("_equalizer.mode")
+    on_error = Forward[OnError]("_stats.on_error")
+    last_epoch_stats = Forward[dict[str, Any] | None](
+        "_stats.last_epoch", ":attr:`stats` as they were when the last epoch ended (None before)."
+    )
 
     @property
     def pruned(self) -> PrunedSpec:
@@ -164,11 +152,6 @@ class ShardedSource(BaseNode[dict[str, Any]]):
     @pruned.setter
     def pruned(self, spec: PrunedSpec) -> None:
         self._pruned = Pruned(spec)
-
-    @property
-    def last_epoch_stats(self) -> dict[str, Any] | None:
-        """:attr:`stats` as they were when the last epoch ended (None before)."""
-        return self._stats.last_epoch
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -100,11 +100,8 @@ class ReadContext:
         under the source's ``retry=`` and counted in ``stats["retries"]``. A missing file
         raises ``FileNotFoundError``; a storage misconfiguration a ``StorageError``."""
         fs, path = storage.url_to_fs(url, self.storage_options)
-        try:
+        with storage.named_errors(url):  # no credentials, no bucket...: the fix named
             return RetryingFile(fs, path, url=url, retry=self.retry, on_retry=self._on_retry)
-        except Exception as exc:  # no credentials, no bucket...: StorageError with the fix
-            storage.raise_storage_error(exc, url)
-            raise
 
     def check_count(self, url: str, found: int, unit: str = "samples", why: str = "") -> None:
         """Raise :class:`ShardError` when a shard holds another number of samples than its

@@ -179,21 +179,17 @@ class ShardList:
         read (:class:`es_pipe.Retry`; ``None``: ``Retry()``).
         """
         opts = storage.check_options(storage_options)
-        try:
+        missing = f"index file {index_url!r} does not exist; check the URL"
+        with storage.named_errors(index_url, missing=missing):
             fs, path = storage.url_to_fs(index_url, opts)
             text = Retry.of(retry).call(fs.cat_file, path, what=f"read {index_url}")
-            lines = text.decode("utf-8").splitlines()
-        except FileNotFoundError as exc:
-            storage.raise_storage_error(exc, index_url)
-            raise ShardError(f"index file {index_url!r} does not exist; check the URL") from exc
-        except UnicodeDecodeError as exc:
-            raise ShardError(
-                f"index file {index_url!r} is not UTF-8 text ({exc}); give the index file that "
-                "write_shards (or es-pipe shard) wrote"
-            ) from exc
-        except Exception as exc:
-            storage.raise_storage_error(exc, index_url)
-            raise
+            try:
+                lines = text.decode("utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise ShardError(
+                    f"index file {index_url!r} is not UTF-8 text ({exc}); give the index file "
+                    "that write_shards (or es-pipe shard) wrote"
+                ) from exc
         base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
         urls, counts = [], []
         for lineno, line in enumerate(lines, 1):
@@ -236,11 +232,8 @@ def _glob(
     """List a glob, spelling each match the way the pattern spells its fixed prefix
     (``memory://d/x-*`` lists ``memory://d/x-0``, a relative pattern stays relative)."""
     fs, path = storage.url_to_fs(pattern, storage_options)
-    try:
+    with storage.named_errors(pattern):
         found = sorted(Retry.of(retry).call(fs.glob, path, what=f"glob {pattern}"))
-    except Exception as exc:
-        storage.raise_storage_error(exc, pattern)
-        raise
     cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
     head = pattern[:cut].rsplit("/", 1)[0] + "/" if "/" in pattern[:cut] else ""
     stripped = fs._strip_protocol(head).rstrip("/") + "/" if head else ""

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 
 from es_pipe import storage
-from es_pipe.tools.argtypes import positive_int
+from es_pipe.tools.argtypes import add_command, positive_int
 
 
 def add_index_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "index",
+        _index,
         help="count the samples of existing shards and write the index file equalize= reads",
         description=(
             "Count the samples of shards that es_pipe did not write (webdataset.TarWriter "
@@ -26,7 +28,6 @@ def add_index_parser(subparsers: argparse._SubParsersAction) -> None:
             "  es-pipe index 's3://bucket/train/*.parquet' --out s3://bucket/train/index.txt \\\n"
             "      --storage-option client_kwargs.endpoint_url=http://localhost:9000\n"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "shards", nargs="+", help="shard URLs, brace patterns or globs (quote them)"
@@ -47,7 +48,6 @@ def add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     storage.add_storage_argument(parser)
-    parser.set_defaults(func=_index)
 
 
 def _index(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from es_pipe import storage
 from es_pipe.errors import EsPipeError, ManifestError
 from es_pipe.manifests import ManifestReader
+from es_pipe.tools.argtypes import add_command
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 KEY_COLUMNS = ["key", "row", "score", "loss", "visits", "pruned", "streak", "weight"]
@@ -55,15 +56,15 @@ or the DuckDB CLI over a glob, filtered to the committed epochs:
 
 def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``inspect`` on an argparse sub-parsers object."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "inspect",
+        run,
         help="show what a run pruned and why, from its manifests",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _arguments(parser)
-    parser.set_defaults(func=run)
     return parser
 
 

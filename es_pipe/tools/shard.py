@@ -10,12 +10,14 @@ from typing import Literal
 from es_pipe import storage
 from es_pipe.errors import EsPipeError
 from es_pipe.shard_writer import _short
-from es_pipe.tools.argtypes import positive_int
+from es_pipe.tools.argtypes import add_command, positive_int
 
 
 def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "shard",
+        _shard,
         help="write a folder of files or a table into WebDataset or Parquet shards",
         description=(
             "Shard data so that es_pipe's sources can stream it. SOURCE is a folder of "
@@ -31,7 +33,6 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
             "  es-pipe shard raw/ 's3://bucket/train-%06d.tar' \\\n"
             "      --storage-option client_kwargs.endpoint_url=http://localhost:9000\n"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="a folder of files, or a .parquet/.arrow/.feather/.npz")
     parser.add_argument("out", help="output URL pattern with one printf field, e.g. out-%%06d.tar")
@@ -62,7 +63,6 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
         "(default: such links are refused)",
     )
     storage.add_storage_argument(parser)
-    parser.set_defaults(func=_shard)
 
 
 def _shard(args: argparse.Namespace) -> int:
