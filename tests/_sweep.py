@@ -1,14 +1,18 @@
-"""Shared plumbing of the bad-input sweep (tests/test_bad_inputs.py, tests/test_fuzz_shards.py).
+"""Shared plumbing of the bad-input sweeps, which sit next to the concept each one tests
+(the ``test_*`` functions that call :func:`sweep`: losses and sample dicts in test_stage.py,
+hyper-parameters in test_sampler.py and test_sampling.py, source options and shard lists in
+test_sources_errors.py, manifest folders in test_manifests.py, CLI arguments in test_cli.py,
+shard bytes in test_fuzz_shards.py), and the strategies of odd values they share.
 
 Every property runs under hypothesis with a fixed budget per category: ``DEFAULT`` examples in
-the default run, ``FAULTS`` under the ``faults`` marker (``make test-faults``, or
-``pytest -m faults tests/test_bad_inputs.py tests/test_fuzz_shards.py``). Examples are
-derandomized (seeded from the test), so a run is reproducible.
+the default run, ``FAULTS`` under the ``faults`` marker (``make test-faults``, or only the
+sweeps: ``pytest -m "faults and sweep"``). Examples are derandomized (seeded from the test),
+so a run is reproducible.
 
 Outcomes are counted per category: how many inputs were tried, how many gave a correct result,
 and which es_pipe error the others raised. With ``ES_PIPE_SWEEP_REPORT=path.json`` the counts
-are merged into that JSON file at the end of each test module (the README's "bad inputs
-tried" figures come from it).
+are merged into that JSON file at the end of each test module (tests/conftest.py; the
+README's "bad inputs tried" figures come from it).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,9 +36,40 @@ DEFAULT = int(os.environ.get("ES_PIPE_SWEEP_EXAMPLES", "40"))
 FAULTS = int(os.environ.get("ES_PIPE_SWEEP_FAULTS_EXAMPLES", "600"))
 
 SCALES = [
-    pytest.param(DEFAULT, id="default", marks=pytest.mark.timeout(120)),  # a hang fails
-    pytest.param(FAULTS, id="faults", marks=[pytest.mark.faults, pytest.mark.timeout(1800)]),
-]
+    pytest.param(DEFAULT, id="default", marks=[pytest.mark.sweep, pytest.mark.timeout(120)]),
+    pytest.param(
+        FAULTS,
+        id="faults",
+        marks=[pytest.mark.sweep, pytest.mark.faults, pytest.mark.timeout(1800)],
+    ),
+]  # the timeouts: a hang fails
+
+# Odd values of every kind, for any argument: what users hand es_pipe by mistake.
+weird_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.complex_numbers(allow_nan=False, max_magnitude=1e3),
+    st.just(object()),
+    st.just([]),
+    st.just({}),
+    st.builds(np.int64, st.integers(-(2**63), 2**63 - 1)),
+    st.builds(np.float32, st.floats(width=32)),
+)
+small = st.one_of(weird_scalars, st.integers(-2, 40))  # for counts, sizes and seeds
+fractions = st.one_of(weird_scalars, st.floats(-0.5, 1.5))  # for ratios and betas
+
+
+def sweep_samples(n: int, shard: str = "s") -> list[dict]:
+    """``n`` good sample dicts of one shard (identity fields and a small tensor)."""
+    return [
+        {"x": torch.full((2,), float(i)), "__key__": f"k{i}", "__shard__": shard, "__index__": i}
+        for i in range(n)
+    ]
+
 
 COUNTS: dict[str, Counter] = defaultdict(Counter)
 SCALE_OF: dict[str, str] = {}

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 import pytest
-from _sweep import SCALES, dump_report, es_error_or_ok, sweep
+from _sweep import SCALES, es_error_or_ok, sweep
 from hypothesis import strategies as st
 from webdataset.tariterators import base_plus_ext
 
@@ -49,12 +49,6 @@ from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ArrowSource, ParquetSource, WebDatasetSource
 
 SOURCES = {"tar": WebDatasetSource, "parquet": ParquetSource, "arrow": ArrowSource}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    dump_report()
 
 
 # --------------------------------------------------------------------------- originals

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -12,10 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchdata.nodes as tn
+from _sweep import SCALES, es_error_or_ok, outcome_of, sweep
+from hypothesis import strategies as st
 
 import es_pipe
-from es_pipe.errors import ConfigError, ManifestError
+from es_pipe.errors import ConfigError, EsPipeError, ManifestError
 from es_pipe.manifests import Manifests, arrow_schema, safe_name, schema_spec
+from es_pipe.tools.cli import main as cli_main
 
 
 def _columns(n, seed=0):
@@ -426,3 +432,195 @@ def test_the_reader_reads_what_the_writer_committed_and_writes_nothing(tmp_path)
     with pytest.raises(ManifestError, match="no committed epoch"):
         empty.latest(required=True)
     assert "no committed epoch" in empty.nothing_committed()
+
+
+# --------------------------------------------------------------------------- swept bad inputs
+# Hypothesis sweeps (tests/_sweep.py): every input gives a correct result or an es_pipe
+# error with a message, never a raw exception or a hang; a rejected call changes no state.
+
+
+def _json_mutations():
+    """Edits of a commit marker's JSON: drop, retype or replace a field, anywhere."""
+    json_values = st.recursive(
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(-5, 2**40),
+            st.floats(allow_nan=False),
+            st.text(max_size=6),
+        ),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
+    paths = st.sampled_from(
+        [
+            "",
+            "files",
+            "files.0",
+            "files.0.path",
+            "files.0.size",
+            "files.0.crc32",
+            "files.0.shard",
+            "files.1",
+            "hyper",
+            "hyper.step",
+            "epoch",
+            "schema_version",
+            "format",
+            "rows",
+            "committed",
+        ]
+    )
+    return st.tuples(paths, st.sampled_from(["drop", "set"]), json_values)
+
+
+def _apply_json(marker, path, op, value):
+    if not path:
+        return value
+    parts = path.split(".")
+    node = marker
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node.get(p)
+        if node is None:
+            return marker
+    last = parts[-1]
+    key = int(last) if isinstance(node, list) else last
+    if isinstance(node, list) and key >= len(node):
+        return marker
+    if op == "drop":
+        del node[key]
+    else:
+        node[key] = value
+    return marker
+
+
+def _byte_mutation():
+    return st.one_of(
+        st.tuples(st.just("truncate"), st.floats(0, 1)),
+        st.tuples(st.just("flip"), st.floats(0, 1), st.integers(0, 7)),
+        st.tuples(st.just("overwrite"), st.floats(0, 1), st.binary(min_size=1, max_size=32)),
+    )
+
+
+def _mutate_bytes(data: bytes, m) -> bytes:
+    b = bytearray(data)
+    at = min(int(m[1] * len(b)), max(len(b) - 1, 0))
+    if m[0] == "truncate":
+        return bytes(b[:at])
+    if m[0] == "flip" and b:
+        b[at] ^= 1 << m[2]
+        return bytes(b)
+    if m[0] == "overwrite":
+        b[at : at + len(m[2])] = m[2]
+    return bytes(b)
+
+
+def _wrong_parquet(kind: str, good: bytes) -> bytes:
+    """A manifest file with the wrong columns or types (es_pipe metadata kept)."""
+    table = pq.read_table(io.BytesIO(good))
+    if kind == "drop_column":
+        table = table.drop_columns(["score"])
+    elif kind == "retype":
+        i = table.schema.get_field_index("visits")
+        table = table.set_column(i, "visits", table.column("visits").cast(pa.float64()))
+    elif kind == "extra_column":
+        table = table.append_column("extra", pa.array(np.zeros(table.num_rows)))
+    elif kind == "rows_shuffled":
+        table = table.take(np.arange(table.num_rows)[::-1].copy())
+    elif kind == "no_metadata":
+        table = table.replace_schema_metadata(None)
+    elif kind == "bad_metadata":
+        meta = dict(table.schema.metadata)
+        key = next(k for k in meta if k != b"ARROW:schema")
+        meta[key] = b"{not json"
+        table = table.replace_schema_metadata(meta)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _read_everything(root: str) -> str:
+    """Every way of reading manifests: the API, the sampler's resume, es-pipe inspect."""
+    m = Manifests(root)
+    m.latest(required=True)
+    m.read_epoch()
+    for shard in ("a.tar", "b.tar"):
+        m.read_shard(shard)
+    es_pipe.EvolvedSampler(4, 2, manifests=root, prune=es_pipe.Pruning(anneal=0))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(["inspect", root, "--no-progress", "--json"])
+    return f"{rc}:{err.getvalue()}"
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_manifest_folders(n, manifest_root, tmp_path):
+    """Corrupted commit markers (JSON edits and raw bytes), truncated or flipped Parquet
+    manifests, manifests with wrong columns (also with a marker whose size and crc32 were
+    fixed to match): ManifestError (or the API works), and ``es-pipe inspect`` exits 2 with
+    a message, never a traceback."""
+    counter = iter(range(10**9))
+
+    def check(case):
+        kind, target, mutation = case
+        root = tmp_path / f"r{next(counter)}"
+        shutil.copytree(manifest_root, root)
+        marker_path = sorted((root / "_commits").iterdir())[-1]
+        marker = json.loads(marker_path.read_text())
+        entry = marker["files"][target]
+        data_path = root / entry["path"]
+        if kind == "marker_json":
+            marker = _apply_json(marker, *mutation)
+            marker_path.write_text(json.dumps(marker))
+        elif kind == "marker_bytes":
+            marker_path.write_bytes(_mutate_bytes(marker_path.read_bytes(), mutation))
+        elif kind == "parquet_bytes":
+            data_path.write_bytes(_mutate_bytes(data_path.read_bytes(), mutation))
+        else:  # a rewritten manifest whose marker entry matches its bytes
+            data = _wrong_parquet(mutation, data_path.read_bytes())
+            data_path.write_bytes(data)
+            if kind == "parquet_schema_fixed_marker":
+                from es_pipe.manifests.fs import crc
+
+                entry["size"], entry["crc32"] = len(data), crc(data)
+                marker_path.write_text(json.dumps(marker))
+
+        result, error = es_error_or_ok(lambda: _read_everything(str(root)), (EsPipeError,))
+        if error is not None:  # inspect reads less than the API: it may still work
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = cli_main(["inspect", str(root), "--no-progress"])
+            assert rc == 0 or (rc == 2 and "es-pipe inspect: error:" in err.getvalue())
+        else:
+            assert result.startswith("0:"), result
+        return outcome_of(error)
+
+    schema_kinds = st.sampled_from(
+        ["drop_column", "retype", "extra_column", "rows_shuffled", "no_metadata", "bad_metadata"]
+    )
+    strategy = st.one_of(
+        st.tuples(st.just("marker_json"), st.integers(0, 1), _json_mutations()),
+        st.tuples(st.just("marker_bytes"), st.integers(0, 1), _byte_mutation()),
+        st.tuples(st.just("parquet_bytes"), st.integers(0, 1), _byte_mutation()),
+        st.tuples(st.just("parquet_schema"), st.integers(0, 1), schema_kinds),
+        st.tuples(st.just("parquet_schema_fixed_marker"), st.integers(0, 1), schema_kinds),
+    )
+    sweep("manifest folders", strategy, check, n)
+
+
+# One example per library bug the bad-input sweep found in manifest folders (each was a raw
+# error or a crash).
+REGRESSIONS = {
+    "unknown protocol": (ConfigError, "Protocol", lambda: Manifests("foo://x")),
+}  # fmt: skip
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_regressions_found_by_the_sweep(name):
+    error, message, call = REGRESSIONS[name]
+    with pytest.raises(error, match=message):
+        call()

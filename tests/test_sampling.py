@@ -1,12 +1,15 @@
 """The ES math and the baseline policies, against hand computation and exact distributions."""
 
 import itertools
+import json
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+from _sweep import SCALES, es_error_or_ok, few_faults, outcome_of, sweep, weird_scalars
+from hypothesis import strategies as st
 
 import es_pipe
 from es_pipe import sampling
@@ -265,3 +268,73 @@ def test_reweighted_sub_batch_of_the_stage_stays_finite(big):
     expected = [0.5 if i == 2 else 1.25 for i in sub.indices.tolist()]
     assert sub.weights.tolist() == pytest.approx(expected, rel=1e-6)
     assert torch.isfinite((sub.weights * losses[sub.indices]).mean())
+
+
+# --------------------------------------------------------------------------- swept bad inputs
+# Hypothesis sweeps (tests/_sweep.py): every input gives a correct result or an es_pipe
+# error with a message, never a raw exception or a hang; a rejected call changes no state.
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_policy_pruning_schedule_constructors(n):
+    """Evolved, SelectiveBackprop, Pruning, InfoBatch, Steps/Epochs through Schedule."""
+
+    def check(case):
+        kind, kw = case
+        builders = {
+            "evolved": es_pipe.Evolved,
+            "sb": es_pipe.SelectiveBackprop,
+            "pruning": es_pipe.Pruning,
+            "infobatch": es_pipe.InfoBatch,
+            "schedule": es_pipe.sampling.Schedule,
+        }
+        built, error = es_error_or_ok(lambda: builders[kind](**kw), (ConfigError,))
+        if error is None and kind == "pruning":
+            if built.ratio == 0 or built.burn_in > 3:  # nothing to prune by, or too early
+                assert not built.active(3, 10.0)
+            assert not built.active(0, 10.0)  # epoch 0 has no scores
+            json.dumps(built.describe())
+        if error is None and kind == "schedule":
+            for step in (0, 5, 100):
+                assert built.phase(step, step / 10) in ("burn_in", "evolve", "anneal")
+        return outcome_of(error)
+
+    bad = st.one_of(weird_scalars, st.floats(-2, 2), st.integers(-2, 200))
+    bad_span = st.one_of(bad, st.builds(es_pipe.Epochs, bad), st.builds(es_pipe.Steps, bad))
+    span_ok = st.one_of(
+        st.integers(0, 4),
+        st.builds(es_pipe.Steps, st.integers(0, 4)),
+        st.builds(es_pipe.Epochs, st.floats(0, 2)),
+    )
+    unit = st.floats(0, 1)
+    valid = {
+        "evolved": {"beta1": unit, "beta2": unit},
+        "sb": {"beta": st.floats(0.1, 5)},
+        "pruning": {
+            "ratio": st.floats(0, 0.99),
+            "anneal": st.one_of(unit, st.builds(es_pipe.Epochs, st.floats(0, 3))),
+            "burn_in": st.integers(1, 3),
+            "rescale": st.booleans(),
+            "max_streak": st.one_of(st.none(), st.integers(1, 127)),
+            "score": st.sampled_from(["score", "loss"]),
+            "draw": st.sampled_from(["exact", "bernoulli"]),
+        },
+        "infobatch": {"ratio": st.floats(0, 0.99), "delta": unit},
+        "schedule": {
+            "burn_in": span_ok,
+            "anneal": span_ok,
+            "total_steps": st.integers(1, 50),
+            "total_epochs": st.floats(0.5, 5),
+        },
+    }
+    strategy = st.one_of(
+        *[
+            st.tuples(
+                st.just(kind),
+                few_faults(fields, {k: bad_span if kind == "schedule" else bad for k in fields}),
+            )
+            for kind, fields in valid.items()
+        ]
+    )
+    sweep("hyper-parameters: policies, Pruning, Schedule", strategy, check, n)

@@ -14,9 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _sources_helpers import EXT, make_shards, source, write_shard
+from _sweep import SCALES, es_error_or_ok, few_faults, outcome_of, small, sweep, weird_scalars
+from hypothesis import strategies as st
 
-from es_pipe.errors import ShardError
-from es_pipe.sources import ParquetSource, ShardList, WebDatasetSource
+from es_pipe.errors import ConfigError, EsPipeError, ShardError
+from es_pipe.shard_writer import write_shards
+from es_pipe.sources import ArrowSource, ParquetSource, ShardList, WebDatasetSource
 
 
 def _tar(path, members):
@@ -221,3 +224,191 @@ def test_sample_counts_are_checked_against_the_index_file(tmp_path, fmt, actual)
     with pytest.warns(UserWarning, match=f"has {actual} {unit}"):
         got = list(skip)
     assert skip.stats["skipped_shards"] == 1 and len(got) < actual
+
+
+# --------------------------------------------------------------------------- swept bad inputs
+# Hypothesis sweeps (tests/_sweep.py): every input gives a correct result or an es_pipe
+# error with a message, never a raw exception or a hang; a rejected call changes no state.
+
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("shards")
+    tars = write_shards(
+        [{"__key__": f"k{i}", "txt": f"t{i}"} for i in range(12)], f"{base}/t-%03d.tar", "tar", 4
+    )
+    table = pa.table({"id": [f"r{i}" for i in range(12)], "x": np.arange(12)})
+    pqs = write_shards(table, f"{base}/p-%03d.parquet", "parquet", 4, row_group_rows=2)
+    arrows = []
+    for i in range(3):
+        url = f"{base}/a-{i:03d}.arrow"
+        with pa.OSFile(url, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table.slice(4 * i, 4))
+        arrows.append(url)
+    (base / "dir.tar").mkdir()
+    (base / "empty.tar").write_bytes(b"")
+    (base / "text.parquet").write_text("not parquet")
+    return {"tar": tars, "parquet": pqs, "arrow": arrows, "base": str(base)}
+
+
+SOURCE_CLASSES = {"tar": WebDatasetSource, "parquet": ParquetSource, "arrow": ArrowSource}
+
+
+def _epoch(src) -> list[dict]:
+    return list(src)
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_source_options(n, shard_sets):
+    """Source options from the README: accepted ones read every sample exactly once (or
+    the equalized count); the others raise a ConfigError at construction or reset."""
+
+    def check(case):
+        fmt, kw = case
+        urls = shard_sets[fmt]
+        other = ("columns", "key_column", "batch_rows", "shuffle_rows")
+        other = other if fmt == "tar" else ("shuffle_buffer",)
+        kw = {k: v for k, v in kw.items() if k not in other}
+        if kw.get("num_samples") == "right":
+            kw["num_samples"] = dict.fromkeys(urls, 4)
+
+        samples, error = es_error_or_ok(
+            lambda: _epoch(SOURCE_CLASSES[fmt](urls, **kw)), (EsPipeError,)
+        )
+        if error is None:
+            ids = [(s["__shard__"], s["__index__"]) for s in samples]
+            whole = kw.get("rank") in (None, 0) and kw.get("world_size") in (None, 1)
+            whole &= kw.get("num_workers") in (None, 1)
+            if kw.get("equalize") is None and not kw.get("pruned") and whole:
+                assert sorted(ids) == sorted((u, j) for u in urls for j in range(4))
+            assert len(set(ids)) == len(ids) or kw.get("equalize") == "pad"
+        return outcome_of(error)
+
+    pruned_ok = st.lists(st.integers(0, 6), max_size=4, unique=True).map(
+        lambda v: lambda u, e: np.array(sorted(v), dtype=np.int64)
+    )
+    valid = {
+        "shuffle": st.booleans(),
+        "seed": st.integers(0, 2**64),
+        "epoch": st.integers(0, 5),
+        "rank": st.just(0),
+        "world_size": st.just(1),
+        "worker": st.just(0),
+        "num_workers": st.just(1),
+        "equalize": st.sampled_from([None, "drop", "pad"]),
+        "on_error": st.sampled_from(["raise", "skip"]),
+        "pruned": st.one_of(st.none(), pruned_ok),
+        "num_samples": st.just("right"),
+        "shuffle_buffer": st.integers(0, 8),
+        "columns": st.sampled_from([None, ["x"], ["id", "x"]]),
+        "key_column": st.sampled_from([None, "id"]),
+        "batch_rows": st.integers(1, 5),
+        "shuffle_rows": st.booleans(),
+    }
+    bad = {
+        "shuffle": weird_scalars,
+        "seed": small,
+        "epoch": small,
+        "rank": st.one_of(st.none(), small),
+        "world_size": st.one_of(st.none(), small),
+        "worker": st.one_of(st.none(), small),
+        "num_workers": st.one_of(st.none(), small),
+        "equalize": st.sampled_from(["x", 1, [], "DROP"]),
+        "on_error": st.sampled_from(["x", None, ["raise"]]),
+        "pruned": st.one_of(
+            weird_scalars,
+            st.lists(st.integers(-2, 6), max_size=4).map(lambda v: lambda u, e: np.array(v)),
+            st.lists(weird_scalars, max_size=3).map(lambda v: lambda u, e: v),
+            st.lists(st.integers(-2, 6), max_size=3).map(lambda v: {"x": v}),
+        ),
+        "num_samples": st.one_of(
+            weird_scalars, st.dictionaries(st.text(max_size=3), weird_scalars, max_size=2)
+        ),
+        "shuffle_buffer": small,
+        "columns": st.one_of(
+            weird_scalars, st.just(["nope"]), st.just("x"), st.lists(weird_scalars, max_size=2)
+        ),
+        "key_column": st.one_of(weird_scalars, st.just("x"), st.just("nope")),
+        "batch_rows": small,
+        "shuffle_rows": weird_scalars,
+    }
+    options = few_faults(valid, bad)  # keys a format does not take are dropped in check
+
+    fmts = st.sampled_from(list(SOURCE_CLASSES))
+    sweep("source options", st.tuples(fmts, options), check, n)
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_shard_lists(n, shard_sets):
+    """Shard lists: empty, non-existent, directories, weird URLs, duplicates, non-strings,
+    other formats, broken brace patterns: a ShardError/ConfigError, never a raw error."""
+    base = shard_sets["base"]
+    entries = st.one_of(
+        st.sampled_from(shard_sets["tar"] + shard_sets["parquet"] + shard_sets["arrow"]),
+        st.sampled_from(
+            [
+                "",
+                " ",
+                "\x00",
+                "/",
+                ".",
+                "..",
+                f"{base}/nope.tar",
+                f"{base}/dir.tar",
+                f"{base}/empty.tar",
+                f"{base}/text.parquet",
+                f"{base}/*.nothing",
+                f"{base}/t-{{000..002}}.tar",
+                f"{base}/t-{{000..",
+                f"{base}/t-}}.tar",
+                f"{base}/[",
+                "memory://nowhere/x.tar",
+                "foo://bar/x",
+                "file:///nope",
+                "s3:/",
+                "http://",
+                f"{base}/t-*.tar",
+                f"{base}/p-*.parquet",
+            ]
+        ),
+        st.text(max_size=12),
+        weird_scalars,
+    )
+    spec = st.one_of(
+        entries,
+        st.lists(entries, max_size=4),
+        st.tuples(entries, entries),
+        st.just([]),
+        st.sets(st.sampled_from(shard_sets["tar"])),
+    )
+
+    def check(case):
+        fmt, urls = case
+        samples, error = es_error_or_ok(lambda: _epoch(SOURCE_CLASSES[fmt](urls)), (EsPipeError,))
+        if error is None:
+            assert all(s["__shard__"] for s in samples)
+        return outcome_of(error)
+
+    sweep("shard lists", st.tuples(st.sampled_from(list(SOURCE_CLASSES)), spec), check, n)
+
+
+# One example per library bug the bad-input sweep found in the sources' arguments (each was a raw
+# error or a crash).
+REGRESSIONS = {
+    "rank of a str": (ConfigError, "rank",
+                      lambda: WebDatasetSource("x.tar", rank="0", world_size=1)),
+    "open brace": (ConfigError, "braces", lambda: WebDatasetSource("x-{000..")),
+    "negative seed": (ConfigError, "seed", lambda: ParquetSource("x.parquet", seed=-1)),
+    "columns of a str": (ConfigError, "columns",
+                         lambda: ParquetSource("x.parquet", columns="xy")),
+}  # fmt: skip
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_regressions_found_by_the_sweep(name):
+    error, message, call = REGRESSIONS[name]
+    with pytest.raises(error, match=message):
+        call()

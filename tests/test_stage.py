@@ -1,5 +1,6 @@
 """The stage, its feedback channel and its checkpoint contract."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -9,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torchdata.nodes as tn
+from _sweep import SCALES, es_error_or_ok, outcome_of, sweep, sweep_samples, weird_scalars
 from conftest import ROOT
+from hypothesis import strategies as st
 
 import es_pipe
 from es_pipe.errors import ConfigError, FeedbackError
+from es_pipe.sampler import Identity, check_losses
 
 
 def fake_losses(meta, step: int) -> torch.Tensor:
@@ -506,3 +510,243 @@ def test_float8_losses_select_like_their_float32_values(samples):
         np.testing.assert_array_equal(values, before[column])
     sub.report(torch.ones(3, dtype=torch.float8_e5m2))
     assert snapshot(history)["visits"].sum() == 3
+
+
+# --------------------------------------------------------------------------- swept bad inputs
+# Hypothesis sweeps (tests/_sweep.py): every input gives a correct result or an es_pipe
+# error with a message, never a raw exception or a hang; a rejected call changes no state.
+
+
+def _float_list(n: int):
+    return st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=n, max_size=n)
+
+
+def losses_for(n: int):
+    """Mostly bad, sometimes good, per-sample losses for a meta-batch of ``n``."""
+    good = st.lists(st.floats(0, 1e6), min_size=n, max_size=n)
+    sizes = st.integers(0, 2 * n + 2)
+    return st.one_of(
+        good.map(lambda v: torch.tensor(v, dtype=torch.float32)),
+        good.map(np.array),
+        good,  # a plain list
+        sizes.flatmap(_float_list).map(lambda v: torch.tensor(v, dtype=torch.float64)),
+        _float_list(n).map(torch.tensor),  # NaN / inf / negative
+        st.lists(st.floats(-1e6, 0, exclude_max=True), min_size=n, max_size=n).map(torch.tensor),
+        st.lists(st.integers(0, 9), min_size=n, max_size=n).map(torch.tensor),  # int dtype
+        st.lists(st.booleans(), min_size=n, max_size=n).map(torch.tensor),
+        good.map(lambda v: torch.tensor(v).reshape(1, -1)),  # 2-D
+        good.map(lambda v: torch.tensor(v).reshape(-1, 1)),
+        good.map(lambda v: torch.tensor(v).to_sparse()),
+        st.just(torch.empty(n, device="meta")),
+        st.floats(0, 10).map(torch.tensor),  # 0-d
+        st.lists(st.floats(1e39, 1e300), min_size=n, max_size=n).map(
+            lambda v: torch.tensor(v, dtype=torch.float64)
+        ),  # beyond float32, where scores live
+        st.lists(weird_scalars, min_size=n, max_size=n),  # lists of anything
+        st.lists(st.lists(st.floats(0, 1), max_size=3), min_size=n, max_size=n),  # ragged
+        st.lists(weird_scalars, min_size=n, max_size=n).map(lambda v: np.array(v, dtype=object)),
+        weird_scalars,  # not a sequence at all
+        st.text(max_size=n),
+        st.dictionaries(st.text(max_size=3), st.floats(), max_size=n),
+    )
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_check_losses(n):
+    def check(case):
+        losses, nonneg = case
+        result, error = es_error_or_ok(lambda: check_losses(losses, 6, nonneg), (FeedbackError,))
+        if error is None:  # accepted: a finite, float, 1-D tensor of 6
+            assert isinstance(result, torch.Tensor) and result.is_floating_point()
+            assert result.shape == (6,) and bool(torch.isfinite(result).all())
+            assert float(result.abs().max()) <= torch.finfo(torch.float32).max
+            assert not nonneg or bool((result >= 0).all())
+        return outcome_of(error)
+
+    sweep("losses: check_losses", st.tuples(losses_for(6), st.booleans()), check, n)
+
+
+def _twin_samplers(policy: str, **kw):
+    make = {
+        "es": lambda: es_pipe.EvolvedSampler(8, 3, seed=5, **kw),
+        "loss": lambda: es_pipe.Sampler(
+            es_pipe.LossProportional(), meta_batch_size=8, batch_size=3, seed=5, **kw
+        ),
+        "sb": lambda: es_pipe.Sampler(
+            es_pipe.SelectiveBackprop(2.0),
+            meta_batch_size=8,
+            batch_size=3,
+            seed=5,
+            reweight=True,
+            **kw,
+        ),
+    }[policy]
+    return make(), make()
+
+
+def _state(sampler) -> tuple:
+    scores = {
+        k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        for k, v in sampler.store.state_dict().items()
+    }
+    return sampler.get_state(), scores
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    (pa_, sa), (pb, sb) = a, b
+
+    def same(x, y):
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+    return pa_ == pb and sa.keys() == sb.keys() and all(same(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_meta_batch_select_rejects_bad_losses_without_a_trace(n):
+    """A rejected ``select`` changes no score, step or RNG position: the next good answer
+    selects exactly what a sampler that never saw the bad losses selects."""
+
+    def check(case):
+        policy, bad, good = case
+        sampler, twin = _twin_samplers(policy)
+        loaders = [
+            tn.Loader(es_pipe.EvolvedSampling(sweep_samples(20), s)) for s in (sampler, twin)
+        ]
+        its = [iter(loader) for loader in loaders]
+        # one good step first, so that scores exist
+        first = [next(it).select(torch.linspace(0.1, 2.0, 8)) for it in its]
+        assert torch.equal(first[0].indices, first[1].indices)
+        meta, meta_twin = next(its[0]), next(its[1])
+        before = _state(sampler)
+        result, error = es_error_or_ok(lambda: meta.select(bad), (FeedbackError,))
+        if error is not None:
+            assert _same_state(before, _state(sampler)), "a rejected select changed state"
+            assert not meta.answered
+            answer = torch.tensor(good, dtype=torch.float32)
+            chosen = meta.select(answer)
+        else:  # accepted: the twin, given the same losses, must choose the same
+            chosen, answer = result, bad
+        expected = meta_twin.select(answer)
+        assert torch.equal(chosen.indices, expected.indices)
+        assert _same_state(_state(sampler), _state(twin))
+        return outcome_of(error)
+
+    strategy = st.tuples(
+        st.sampled_from(["es", "loss", "sb"]),
+        losses_for(8),
+        st.lists(st.floats(0, 100), min_size=8, max_size=8),
+    )
+    sweep("losses: MetaBatch.select", strategy, check, n)
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_sub_batch_report_rejects_bad_losses_without_a_trace(n):
+    def check(bad):
+        sampler = es_pipe.EvolvedSampler(8, 3, seed=1, scoring="history")
+        it = iter(tn.Loader(es_pipe.EvolvedSampling(sweep_samples(16), sampler)))
+        sub = next(it).select()
+        before = _state(sampler)
+        _, error = es_error_or_ok(lambda: sub.report(bad), (FeedbackError,))
+        if error is not None:
+            assert _same_state(before, _state(sampler)), "a rejected report changed scores"
+            sub.report(torch.ones(len(sub)))  # the sub-batch can still be reported
+        with pytest.raises(FeedbackError, match="already reported"):
+            sub.report(torch.ones(len(sub)))
+        return outcome_of(error)
+
+    sweep("losses: SubBatch.report", losses_for(3), check, n)
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("n", SCALES)
+def test_stage_sample_dicts(n):
+    """Samples with missing or wrongly typed identity fields or payloads: selected
+    sub-batches of the samples given, or a ConfigError."""
+    field_values = {
+        "__key__": st.one_of(st.text(max_size=4), weird_scalars),
+        "__shard__": st.one_of(st.text(max_size=4), weird_scalars),
+        "__index__": st.one_of(st.integers(-3, 2**40), weird_scalars),
+        "x": st.one_of(st.just(torch.zeros(2)), st.just(torch.zeros(3)), weird_scalars),
+    }
+    sample = st.one_of(
+        st.fixed_dictionaries({}, optional=field_values),
+        st.fixed_dictionaries({k: v for k, v in field_values.items() if k != "x"}),
+        weird_scalars,
+    )
+
+    def check(samples):
+        def run():
+            sampler = es_pipe.EvolvedSampler(4, 2, seed=0)
+            keys = []
+            for meta in tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+                keys += meta.select(torch.rand(len(meta))).keys
+            return keys
+
+        keys, error = es_error_or_ok(run, (ConfigError,))
+        if error is None:
+            given = [s["__key__"] for s in samples]
+            assert all(any(k is g or k == g for g in given) for k in keys)
+        return outcome_of(error)
+
+    @st.composite
+    def batches(draw):
+        samples = sweep_samples(draw(st.integers(0, 9)))
+        for _ in range(draw(st.sampled_from([0, 1, 1, 2]))):
+            if not samples:
+                break
+            i = draw(st.integers(0, len(samples) - 1))
+            field = draw(st.sampled_from(sorted(field_values)))
+            if draw(st.booleans()):
+                samples[i].pop(field, None)
+            else:
+                samples[i][field] = draw(field_values[field])
+        if draw(st.integers(0, 9)) == 0:
+            samples.append(draw(sample))
+        return samples
+
+    sweep("sample dicts: EvolvedSampling", batches(), check, n)
+
+
+def _collated(samples):
+    return next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, es_pipe.EvolvedSampler(4, 2)))))
+
+
+def _with(n, index, **fields):
+    samples = sweep_samples(n)
+    samples[index].update(fields)
+    return samples
+
+
+# One example per library bug the bad-input sweep found in losses and sample dicts (each was a raw
+# error or a crash).
+REGRESSIONS = {
+    "unreadable losses": (FeedbackError, "could not be read",
+                          lambda: check_losses(["a", None, 1.0], 3, True)),
+    "sparse losses": (FeedbackError, "dense",
+                      lambda: check_losses(torch.ones(3).to_sparse(), 3, True)),
+    "losses beyond float32": (FeedbackError, "float32",  # would be stored as inf scores
+                              lambda: check_losses(np.array([1e300, 1.0, 1.0]), 3, True)),
+    # allocated 16 TB of scores before
+    "huge __index__": (ConfigError, "__index__", lambda: _collated(_with(4, 2, __index__=10**12))),
+    "ragged tensors": (ConfigError, "collate_fn",
+                       lambda: _collated(_with(4, 1, x=torch.zeros(5)))),
+}  # fmt: skip
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_regressions_found_by_the_sweep(name):
+    error, message, call = REGRESSIONS[name]
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.usefixtures("quiet")
+def test_the_regressions_neighbours_still_work():
+    """The inputs next to the regressions above are accepted and mean what they say."""
+    assert float(check_losses([1.0, 2.0], 2, True).sum()) == 3.0
+    assert Identity.of(["s"], ["k"], [0]).ordinals.tolist() == [0]
+    assert len(_collated(sweep_samples(4))) == 4
