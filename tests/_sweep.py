@@ -158,6 +158,13 @@ def dump_report() -> None:
     COUNTS.clear()
 
 
+def raises_as_recorded(error: type[BaseException], message: str, call: Callable[[], Any]) -> None:
+    """One regression the sweep found (an entry of a test module's ``REGRESSIONS``): ``call()``
+    raises ``error`` with ``message`` in its text, where it once raised something raw."""
+    with pytest.raises(error, match=message):
+        call()
+
+
 @st.composite
 def few_faults(draw, valid: dict, bad: dict, required: tuple = ()):
     """Keyword arguments: valid values for a random subset of ``valid``'s keys (and every

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchdata.nodes as tn
-from _sweep import SCALES, es_error_or_ok, outcome_of, sweep
+from _sweep import SCALES, es_error_or_ok, outcome_of, raises_as_recorded, sweep
 from hypothesis import strategies as st
 
 import es_pipe
@@ -621,6 +621,4 @@ REGRESSIONS = {
 @pytest.mark.usefixtures("quiet")
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_regressions_found_by_the_sweep(name):
-    error, message, call = REGRESSIONS[name]
-    with pytest.raises(error, match=message):
-        call()
+    raises_as_recorded(*REGRESSIONS[name])

@@ -15,6 +15,7 @@ from _sweep import (
     few_faults,
     fractions,
     outcome_of,
+    raises_as_recorded,
     small,
     sweep,
     sweep_samples,
@@ -202,6 +203,4 @@ REGRESSIONS = {
 @pytest.mark.usefixtures("quiet")
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_regressions_found_by_the_sweep(name):
-    error, message, call = REGRESSIONS[name]
-    with pytest.raises(error, match=message):
-        call()
+    raises_as_recorded(*REGRESSIONS[name])

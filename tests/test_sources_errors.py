@@ -14,7 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _sources_helpers import EXT, make_shards, source, write_shard
-from _sweep import SCALES, es_error_or_ok, few_faults, outcome_of, small, sweep, weird_scalars
+from _sweep import (
+    SCALES,
+    es_error_or_ok,
+    few_faults,
+    outcome_of,
+    raises_as_recorded,
+    small,
+    sweep,
+    weird_scalars,
+)
 from hypothesis import strategies as st
 
 from es_pipe.errors import ConfigError, EsPipeError, ShardError
@@ -409,6 +418,4 @@ REGRESSIONS = {
 @pytest.mark.usefixtures("quiet")
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_regressions_found_by_the_sweep(name):
-    error, message, call = REGRESSIONS[name]
-    with pytest.raises(error, match=message):
-        call()
+    raises_as_recorded(*REGRESSIONS[name])

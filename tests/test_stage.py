@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torchdata.nodes as tn
-from _sweep import SCALES, es_error_or_ok, outcome_of, sweep, sweep_samples, weird_scalars
+from _sweep import (
+    SCALES,
+    es_error_or_ok,
+    outcome_of,
+    raises_as_recorded,
+    sweep,
+    sweep_samples,
+    weird_scalars,
+)
 from conftest import ROOT
 from hypothesis import strategies as st
 
@@ -739,9 +747,7 @@ REGRESSIONS = {
 @pytest.mark.usefixtures("quiet")
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_regressions_found_by_the_sweep(name):
-    error, message, call = REGRESSIONS[name]
-    with pytest.raises(error, match=message):
-        call()
+    raises_as_recorded(*REGRESSIONS[name])
 
 
 @pytest.mark.usefixtures("quiet")
