@@ -135,22 +135,23 @@ class Lease:
         epochs. Without :meth:`acquire` (the plain API), only another attempt's lease
         refuses."""
         held = self.read()
-        url = self.store.url
         if held is None and self._stop is not None:  # acquired once, then lost
-            raise ManifestError(
-                f"not committing to {url}: this job (attempt {self.attempt!r}) took its "
-                "lease, and the lease is gone: another job took the folder over and ended, or "
-                "the lease file was removed. Its committed epochs would be replaced. Restart "
-                "this job from its last checkpoint (it takes the folder again), or give each "
-                "job a folder of its own"
+            why = (
+                f"this job (attempt {self.attempt!r}) took its lease, and the lease is gone: "
+                "another job took the folder over and ended, or the lease file was removed. "
+                "Its committed epochs would be replaced. Restart this job from its last "
+                "checkpoint (it takes the folder again), or give each job a folder of its own"
             )
-        if held is not None and held.get("attempt") != self.attempt:
-            raise ManifestError(
-                f"not committing to {url}: its lease was taken over by attempt "
-                f"{held.get('attempt')!r} (host {held.get('host')!r}, pid {held.get('pid')}); "
-                "another job now writes this folder, and an epoch never mixes two runs. Stop "
-                "one of the jobs, or give each a folder of its own"
+        elif held is not None and held.get("attempt") != self.attempt:
+            why = (
+                f"its lease was taken over by attempt {held.get('attempt')!r} (host "
+                f"{held.get('host')!r}, pid {held.get('pid')}); another job now writes this "
+                "folder, and an epoch never mixes two runs. Stop one of the jobs, or give each "
+                "a folder of its own"
             )
+        else:
+            return
+        raise ManifestError(f"not committing to {self.store.url}: {why}")
 
     def _renew_in_background(self, lease: dict[str, Any]) -> None:
         """A daemon thread renews the heartbeat every ``timeout / 4`` seconds while this
