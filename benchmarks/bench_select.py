@@ -1,7 +1,8 @@
 """Selection and score-store benchmark (issue 14, "a tighter select and store").
 
 Four rows, each a ratio measured side by side in one process (interleaved, median of
-``reps``), 1 torch thread:
+``reps``), 1 torch thread. Times are the thread's CPU time (``time.thread_time``), so that
+other jobs on a shared machine do not count when they preempt this one:
 
 - ``select``: ``Sampler.select`` at B = 4096, b = 2048 (64 shards, every sample seen
   before) against the flat-numpy limit of the same semantics (:func:`limit_select`: the
@@ -119,16 +120,16 @@ def row_select(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
         assert np.array_equal(got, limit.select(shard, ordinal, losses[r])), "limit differs"
 
     def es() -> float:
-        start = time.perf_counter()
+        start = time.thread_time()
         for r in range(calls):
             sampler.select(batches[r % 8][2], losses[r % 8], B)
-        return time.perf_counter() - start
+        return time.thread_time() - start
 
     def flat() -> float:
-        start = time.perf_counter()
+        start = time.thread_time()
         for r in range(calls):
             limit.select(batches[r % 8][0], batches[r % 8][1], losses[r % 8])
-        return time.perf_counter() - start
+        return time.thread_time() - start
 
     t = _interleave({"es": es, "flat": flat}, reps)
     # same semantics: after the same calls, the next selection is the same
@@ -177,10 +178,10 @@ def row_store_size(reps: int, shards: int = 1000, calls: int = 8) -> dict[str, A
             batches.append(_identity(names, shard, rng.integers(0, per, B)))
 
         def run(sampler: es_pipe.Sampler = sampler, batches: list[Identity] = batches) -> float:
-            start = time.perf_counter()
+            start = time.thread_time()
             for who in batches:
                 sampler.select(who, losses, B)
-            return time.perf_counter() - start
+            return time.thread_time() - start
 
         runs[label] = run
     t = _interleave(runs, reps)
@@ -249,10 +250,10 @@ def row_eswp(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
 
     def run(sampler: es_pipe.Sampler) -> Callable[[], float]:
         def timed() -> float:
-            start = time.perf_counter()
+            start = time.thread_time()
             for r in range(calls):
                 sampler.select(batches[r % len(batches)], losses, B)
-            return time.perf_counter() - start
+            return time.thread_time() - start
 
         return timed
 
