@@ -224,3 +224,59 @@ def test_one_pass_loss_check_still_names_every_problem(dtype):
         with pytest.raises(FeedbackError, match="exceed float32's range"):
             check_losses(torch.tensor([1e39, 1.0, 0.0], dtype=dtype), 3, False)
     assert len(check_losses(torch.zeros(0, dtype=dtype), 0, True)) == 0
+
+
+def reference_book(decisions, shards: list[str], ordinals: np.ndarray, rescale: bool = True):
+    """keep mask and weights the plain way: one Decision at a time."""
+    keep = np.ones(len(shards), bool)
+    weights = np.ones(len(shards), np.float32)
+    for i, (name, ordinal) in enumerate(zip(shards, ordinals.tolist())):
+        decision = decisions.get(name)
+        if decision is not None:
+            keep[i] = not decision.is_pruned(np.array([ordinal]))[0]
+            weights[i] = decision.weights(np.array([ordinal]))[0]
+    present = [decisions[n] for n in set(shards) if n in decisions]
+    if not rescale or not any(d.factor != 1.0 for d in present):
+        return keep, None
+    return keep, weights
+
+
+def test_flat_decision_table_follows_every_change_of_the_decisions():
+    from es_pipe.eswp.book import EpochBook
+    from es_pipe.eswp.rule import decide, from_state, keep_all, shard_seed
+
+    rng = np.random.default_rng(11)
+    rule = es_pipe.Pruning(ratio=0.4, anneal=0, max_streak=2)
+    names = [f"shard-{i}" for i in range(30)]
+
+    def decision(name: str, epoch: int):
+        rows = int(rng.integers(1, 80))
+        if epoch % 4 == 3:
+            return keep_all(rows)
+        scores = rng.random(rows)
+        visits = (rng.random(rows) < 0.8).astype(np.uint32)
+        made = decide(rule, scores, visits, None, shard_seed(0, epoch, name))
+        return made if epoch % 2 else from_state(made.state, made.factor)
+
+    book = EpochBook()
+    for epoch in range(12):
+        if epoch % 3 == 0:  # a new epoch: all decisions at once
+            book.turn(epoch, {n: decision(n, epoch) for n in names[: 10 + epoch]})
+        for _ in range(5):  # single decisions come and go (restores, fresh starts)
+            name = names[int(rng.integers(0, 30))]
+            if rng.random() < 0.3:
+                book.decisions.pop(name, None)
+            else:
+                book.decisions[name] = decision(name, epoch)
+        shards = [names[i] for i in rng.integers(0, 30, 700).tolist()]
+        ordinals = rng.integers(0, 100, 700)
+        who = ShardCodes.encode(shards)
+        keep, weights = reference_book(dict(book.decisions), shards, ordinals)
+        assert np.array_equal(book.keep_mask(who, ordinals), keep)
+        got = book.weights(rule, who, ordinals)
+        if weights is None:
+            assert got is None
+        else:
+            assert got is not None and got.dtype == np.float32
+            assert np.array_equal(got, weights)
+    assert book.decisions.table.dead * 2 <= book.decisions.table.end  # space reclaimed
