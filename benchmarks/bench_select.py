@@ -86,8 +86,8 @@ class FlatLimit:
         generator = torch.Generator().manual_seed(sampling.step_seed(0, self.step))
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         keys = u.clamp_min(1e-300).log() / w
-        threshold = keys.topk(b, sorted=False).values.min()
-        picked = np.flatnonzero((keys >= threshold).numpy())
+        values = keys.numpy()
+        picked = np.flatnonzero(values >= np.partition(values, n - b)[n - b])
         new = np.empty(n, self.ROW)
         new["score"] = (self.beta2 * p + (1.0 - self.beta2) * lt).numpy()
         new["loss"] = loss

@@ -372,6 +372,10 @@ class Sampler:
         rows = self.store.rows(slots)
         visits = rows["visits"]
         device = torch.device("cpu") if loss is None else loss.device
+        cpu_loss = loss is not None and device.type == "cpu" and loss.dtype == torch.float32
+        if cpu_loss and self.init == "loss":  # the same choice as below, in one numpy pass
+            first = np.where(visits > 0, rows["score"], loss.numpy())  # type: ignore[union-attr]
+            return slots, torch.from_numpy(first), visits
         prior = torch.from_numpy(rows["score"]).to(device)
         seen = torch.from_numpy(visits > 0).to(device)
         if loss is not None:

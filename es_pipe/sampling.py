@@ -196,15 +196,17 @@ def sorted_top(keys: Tensor, k: int) -> Tensor:
     """Positions of the ``k`` largest ``keys``, in increasing order: exactly
     ``keys.topk(k, sorted=False).indices.sort().values``.
 
-    On the CPU without the sort: the members whose key reaches the k-th largest are, in
-    order, topk's k unless keys tie at that value (then topk's own choice, sorted). Keys
-    must not be NaN (``draw``'s are finite: ``u > 0``, ``w > 0``)."""
-    top = keys.topk(k, sorted=False)
-    if keys.device.type == "cpu" and k:
-        picked = np.flatnonzero(keys.numpy() >= top.values.min().item())
+    On the CPU without a sort or ``topk``: the k-th largest key by selection
+    (``np.partition``, linear time), then the members whose key reaches it, in order:
+    topk's k unless keys tie at that value (then topk's own choice, sorted). Keys must not
+    be NaN (``draw``'s are finite: ``u > 0``, ``w > 0``)."""
+    if keys.device.type == "cpu" and 0 < k <= keys.numel() and keys.dim() == 1:
+        values = keys.numpy()
+        threshold = np.partition(values, len(values) - k)[len(values) - k]
+        picked = np.flatnonzero(values >= threshold)
         if len(picked) == k:
             return torch.from_numpy(picked)
-    return top.indices.sort().values
+    return keys.topk(k, sorted=False).indices.sort().values
 
 
 def inclusion_probabilities(weights: Tensor | None, k: int, n: int, replacement: bool) -> Tensor:

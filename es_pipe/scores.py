@@ -130,16 +130,17 @@ class ScoreStore:
                 raise ConfigError("locate() needs the samples' keys or their ordinals")
             ordinals = self._ordinals_from_keys(encoded, keys)
         ordinals = np.asarray(ordinals, dtype=np.int64)
-        if ordinals.size and ordinals.min() < 0:
-            raise ConfigError("sample ordinals ('__index__') must be >= 0")
-        if ordinals.size and ordinals.max() >= MAX_ORDINAL:
+        # one pass for both bounds: negative ordinals are huge as unsigned
+        if ordinals.size and (ordinals.view(np.uint64) >= MAX_ORDINAL).any():
+            if ordinals.min() < 0:
+                raise ConfigError("sample ordinals ('__index__') must be >= 0")
             raise ConfigError(
                 f"sample ordinal {int(ordinals.max())} is too large: '__index__' is the sample's "
                 f"position in its shard (< {MAX_ORDINAL}), and scores are held densely per "
                 "shard up to the highest ordinal; split the shard or number its samples 0..n-1"
             )
         sids = self._ids_of(names)
-        lengths = np.where(sids >= 0, self._len[sids], 0)
+        lengths = self._len[sids]  # -1 (not held) reads the last id, never live: 0
         if (ordinals >= lengths[codes]).any():  # new samples: grow blocks, extend lengths
             highest = np.full(len(names), -1, dtype=np.int64)
             np.maximum.at(highest, codes, ordinals)
@@ -176,7 +177,7 @@ class ScoreStore:
     def _register(self, shard: str) -> int:
         """A new shard: an id, with an empty block at the end of the arena."""
         sid = self._ids
-        if sid == len(self._off):
+        if sid + 1 == len(self._off):  # the last id stays unused (see locate)
             for name in ("_off", "_cap", "_len"):
                 old = getattr(self, name)
                 grown = np.zeros(2 * len(old), np.int64)
@@ -312,7 +313,7 @@ class ScoreStore:
         starts = np.cumsum(lengths) - lengths
         total = int(lengths.sum())
         index = np.repeat(self._off[sids] - starts, lengths) + np.arange(total)
-        n = max(16, len(names))
+        n = max(16, len(names) + 1)  # the last id stays unused
         off, cap, held = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
         off[: len(names)], cap[: len(names)], held[: len(names)] = starts, lengths, lengths
         self._rows = self._rows[index]
