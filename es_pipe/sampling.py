@@ -201,7 +201,7 @@ def sorted_top(keys: Tensor, k: int) -> Tensor:
     topk's k unless keys tie at that value (then topk's own choice, sorted). Keys must not
     be NaN (``draw``'s are finite: ``u > 0``, ``w > 0``)."""
     if keys.device.type == "cpu" and 0 < k <= keys.numel() and keys.dim() == 1:
-        values = keys.numpy()
+        values = keys.detach().numpy()
         threshold = np.partition(values, len(values) - k)[len(values) - k]
         picked = np.flatnonzero(values >= threshold)
         if len(picked) == k:
