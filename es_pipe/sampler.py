@@ -342,7 +342,7 @@ class Sampler:
         loss = None if losses is None else check_losses(losses, n, self.policy.nonnegative)
         if self.eswp is not None:
             self.eswp.admit(who.shards, who.keys, who.ordinals)
-        slots, prior = self._prior(who, loss)
+        slots, prior, visits = self._prior(who, loss)
         device = prior.device
 
         weights = self.policy.weigh(prior, loss) if phase == "evolve" else None
@@ -363,7 +363,7 @@ class Sampler:
 
         if loss is not None:
             score = self.policy.score(prior, loss)
-            self.store.scatter(slots, _host(score), _host(loss), self.step)
+            self.store.scatter(slots, _host(score), _host(loss), self.step, visits)
         selection = Selection(picked, importance, phase, self.step)
         self.step += 1
         self._steps_in_epoch += 1
@@ -373,22 +373,31 @@ class Sampler:
         """Update scores from training losses of the samples selected at ``step``
         (history scoring)."""
         loss = check_losses(losses, len(who.keys), self.policy.nonnegative)
-        slots, prior = self._prior(who, loss)
-        self.store.scatter(slots, _host(self.policy.score(prior, loss)), _host(loss), step)
+        slots, prior, visits = self._prior(who, loss)
+        score = _host(self.policy.score(prior, loss))
+        self.store.scatter(slots, score, _host(loss), step, visits)
 
-    def _prior(self, who: Identity, loss: Tensor | None) -> tuple[np.ndarray, Tensor]:
-        """Store slots and ``s(t-1)`` of ``who``, on the losses' device. Unseen samples
-        start from ``initial_prior``; without losses, from the mean of the seen ones."""
+    def _prior(self, who: Identity, loss: Tensor | None) -> tuple[np.ndarray, Tensor, np.ndarray]:
+        """Store slots, ``s(t-1)`` of ``who`` on the losses' device, and their visits (one
+        gather of the store's rows). Unseen samples start from ``initial_prior``; without
+        losses, from the mean of the seen ones."""
         slots = self.store.locate(who.shards, who.keys, who.ordinals)
-        state = self.store.gather(slots, ("score", "visits"))
+        rows = self.store.rows(slots)
+        visits = rows["visits"]
         device = torch.device("cpu") if loss is None else loss.device
-        prior = torch.from_numpy(state["score"]).to(device)
-        seen = torch.from_numpy(state["visits"] > 0).to(device)
+        cpu_loss = loss is not None and device.type == "cpu" and loss.dtype == torch.float32
+        if cpu_loss and self.init == "loss":  # the same choice as below, in one numpy pass
+            first = np.where(visits > 0, rows["score"], loss.numpy())  # type: ignore[union-attr]
+            return slots, torch.from_numpy(first), visits
+        prior = torch.from_numpy(rows["score"]).to(device)
+        seen = torch.from_numpy(visits > 0).to(device)
         if loss is not None:
-            return slots, torch.where(seen, prior, sampling.initial_prior(loss, self.init))
-        if bool(seen.any()):
-            return slots, torch.where(seen, prior, prior[seen].mean())
-        return slots, torch.ones(len(slots), device=device)
+            prior = torch.where(seen, prior, sampling.initial_prior(loss, self.init))
+        elif bool(seen.any()):
+            prior = torch.where(seen, prior, prior[seen].mean())
+        else:
+            prior = torch.ones(len(slots), device=device)
+        return slots, prior, visits
 
     def end_epoch(self) -> None:
         """Close the current epoch: the schedule's epoch clock advances; with ``eswp=``,
@@ -411,6 +420,7 @@ class Sampler:
                 and self.schedule.phase(self.step, self.epoch) == "evolve"
             )
             self.eswp.close_epoch(ended, active=active, rank=self.rank, step=self.step)
+        self.store.compact()  # 16 bytes per sample held, with or without manifests
 
     @property
     def pruned(self) -> PrunedHook:
@@ -629,6 +639,14 @@ def check_losses(losses: Any, n: int, nonnegative: bool) -> Tensor:
         )
     losses = losses.detach()
     big = torch.finfo(torch.float32).max  # scores are stored as float32
+    if n:  # the usual case, in one pass and one sync: the extremes say all is well
+        extremes = torch.aminmax(losses)
+        if losses.device.type == "cpu":
+            low, high = extremes[0].item(), extremes[1].item()
+        else:
+            low, high = torch.stack(extremes).tolist()
+        if -big <= low and high <= big and (low >= 0 or not nonnegative):
+            return losses  # (NaN fails every comparison, infinities the range)
     bad = torch.stack(
         [(~torch.isfinite(losses)).sum(), (losses < 0).sum(), (losses.abs() > big).sum()]
     ).tolist()

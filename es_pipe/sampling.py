@@ -188,7 +188,24 @@ def draw(
     if replacement:
         return torch.multinomial(w, k, replacement=True, generator=generator)
     u = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float64)
-    keys = u.clamp_min(1e-300).log() / w
+    keys = u.clamp_min_(1e-300).log_().div_(w)  # log(u) / w, in u's memory
+    return sorted_top(keys, k)
+
+
+def sorted_top(keys: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` largest ``keys``, in increasing order: exactly
+    ``keys.topk(k, sorted=False).indices.sort().values``.
+
+    On the CPU without a sort or ``topk``: the k-th largest key by selection
+    (``np.partition``, linear time), then the members whose key reaches it, in order:
+    topk's k unless keys tie at that value (then topk's own choice, sorted). Keys must not
+    be NaN (``draw``'s are finite: ``u > 0``, ``w > 0``)."""
+    if keys.device.type == "cpu" and 0 < k <= keys.numel() and keys.dim() == 1:
+        values = keys.detach().numpy()
+        threshold = np.partition(values, len(values) - k)[len(values) - k]
+        picked = np.flatnonzero(values >= threshold)
+        if len(picked) == k:
+            return torch.from_numpy(picked)
     return keys.topk(k, sorted=False).indices.sort().values
 
 
@@ -226,6 +243,12 @@ def _drawn_weights(weights: Tensor) -> Tensor:
     negative as 0, all-zero as uniform, then the relative floor ``_FLOOR`` added (so zeros
     stay drawable). Infinite weights count as the largest finite ones, NaN as 0."""
     w = weights.to(torch.float64)
+    if w.device.type == "cpu" and w.numel():
+        # the usual case in one pass: finite, non-negative weights with a normal maximum
+        # are only scaled (the same operations as below, less those that change nothing)
+        low, top = torch.aminmax(w)
+        if low.item() >= 0.0 and torch.finfo(torch.float64).tiny <= top.item() < math.inf:
+            return torch.div(w, top).add_(_FLOOR)
     w = torch.nan_to_num(w, nan=0.0, posinf=torch.finfo(torch.float64).max).clamp_min(0.0)
     top = w.max()
     w = torch.where(top > 0, w / top.clamp_min(torch.finfo(torch.float64).tiny), 1.0)

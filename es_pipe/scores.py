@@ -1,8 +1,10 @@
 """Per-sample score state, keyed by sample identity ``(shard, ordinal)`` and grouped by shard.
 
-Each shard owns one contiguous block of a flat arena of column arrays, so looking up a
-meta-batch of any mix of shards is a single vectorised gather. A sample costs 16 bytes:
-score and last loss (float32), visits (uint32) and the last step it was seen (int32).
+Each shard owns one contiguous block of a flat arena of 16-byte rows, so looking up a
+meta-batch of any mix of shards is a single vectorised gather, and recording it a single
+scatter: a row holds score and last loss (float32), visits (uint32) and the last step it
+was seen (int32), so a sample's state is one memory access (one cache line), whatever the
+store's size.
 Shards are immutable, so a sample's ordinal inside its shard (row number, tar position) is
 a stable address; samples that arrive with a key but no ordinal get one on first sight.
 """
@@ -13,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,8 @@ COLUMNS: dict[str, np.dtype] = {
     "visits": np.dtype(np.uint32),
     "step": np.dtype(np.int32),
 }
-BYTES_PER_SAMPLE = sum(dtype.itemsize for dtype in COLUMNS.values())
+ROW = np.dtype(list(COLUMNS.items()))  # one sample's state, 16 bytes, fields packed
+BYTES_PER_SAMPLE = ROW.itemsize
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,17 @@ class ScoreStore:
     length (1 + highest ordinal seen), so that a meta-batch spanning thousands of shards is
     located with array operations (one C-level dict pass over its distinct shard names, no
     Python loop per shard). Ids of dropped shards are left dead until the next compaction.
+
+    The arena ``_rows`` is one array of :data:`ROW` records, not one array per column: a
+    meta-batch is read with one gather (:meth:`rows`) and written with one scatter
+    (:meth:`scatter`), and a sample costs one cache line however large the store.
     """
 
     def __init__(self) -> None:
         self._clear()
 
     def _clear(self) -> None:
-        self._arena = {name: np.zeros(0, dtype) for name, dtype in COLUMNS.items()}
+        self._rows = np.zeros(0, ROW)  # the arena: one 16-byte row per sample slot
         self._sid: dict[str, int] = {}  # shard -> id (insertion order: the shards' order)
         self._off = np.zeros(16, np.int64)  # id -> block offset in the arena
         self._cap = np.zeros(16, np.int64)  # id -> block capacity
@@ -122,16 +130,17 @@ class ScoreStore:
                 raise ConfigError("locate() needs the samples' keys or their ordinals")
             ordinals = self._ordinals_from_keys(encoded, keys)
         ordinals = np.asarray(ordinals, dtype=np.int64)
-        if ordinals.size and ordinals.min() < 0:
-            raise ConfigError("sample ordinals ('__index__') must be >= 0")
-        if ordinals.size and ordinals.max() >= MAX_ORDINAL:
+        # one pass for both bounds: negative ordinals are huge as unsigned
+        if ordinals.size and (ordinals.view(np.uint64) >= MAX_ORDINAL).any():
+            if ordinals.min() < 0:
+                raise ConfigError("sample ordinals ('__index__') must be >= 0")
             raise ConfigError(
                 f"sample ordinal {int(ordinals.max())} is too large: '__index__' is the sample's "
                 f"position in its shard (< {MAX_ORDINAL}), and scores are held densely per "
                 "shard up to the highest ordinal; split the shard or number its samples 0..n-1"
             )
-        sids = np.fromiter(map(self._sid.get, names, repeat(-1)), np.int64, len(names))
-        lengths = np.where(sids >= 0, self._len[sids], 0)
+        sids = self._ids_of(names)
+        lengths = self._len[sids]  # -1 (not held) reads the last id, never live: 0
         if (ordinals >= lengths[codes]).any():  # new samples: grow blocks, extend lengths
             highest = np.full(len(names), -1, dtype=np.int64)
             np.maximum.at(highest, codes, ordinals)
@@ -147,6 +156,16 @@ class ScoreStore:
             self._len[ids] = np.maximum(self._len[ids], rows)
         return np.asarray(self._off[sids][codes] + ordinals)
 
+    def _ids_of(self, names: Sequence[str]) -> np.ndarray:
+        """Shard ids of ``names`` (-1 for shards not held): one C-level lookup of all the
+        names (``itemgetter``) when all are held, the usual case after their first batch."""
+        if len(names) > 1:
+            try:
+                return np.fromiter(itemgetter(*names)(self._sid), np.int64, len(names))
+            except KeyError:  # a new shard among them
+                pass
+        return np.fromiter(map(self._sid.get, names, repeat(-1)), np.int64, len(names))
+
     def _ordinals_from_keys(self, shards: ShardCodes, keys: Sequence[str]) -> np.ndarray:
         tables = [self._keys.setdefault(name, {}) for name in shards.names]
         out = np.empty(len(keys), dtype=np.int64)
@@ -158,7 +177,7 @@ class ScoreStore:
     def _register(self, shard: str) -> int:
         """A new shard: an id, with an empty block at the end of the arena."""
         sid = self._ids
-        if sid == len(self._off):
+        if sid + 1 == len(self._off):  # the last id stays unused (see locate)
             for name in ("_off", "_cap", "_len"):
                 old = getattr(self, name)
                 grown = np.zeros(2 * len(old), np.int64)
@@ -186,22 +205,20 @@ class ScoreStore:
         else:  # move the block to the end of the arena
             new_offset = self._end
             self._grow_arena(new_offset + new_capacity)
-            for column in self._arena.values():
-                column[new_offset : new_offset + capacity] = column[offset : offset + capacity]
-                column[offset : offset + capacity] = 0
+            arena = self._rows
+            arena[new_offset : new_offset + capacity] = arena[offset : offset + capacity]
+            arena[offset : offset + capacity] = np.zeros(1, ROW)
             offset = new_offset
         self._end = offset + new_capacity
         self._off[sid], self._cap[sid] = offset, new_capacity
 
     def _grow_arena(self, size: int) -> None:
-        current = len(self._arena["score"])
+        current = len(self._rows)
         if size <= current:
             return
-        size = max(size, 2 * current)
-        for name, column in self._arena.items():
-            grown = np.zeros(size, column.dtype)
-            grown[:current] = column
-            self._arena[name] = grown
+        grown = np.zeros(max(size, 2 * current), ROW)
+        grown[:current] = self._rows
+        self._rows = grown
 
     def reserve(self, shard: str, rows: int) -> None:
         """Pre-size ``shard``'s block when its row count is known (no regrowth later)."""
@@ -209,29 +226,53 @@ class ScoreStore:
 
     # ------------------------------------------------------------------ values
 
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """A copy of the :data:`ROW` records at ``slots``: one gather for all columns."""
+        return np.asarray(self._rows[slots])
+
     def gather(
         self, slots: np.ndarray, columns: Sequence[str] = tuple(COLUMNS)
     ) -> dict[str, np.ndarray]:
-        """Copies of ``columns`` (default: all) at ``slots``."""
-        return {name: self._arena[name][slots] for name in columns}
+        """Copies of ``columns`` (default: all) at ``slots`` (from one gather of rows)."""
+        rows = self._rows[slots]
+        return {name: rows[name] for name in columns}
 
-    def scatter(self, slots: np.ndarray, score: np.ndarray, loss: np.ndarray, step: int) -> None:
-        """Record new scores and losses of the samples at ``slots`` seen at ``step``."""
-        self._arena["score"][slots] = score
-        self._arena["loss"][slots] = loss
-        self._arena["step"][slots] = step
-        ordered = np.sort(slots)
-        if (ordered[1:] == ordered[:-1]).any():  # a sample twice in one meta-batch
-            np.add.at(self._arena["visits"], slots, 1)
-        else:
-            self._arena["visits"][slots] += 1
+    def scatter(
+        self,
+        slots: np.ndarray,
+        score: np.ndarray,
+        loss: np.ndarray,
+        step: int,
+        visits: np.ndarray | None = None,
+    ) -> None:
+        """Record new scores and losses of the samples at ``slots`` seen at ``step``.
+
+        ``visits``: the visit counts at ``slots`` read before (by :meth:`rows`), which
+        saves reading them again. One scatter of whole rows; a sample present twice in
+        ``slots`` takes its last score and loss and one visit per occurrence. Duplicates
+        are found without a sort: each slot's visits field first receives its position,
+        and a position that does not read back is a duplicate (the rows are in cache)."""
+        slots = np.asarray(slots, np.int64)
+        n = len(slots)
+        column = self._rows["visits"]
+        if visits is None:
+            visits = column[slots]
+        new = np.empty(n, ROW)
+        new["score"], new["loss"], new["step"] = score, loss, step
+        marks = np.arange(n, dtype=np.uint32)
+        column[slots] = marks
+        repeated = bool((column[slots] != marks).any())
+        new["visits"] = visits if repeated else visits + np.uint32(1)
+        self._rows[slots] = new
+        if repeated:  # a sample twice in one meta-batch: one visit per occurrence
+            np.add.at(column, slots, np.uint32(1))
 
     def shard(self, name: str) -> dict[str, np.ndarray]:
         """Read-only views of one shard's columns, indexed by ordinal."""
         sid = self._sid[name]
         offset = int(self._off[sid])
-        end = offset + int(self._len[sid])
-        views = {column: values[offset:end] for column, values in self._arena.items()}
+        block = self._rows[offset : offset + int(self._len[sid])]
+        views = {column: block[column] for column in COLUMNS}
         for view in views.values():
             view.flags.writeable = False
         return views
@@ -245,8 +286,9 @@ class ScoreStore:
         """Replace one shard's state (e.g. from a committed manifest)."""
         rows = len(columns["score"])
         offset = self._ensure(name, rows)
+        block = self._rows[offset : offset + rows]
         for column, dtype in COLUMNS.items():
-            self._arena[column][offset : offset + rows] = np.asarray(columns[column], dtype)
+            block[column] = np.asarray(columns[column], dtype)
         sid = self._sid[name]
         self._len[sid] = max(int(self._len[sid]), rows)
 
@@ -260,22 +302,24 @@ class ScoreStore:
             self.compact()
 
     def compact(self) -> None:
-        """Repack the held shards end to end with no spare capacity (16 bytes per sample
-        held). The arena grows by doubling; the sampler compacts at epoch boundaries."""
-        arena = {name: np.zeros(self.held, dtype) for name, dtype in COLUMNS.items()}
-        old = self._sid
-        n = max(16, len(old))
-        off, cap, lengths = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-        cursor = 0
-        for new_sid, (shard, sid) in enumerate(list(old.items())):  # ids renumbered densely
-            offset, rows = int(self._off[sid]), int(self._len[sid])
-            for name, column in arena.items():
-                column[cursor : cursor + rows] = self._arena[name][offset : offset + rows]
-            off[new_sid], cap[new_sid], lengths[new_sid] = cursor, rows, rows
-            old[shard] = new_sid
-            cursor += rows
-        self._off, self._cap, self._len, self._ids = off, cap, lengths, len(old)
-        self._arena, self._end = arena, cursor
+        """Repack the held shards end to end, in their order, with no spare capacity (16
+        bytes per sample held): one gather of the held rows. The arena grows by doubling;
+        the sampler compacts at every epoch end. Nothing to do when already packed."""
+        if len(self._rows) == self.held and self._ids == len(self._sid):
+            return  # no spare capacity and no dead ids: the blocks tile the arena
+        names = list(self._sid)
+        sids = np.fromiter(self._sid.values(), np.int64, len(names))
+        lengths = self._len[sids]
+        starts = np.cumsum(lengths) - lengths
+        total = int(lengths.sum())
+        index = np.repeat(self._off[sids] - starts, lengths) + np.arange(total)
+        n = max(16, len(names) + 1)  # the last id stays unused
+        off, cap, held = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        off[: len(names)], cap[: len(names)], held[: len(names)] = starts, lengths, lengths
+        self._rows = self._rows[index]
+        self._sid = {name: sid for sid, name in enumerate(names)}  # ids renumbered densely
+        self._off, self._cap, self._len, self._ids = off, cap, held, len(names)
+        self._end = total
 
     # ------------------------------------------------------------------ inspection
 
@@ -290,26 +334,29 @@ class ScoreStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arena's column arrays."""
-        return sum(column.nbytes for column in self._arena.values())
+        """Bytes of the arena (its rows, spare capacity included)."""
+        return int(self._rows.nbytes)
 
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         """Every held shard's columns as tensors: safe for ``torch.load(weights_only=True)``."""
         shards = self.shards
-        parts = [self.shard(name) for name in shards]
+        sids = np.fromiter(self._sid.values(), np.int64, len(shards))
+        lengths = self._len[sids]
+        starts = np.cumsum(lengths) - lengths
+        index = np.repeat(self._off[sids] - starts, lengths) + np.arange(int(lengths.sum()))
+        rows = self._rows[index]  # the held rows, shard after shard
 
         def cat(column: str) -> torch.Tensor:
-            values = [part[column] for part in parts] or [np.zeros(0, COLUMNS[column])]
-            joined = np.concatenate(values)
+            joined = rows[column]
             return torch.from_numpy(
-                joined.astype(np.int64) if joined.dtype.kind in "iu" else joined
+                joined.astype(np.int64) if joined.dtype.kind in "iu" else joined.copy()
             )
 
         return {
             "shards": shards,
-            "lengths": [int(self._len[self._sid[name]]) for name in shards],
+            "lengths": lengths.tolist(),
             "keys": {name: list(table) for name, table in self._keys.items()},
             **{column: cat(column) for column in COLUMNS},
         }

@@ -282,7 +282,12 @@ class ESWP:
         """Mask of the samples to keep (those this epoch does not prune)."""
         if self.prune is None:
             return np.ones(len(shards), dtype=bool)
-        return self.book.keep_mask(shards, ordinals, self.see)
+        new = set(shards.names) - self._checked
+        if new:  # first sight: restore, in the order the shards came
+            for name in shards.names:
+                if name in new:
+                    self.see(name)
+        return self.book.keep_mask(shards, ordinals)
 
     def weights(self, shards: ShardCodes, ordinals: np.ndarray | None) -> np.ndarray | None:
         """1/keep loss weights of the given samples (``None``: all 1)."""
