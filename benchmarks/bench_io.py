@@ -259,6 +259,32 @@ def parquet_rows(folder: str, rows: int, shards: int, reps: int) -> list[Row]:
     ]
 
 
+def pruned_rows(folder: str, rows: int, reps: int) -> list[Row]:
+    """bench_sources' ``parquet_pruned_epoch`` where that tree has it (source alone, dict
+    and columnar stage), else :func:`pruned_epoch_rows` (the source alone)."""
+    shared = getattr(bench_sources, "parquet_pruned_epoch", None)
+    if shared is None:
+        return pruned_epoch_rows(folder, rows, reps)
+    per = 10_000
+    got = shared(shards=max(1, rows // per), per_shard=per, tokens=64, reps=reps)
+    out = []
+    for path in ("source", "dict", "columnar"):
+        if f"{path} ratio" not in got:
+            continue
+        out.append(
+            row(
+                f"Parquet epoch 50% pruned at random, time vs full, {path} "
+                f"(`es-pipe shard` defaults, {rows:,} rows of 64 int32)",
+                got[f"{path} pruned ms"] / 1e3,
+                got[f"{path} full ms"] / 1e3,
+                got[f"{path} ratio"],
+                "<= 0.6x",
+                "s",
+            )
+        )
+    return out
+
+
 def pruned_epoch_rows(folder: str, rows: int, reps: int) -> list[Row]:
     """A Parquet epoch with 50% of the rows pruned at random vs a full epoch, on shards
     written by ``es-pipe shard`` with its defaults (time ratio)."""
@@ -309,6 +335,26 @@ def pruned_epoch_rows(folder: str, rows: int, reps: int) -> list[Row]:
 
 
 # --------------------------------------------------------------------------- in memory
+
+
+def memory_rows(samples: int, reps: int) -> list[Row]:
+    """bench_stage's ``dict_stage_vs_batcher`` where that tree has it (issue 14's stage
+    work), else :func:`memory_stage_rows`."""
+    shared = getattr(bench_stage, "dict_stage_vs_batcher", None)
+    if shared is None:
+        return memory_stage_rows(samples, reps)
+    got = shared(B=B, batches=max(1, samples // B), reps=reps)
+    return [
+        row(
+            f"in-memory dict stage (B=4096) vs `Batcher(256)` + `default_collate` "
+            f"({samples:,} samples, bench_stage.dict_stage_vs_batcher)",
+            got["stage_samples_per_s"],
+            got["batcher_samples_per_s"],
+            got["ratio"],
+            ">= 0.9x",
+            "samples/s",
+        )
+    ]
 
 
 def memory_stage_rows(samples: int, reps: int) -> list[Row]:
@@ -624,10 +670,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         steps: list[tuple[str, Callable[[str], list[Row]]]] = [
             ("tar", lambda d: tar_rows(d, 4 if q else 8, 1000 if q else 4000, 4096, reps)),
             ("parquet", lambda d: parquet_rows(d, 2**16 if q else 2**18, 8 if q else 16, reps)),
-            ("memory", lambda d: memory_stage_rows(2**16 if q else 2**18, reps)),
+            ("memory", lambda d: memory_rows(2**16 if q else 2**18, reps)),
             ("select", lambda d: select_rows(reps, q)),
             ("commit", lambda d: commit_rows(10**6, 100, reps)),
-            ("pruned", lambda d: pruned_epoch_rows(d, 40_000 if q else 200_000, reps)),
+            ("pruned", lambda d: pruned_rows(d, 40_000 if q else 200_000, reps)),
         ]
         for name, step in steps:
             if name not in groups:
