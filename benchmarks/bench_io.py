@@ -689,7 +689,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     header = [
         f"Command: `{command}`; {when} UTC; commit {_commit_id()}; {elapsed:.0f} s.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs; load "
+        f"average {os.getloadavg()[0]:.1f} at the end), "
         f"python {platform.python_version()}, torch {torch.__version__}, pyarrow "
         f"{pa.__version__}; 1 torch thread; median of {reps} interleaved repetitions"
         + ("" if bench_select is not None else "; select rows: bench_io's fallback")
