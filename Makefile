@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: demo test test-faults lint bench bench-long clean data
+.PHONY: demo test test-faults lint bench bench-io bench-long clean data
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench: $(STAMP) $(FMNIST)
 			--methods uniform,uniform@0.34,uniform@0.67,random,loss,sb,es,es-history,eswp,infobatch \
 			|| exit 1; \
 	done
+
+# Issue 14's table: every I/O and selection measure as a ratio to its limit, in one process,
+# interleaved, median of 7 (10-20 minutes on 2 cores); BENCHIO=--quick for a < 3 minute run.
+BENCHIO ?=
+bench-io: $(STAMP)
+	$(BIN)/python benchmarks/bench_io.py $(BENCHIO) --out $(BENCHOUT)/bench_io.md
 
 # The long benchmark of issue 12: near convergence, 3 seeds, the configuration search. Hours
 # on 2 cores; each task appends one JSON line per run to $(BENCHOUT)/long/{task}_runs.jsonl,

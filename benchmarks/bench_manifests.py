@@ -19,6 +19,7 @@ way, side by side::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from es_pipe.manifests import Manifests
 from es_pipe.scores import ScoreStore
@@ -178,6 +180,102 @@ def _write_epochs(root: str, epochs: int, rows: int, shards: int) -> None:
         )
         m.finish(epoch)
         m.commit(epoch)
+
+
+def epoch_items(rows: int, shards: int, seed: int = 0) -> list[dict]:
+    """One epoch's ``write_shards`` items as ESWP writes them: ``rows`` rows in ``shards``
+    shards, random scores, 15% pruned, a key per row, the run's hyper-parameters."""
+    per = rows // shards
+    gen = np.random.default_rng(seed)
+    ordinals = pa.array(np.arange(per)).cast(pa.string())
+    items = []
+    for i in range(shards):
+        shard = f"s3://bucket/data/train-{i:06d}.tar"
+        columns = {
+            "score": gen.random(per, np.float32),
+            "loss": gen.random(per, np.float32),
+            "visits": gen.integers(1, 5, per).astype(np.uint32),
+            "step": gen.integers(0, 10**6, per).astype(np.int32),
+            "state": (gen.random(per) < 0.15).astype(np.uint8),
+        }
+        keys = pc.binary_join_element_wise(f"{shard[-10:-4]}-", ordinals, "")
+        items.append(
+            {"shard": shard, "columns": columns, "keys": keys, "factor": 1.2, "hyper": {"step": 1}}
+        )
+    return items
+
+
+def commit_epoch(root: str, epoch: int, items: list[dict]) -> None:
+    """The epoch commit of one rank alone: stage every shard's manifest, the done-file,
+    the commit (publish + marker), as ``es_pipe.eswp.commit.close_epoch`` runs it."""
+    m = Manifests(root)
+    m.write_shards(epoch, items)
+    m.finish(epoch)
+    m.commit(epoch)
+
+
+def commit_vs_write_table(
+    rows: int = 10**6, shards: int = 100, reps: int = 7, clock: str = "wall"
+) -> dict:
+    """The epoch commit of ``rows`` rows in ``shards`` shards against one
+    ``pyarrow.parquet.write_table`` of the same rows (the same manifest table, all shards
+    concatenated) to one local file: with pyarrow's default options (issue 14's limit) and
+    with the codec's own (lz4, dictionary only for ``shard``: the same encoding work).
+    Interleaved, order alternating, median of ``reps`` after a warm-up round; rows/s.
+    ``clock="cpu"``: the process's CPU time instead of wall time (every thread's, so the
+    commit's thread pool gains nothing; robust to other jobs preempting this one)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    from es_pipe.manifests import codec
+    from es_pipe.manifests.writer import STATE_BITS
+
+    items = epoch_items(rows, shards)
+    tables = [
+        codec.build_table(it["shard"], it["columns"], bits=STATE_BITS, keys=it["keys"])
+        for it in items
+    ]
+    full = pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+    total = full.num_rows
+    same = {"compression": "lz4", "use_dictionary": ["shard"], "write_statistics": ["row"]}
+    base = tempfile.mkdtemp(prefix="bench-commit-")
+    root = os.path.join(base, "root")
+    done = {"commit": 0, "write_table": 0, "write_table same options": 0}
+
+    def fresh(name: str) -> str:  # a new file every time, as every epoch writes new files
+        done[name] += 1
+        return os.path.join(base, f"{name.replace(' ', '-')}-{done[name]}.parquet")
+
+    def commit() -> None:
+        done["commit"] += 1
+        commit_epoch(root, done["commit"], items)
+
+    cases = {
+        "commit": commit,
+        "write_table": lambda: pq.write_table(full, fresh("write_table")),
+        "write_table same options": lambda: pq.write_table(
+            full, fresh("write_table same options"), **same
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    try:
+        names = list(cases)
+        for rep in range(reps + 1):  # the first round warms up
+            for name in names if rep % 2 else names[::-1]:
+                t0 = timer()
+                cases[name]()
+                if rep:
+                    times[name].append(timer() - t0)
+            # what each wrote piles up on disk as in a run; the last 3 rounds are kept
+            for old in os.listdir(root):
+                if old.startswith("epoch=") and int(old[6:]) < done["commit"] - 2:
+                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            for name in ("write_table", "write_table same options"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(
+                        os.path.join(base, f"{name.replace(' ', '-')}-{done[name] - 3}.parquet")
+                    )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {name: total / statistics.median(t) for name, t in times.items()}
 
 
 def _peak_rss_mib(root: str, pythonpath: str) -> float:

@@ -85,6 +85,8 @@ class KeyBook:
         ordinals = np.concatenate([chunk[1] for chunk in self._chunks])
         keys = pa.concat_arrays([chunk[2] for chunk in self._chunks])
         codes = shards.codes
+        if len(shards.names) <= np.iinfo(np.uint16).max:  # numpy radix-sorts 16-bit keys
+            codes = codes.astype(np.uint16)  # (stable, same order; ~5x faster than int64)
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(len(shards.names) + 1))
         for code, name in enumerate(shards.names):

@@ -19,7 +19,6 @@ root, and refuses to commit once another job holds the root's lease.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import warnings
@@ -127,7 +126,7 @@ class Committer:
         }
         if run is not None:
             marker["run"] = {**run, "shards": layout.shard_set_digest(e["shard"] for e in files)}
-        data = json.dumps(marker, indent=1).encode()
+        data = codec.listing_json(marker)
         self.store.put(self.store.path(layout.marker_name(epoch)), data, atomic=True)
         self.reader.remember(epoch, marker)
         return marker
@@ -236,8 +235,10 @@ class Committer:
     def _publish(self, entry: dict[str, Any]) -> None:
         """Move one staged file to its committed place (local: rename; else copy)."""
         src, dst = self.store.path(entry["staged"]), self.store.path(entry["path"])
+        # local: one stat (fsspec's info adds an lstat and a dict per file)
+        stat_size = _local_size if self.store.local else self.store.fs.size
         try:
-            size = self.store.io(f"size {src}", self.store.fs.size, src)
+            size = self.store.io(f"size {src}", stat_size, src)
         except FileNotFoundError:
             size = None
         if size is None:  # published by an earlier, interrupted commit of this attempt?
@@ -253,8 +254,13 @@ class Committer:
                 "the file is truncated. Re-run the epoch"
             )
         if self.store.local:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(src, dst)
+            try:  # the epoch folder exists after the first file: no makedirs per file
+                os.replace(src, dst)
+            except FileNotFoundError:
+                if not os.path.exists(src):
+                    raise
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
         else:
             self.store.io(f"copy {src} to {dst}", self.store.fs.copy, src, dst)
 
@@ -287,3 +293,8 @@ def pick_files(epoch: int, dones: Mapping[int, Mapping[str, Any]]) -> list[dict[
                     "the sources' rank split)"
                 )
     return [entry for _, entry in chosen.values()]
+
+
+def _local_size(path: str) -> int:
+    """The size of a local file (``FileNotFoundError`` when it is not there)."""
+    return os.stat(path).st_size
