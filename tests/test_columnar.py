@@ -367,8 +367,54 @@ def test_a_row_twice_in_a_columnar_meta_batch_is_refused(parquet):
         lambda i: {"x": np.float32(i), "__key__": f"k{i}", "__shard__": "s", "__index__": i},
         lambda i: {"__index__": np.int64(i), "__key__": i, "__shard__": "s", "y": np.array([i, i])},
         lambda i: {"__key__": f"k{i}", "__url__": f"u{i % 3}", "x": torch.ones(2) * i},
+        # the collate fast paths: Python ints and floats, numpy rows, and the mixes that
+        # must fall back to default_collate (bools among ints, two dtypes)
+        lambda i: {
+            "a": i,
+            "f": i / 3,
+            "t": i % 2 == 0,
+            "__key__": str(i),
+            "__shard__": "s",
+            "__index__": i,
+        },
+        lambda i: {
+            "a": True if i == 5 else i,
+            "f": 1 if i == 7 else 0.5 * i,
+            "__key__": str(i),
+            "__shard__": f"s{i % 2}",
+            "__index__": i,
+        },
+        lambda i: {
+            "x": np.full(3, i, np.int16),
+            "m": np.eye(2, dtype=np.float32) * i,
+            "__key__": str(i),
+            "__shard__": f"s{i // 10}",
+            "__index__": i,
+        },
+        lambda i: {
+            "x": np.full(2, i, np.float32 if i % 3 else np.float64),
+            "__key__": str(i),
+            "__shard__": "s",
+            "__index__": i,
+        },
+        lambda i: {
+            "x": np.full(2, i, np.float32),
+            "__key__": str(i),
+            "__shard__": "" if i % 4 == 0 else "s",
+            "__url__": "u",
+            "__index__": i,
+        },
     ],
-    ids=["str-keys-int-index", "int-keys-numpy-index", "webdataset-url"],
+    ids=[
+        "str-keys-int-index",
+        "int-keys-numpy-index",
+        "webdataset-url",
+        "python-numbers",
+        "mixed-python-types",
+        "numpy-rows",
+        "numpy-two-dtypes",
+        "empty-shard-falls-back-to-url",
+    ],
 )
 def test_dict_path_meta_batches_are_default_collate_of_the_samples(make):
     """The dict path takes ``__key__``/``__index__`` from the identity instead of
