@@ -112,6 +112,39 @@ _FAST: dict[type, Callable[[list[Any]], torch.Tensor | None]] = {
 }
 
 
+def identity_fields(who: Identity) -> dict[str, Any]:
+    """``__key__``, ``__shard__`` and ``__index__`` of a columnar meta-batch, as the dict
+    path's ``default_collate`` gives them (a list of str, a list of str, an int64 tensor),
+    made from the identity arrays in one C-level step each, never collated."""
+    keys = who.keys
+    out: dict[str, Any] = {
+        "__key__": keys.tolist() if isinstance(keys, np.ndarray) else list(keys),
+        "__shard__": (
+            who.shard_names()
+            if isinstance(who, ArrayIdentity)
+            else [who.shards.names[c] for c in who.shards.codes.tolist()]
+        ),
+    }
+    if who.ordinals is not None:
+        out["__index__"] = torch.from_numpy(np.array(who.ordinals, dtype=np.int64))
+    return out
+
+
+def auto_columnar(source: tn.BaseNode, collate_fn: Any) -> None:
+    """Switch a Parquet or Arrow source left at ``columnar=None`` (the default) to the
+    columnar path where that cannot change what the stage emits: the stage reads the
+    source directly (or through ``tn.Prefetcher``, which passes items on unchanged) and
+    batches with its default collate. Anything in between (a ``tn.Mapper`` written for
+    sample dicts, a DataLoader) or a custom ``collate_fn`` keeps the dict path."""
+    from es_pipe.sources.arrow import _ColumnarSource
+
+    node: Any = source
+    while type(node) is tn.Prefetcher:
+        node = node.source
+    if isinstance(node, _ColumnarSource) and collate_fn is default_collate:
+        node.prefer_columnar()
+
+
 class EvolvedSampling(tn.BaseNode):
     """A ``torchdata.nodes`` node that emits meta-batches to score, or, given ``loss_fn``,
     the selected sub-batches directly.
@@ -190,6 +223,7 @@ class EvolvedSampling(tn.BaseNode):
         self.sampler = sampler
         self.loss_fn = loss_fn
         self.collate_fn = collate_fn
+        auto_columnar(self.source, collate_fn)
         self._current: MetaBatch | None = None
         self._position: dict[str, Any] = {}  # stage state just before the current meta-batch
         self._exhausted = False  # the source ran out; the epoch ends at the next call
@@ -319,7 +353,8 @@ class EvolvedSampling(tn.BaseNode):
             self._end_epoch()
         try:
             if self._columnar and self.collate_fn is default_collate:
-                data = collate_columns(pieces)
+                assert who is not None
+                data = {**collate_columns(pieces), **identity_fields(who)}
             else:
                 if self._columnar:  # a custom collate_fn takes sample dicts
                     samples = [sample for piece in pieces for sample in piece.to_dicts()]

@@ -122,12 +122,12 @@ class _ColumnarSource(ShardedSource):
         shuffle_rows: bool = False,
         shuffle_window: int = 8192,
         batch_rows: int = 8192,
-        columnar: bool = False,
+        columnar: bool | None = None,
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
-        if not isinstance(columnar, bool):
-            raise ConfigError(f"columnar={columnar!r} must be True or False")
+        if columnar is not None and not isinstance(columnar, bool):
+            raise ConfigError(f"columnar={columnar!r} must be True, False or None (automatic)")
         for label, value in (("batch_rows", batch_rows), ("shuffle_window", shuffle_window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{label} must be an int >= 1, got {value!r}")
@@ -147,7 +147,16 @@ class _ColumnarSource(ShardedSource):
         self.shuffle_rows = bool(shuffle_rows)
         self.shuffle_window = int(shuffle_window)
         self.batch_rows = int(batch_rows)
-        self.columnar = columnar
+        self.columnar_option = columnar
+        self.columnar = bool(columnar)  # None: the dict path until a stage prefers columns
+
+    def prefer_columnar(self) -> None:
+        """Called by the ``EvolvedSampling`` stage that reads this source directly with its
+        default collate: under ``columnar=None`` (automatic) the source yields column
+        chunks from its next ``reset()`` on; the stage's meta-batches are the dict
+        path's, identity fields included (``tests/test_columnar.py``)."""
+        if self.columnar_option is None:
+            self.columnar = True
 
     # -- schema ------------------------------------------------------------------
     def _reference_schema(self) -> pa.Schema:
