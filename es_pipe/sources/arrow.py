@@ -335,12 +335,16 @@ class ParquetSource(_ColumnarSource):
         shuffle_window: rows shuffled together under ``shuffle_rows`` (whole row groups are
             added until the window holds at least this many).
         batch_rows: record batch size when reading in order.
-        columnar: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept rows of a
-            record batch as arrays, with their identity as arrays) instead of one dict per
-            row. The ``EvolvedSampling`` stage builds meta-batches from them without
-            per-sample Python (README: "Columnar path"); states and resume are the same.
-            For the stage (and a ``tn.Prefetcher`` or ``SourceDataset`` before it); a
-            mapping step written for sample dicts would get chunks instead.
+        columnar: ``True``: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept
+            rows of a record batch as arrays, with their identity as arrays) instead of
+            one dict per row. The ``EvolvedSampling`` stage builds meta-batches from them
+            without per-sample Python (README: "Columnar path"); states, resume and the
+            meta-batches are those of the dict path. For the stage (and a
+            ``tn.Prefetcher`` or ``SourceDataset`` before it); a mapping step written for
+            sample dicts would get chunks instead. ``False``: one dict per row. ``None``
+            (the default): dicts, unless an ``EvolvedSampling`` stage with its default
+            collate reads the source directly or through a ``tn.Prefetcher``: the
+            stage then switches it to chunks (it cannot change what the stage emits).
         **kwargs: see :class:`~es_pipe.sources.base.ShardedSource`.
     """
 
