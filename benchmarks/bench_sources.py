@@ -21,6 +21,14 @@ torch thread, the cases interleaved, medians of ``--reps`` (7 by default there).
 
     python benchmarks/bench_sources.py [--reps 5] [--shards 8] [--samples 4000]
     python benchmarks/bench_sources.py --tar-only
+
+``--pruned`` measures issue 14's Parquet goal alone (:func:`parquet_pruned_epoch`): an
+epoch (source -> stage, B = 4096 -> select) with 50% of the rows pruned at random vs a
+full one, on shards written by ``write_shards`` with ``es-pipe shard``'s defaults, dict
+and columnar paths and the source alone; ``--profile`` shows where a pruned epoch's time
+goes.
+
+    python benchmarks/bench_sources.py --pruned [--reps 7] [--shards 8] [--profile]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -161,6 +170,119 @@ def _write(tmp: str, shards: int, samples: int, payload: int, tokens: int, rg: i
     return tar_urls, pq_urls
 
 
+def parquet_pruned_epoch(
+    shards: int = 8,
+    per_shard: int = 10_000,
+    tokens: int = 256,
+    reps: int = 7,
+    row_group_rows: int | None = None,
+    profile: bool = False,
+    clock: str = "wall",
+) -> dict[str, float]:
+    """A Parquet epoch with 50% of each shard's rows pruned at random, as a fraction of the
+    full epoch's time, on shards written by ``write_shards`` (what ``es-pipe shard`` runs)
+    with its defaults (``row_group_rows=None``) unless given. An epoch is the source ->
+    ``EvolvedSampling`` (B = 4096, b = 2048) -> ``select``, on the dict path
+    (``columnar=False``) and the columnar path (``columnar=True``); the source alone too.
+    The cases interleaved in one process, median of ``reps`` per-rep ratios. Each row: a
+    list of ``tokens`` int32 token ids and an int64 label. ``profile=True`` prints a
+    cProfile of one pruned columnar epoch (where the time goes). ``clock="cpu"`` times
+    with the process's CPU time instead of the wall clock (steadier on a shared box)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    import es_pipe
+
+    def epoch(urls: list[str], pruned: Any, columnar: bool) -> int:
+        sampler = es_pipe.EvolvedSampler(4096, 2048, seed=0)
+        source = ParquetSource(urls, columnar=columnar, pruned=pruned)
+        count = 0
+        for meta in es_pipe.stage.tn.Loader(es_pipe.EvolvedSampling(source, sampler)):
+            meta.select(meta.data["label"].float())
+            count += len(meta)
+        return count
+
+    def source_only(urls: list[str], pruned: Any) -> int:
+        return sum(len(chunk) for chunk in ParquetSource(urls, columnar=True, pruned=pruned))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        total = shards * per_shard
+        table = pa.table(
+            {
+                "tokens": pa.array(
+                    list(rng.integers(0, 50_000, size=(total, tokens), dtype=np.int32)),
+                    type=pa.list_(pa.int32()),
+                ),
+                "label": np.arange(total, dtype=np.int64) % 1000,
+            }
+        )
+        urls = write_shards(
+            table, f"{tmp}/p-%04d.parquet", "parquet", per_shard, row_group_rows=row_group_rows
+        )
+        half = {
+            u: np.sort(rng.choice(per_shard, per_shard // 2, replace=False)).astype(np.int64)
+            for u in urls
+        }
+        cases = {
+            "dict full": lambda: epoch(urls, None, False),
+            "dict pruned": lambda: epoch(urls, half, False),
+            "columnar full": lambda: epoch(urls, None, True),
+            "columnar pruned": lambda: epoch(urls, half, True),
+            "source full": lambda: source_only(urls, None),
+            "source pruned": lambda: source_only(urls, half),
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for fn in cases.values():  # warm-up: page cache, imports
+            fn()
+        names = list(cases)
+        for rep in range(reps):
+            for k in names if rep % 2 == 0 else names[::-1]:
+                t0 = now()
+                got = cases[k]()
+                times[k].append(now() - t0)
+                assert got == (total // 2 if "pruned" in k else total), (k, got)
+        if profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            epoch(urls, half, True)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+    out = {f"{k} ms": statistics.median(v) * 1e3 for k, v in times.items()}
+    for path in ("dict", "columnar", "source"):
+        full, pruned = times[f"{path} full"], times[f"{path} pruned"]
+        out[f"{path} ratio"] = statistics.median(p / f for f, p in zip(full, pruned, strict=True))
+    return out
+
+
+def main_pruned(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    rg = None if args.row_group_pruned is None else args.row_group_pruned
+    got = parquet_pruned_epoch(
+        args.shards,
+        10_000,
+        args.tokens,
+        args.reps or 7,
+        rg,
+        profile=args.profile,
+        clock="cpu" if args.cpu else "wall",
+    )
+    print(
+        f"Parquet epoch, 50% of rows pruned at random vs full: {args.shards} shards x 10000 "
+        f"rows ({args.tokens} int32 tokens + a label), written by write_shards with "
+        f"row_group_rows={rg} (None: es-pipe shard's default), B=4096, 1 torch thread, "
+        f"median of {args.reps or 7}, interleaved, {'CPU' if args.cpu else 'wall'} time"
+    )
+    for k, v in got.items():
+        if k.endswith("ms"):
+            print(f"  {k[:-3]:18s} {v:8.1f} ms")
+    for path in ("dict", "columnar", "source"):
+        print(f"  {path:9s} pruned / full: {got[path + ' ratio']:.2f}  (goal <= 0.6)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=None, help="default 5; 7 with --tar-only")
@@ -171,6 +293,19 @@ def main() -> None:
     ap.add_argument("--row-group", type=int, default=1000, help="Parquet row-group rows")
     ap.add_argument("--batch-rows", type=int, default=1000)
     ap.add_argument("--tar-only", action="store_true", help="only the tar reader (issue 14)")
+    ap.add_argument(
+        "--pruned",
+        action="store_true",
+        help="only the Parquet epoch with 50%% pruned at random vs full (es-pipe shard defaults)",
+    )
+    ap.add_argument(
+        "--row-group-pruned",
+        type=int,
+        default=None,
+        help="--pruned: row_group_rows to write with (default: es-pipe shard's)",
+    )
+    ap.add_argument("--profile", action="store_true", help="--pruned: cProfile a pruned epoch")
+    ap.add_argument("--cpu", action="store_true", help="--pruned: time with process CPU time")
     args = ap.parse_args()
 
     print(
@@ -179,6 +314,9 @@ def main() -> None:
     )
     if args.tar_only:
         tar_only(args)
+        return
+    if args.pruned:
+        main_pruned(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tar_urls, pq_urls = _write(

@@ -20,6 +20,13 @@ data, median of ``--reps`` (7):
   the same ``Sampler.select`` -> one ``index_select`` per column (the limit).
 
 Run:  python benchmarks/bench_stage.py --parquet [--rows 262144] [--reps 7] [--threads 1]
+
+``--dict`` (issue 14) measures the in-memory dict stage (a list of sample dicts ->
+``EvolvedSampling``, B = 4096, b = 2048) against ``tn.Batcher(256)`` + ``default_collate``
+over the same list, without es_pipe, interleaved, median of ``--reps``, for three payloads
+(:func:`dict_stage_vs_batcher`).
+
+Run:  python benchmarks/bench_stage.py --dict [--reps 7] [--cpu]
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import csv
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,6 +182,85 @@ def main_parquet(args: argparse.Namespace) -> None:
     print(f"  columnar / dict: {rate['columnar'] / rate['dict']:.2f}x")
 
 
+def dict_stage_vs_batcher(
+    payload: str = "int", B: int = 4096, batches: int = 16, reps: int = 7, clock: str = "wall"
+) -> dict[str, float]:
+    """In-memory dict stage vs the same samples without es_pipe, interleaved in one
+    process, median of ``reps``: ``EvolvedSampling`` over a list of sample dicts at
+    ``B`` (b = B/2, every meta-batch answered) against ``tn.Batcher(256)`` +
+    ``default_collate`` over the same list. The samples carry ``__key__``, ``__shard__``
+    (16 shards), ``__index__``, a label ``y`` and a payload ``x``: a Python int
+    (``"int"``), a 32-float32 numpy row (``"numpy"``) or tensor (``"tensor"``).
+    Returns samples/s of both and the per-rep ratio's median (goal >= 0.9).
+    ``clock="cpu"`` times with the process's CPU time (steadier on a shared box)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    import torchdata.nodes as tn
+    from torch.utils.data import default_collate
+
+    n = B * batches
+    per = n // 16
+    rows = np.random.default_rng(0).random((n, 32), dtype=np.float32)
+    values: Any = {"int": range(n), "numpy": rows, "tensor": torch.from_numpy(rows)}[payload]
+    samples = [
+        {
+            "x": values[i],
+            "y": i % 10,
+            "__key__": str(i % per),
+            "__shard__": f"shard-{i // per:04d}.tar",
+            "__index__": i % per,
+        }
+        for i in range(n)
+    ]
+    losses = torch.rand(B)
+
+    def stage() -> int:
+        sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+        count = 0
+        for meta in es_pipe.stage.tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+            meta.select(losses[: len(meta)])
+            count += len(meta)
+        return count
+
+    def batcher() -> int:
+        count = 0
+        node = tn.Batcher(tn.IterableWrapper(samples), 256, drop_last=False)
+        for batch in tn.Loader(node):
+            count += len(default_collate(batch)["y"])
+        return count
+
+    cases = {"stage": stage, "batcher": batcher}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():  # warm-up
+        fn()
+    for rep in range(reps):
+        for name in list(cases) if rep % 2 == 0 else list(cases)[::-1]:
+            t = now()
+            assert cases[name]() == n
+            times[name].append(now() - t)
+    return {
+        "stage_samples_per_s": n / statistics.median(times["stage"]),
+        "batcher_samples_per_s": n / statistics.median(times["batcher"]),
+        "ratio": statistics.median(
+            b / a for a, b in zip(times["stage"], times["batcher"], strict=True)
+        ),
+    }
+
+
+def main_dict(args: argparse.Namespace) -> None:
+    print(
+        f"in-memory dict stage (B=4096, b=2048) vs tn.Batcher(256) + default_collate, "
+        f"median of {args.reps}, interleaved, {torch.get_num_threads()} torch thread(s), "
+        f"{'CPU' if args.cpu else 'wall'} time:"
+    )
+    for payload in ("int", "numpy", "tensor"):
+        got = dict_stage_vs_batcher(payload, reps=args.reps, clock="cpu" if args.cpu else "wall")
+        print(
+            f"  payload {payload:6s}: stage {got['stage_samples_per_s'] / 1e3:7.1f}k/s, "
+            f"batcher {got['batcher_samples_per_s'] / 1e3:7.1f}k/s, "
+            f"ratio {got['ratio']:.2f}x  (goal >= 0.9)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256,4096,65536")
@@ -183,11 +270,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write stage.csv and stage.md here")
     parser.add_argument("--parquet", action="store_true", help="Parquet -> stage, 3 ways")
     parser.add_argument("--rows", type=int, default=262144, help="--parquet: rows in all")
-    parser.add_argument("--reps", type=int, default=7, help="--parquet: repetitions")
+    parser.add_argument("--reps", type=int, default=7, help="--parquet/--dict: repetitions")
+    parser.add_argument(
+        "--dict", action="store_true", help="in-memory dict stage vs Batcher + default_collate"
+    )
+    parser.add_argument("--cpu", action="store_true", help="--dict: time with process CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.parquet:
         main_parquet(args)
+        return
+    if args.dict:
+        main_dict(args)
         return
     rows = []
     for B in (int(s) for s in args.sizes.split(",")):

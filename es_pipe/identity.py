@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from operator import itemgetter
+from dataclasses import dataclass
+from operator import itemgetter, methodcaller
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from es_pipe.columns import ColumnChunk
 
 _MAX_ORDINAL = 2**31
+_KEY = itemgetter("__key__")
+_GETTERS = {
+    name: (itemgetter(name), methodcaller("get", name)) for name in ("__shard__", "__index__")
+}
 _NO_KEY = (
     "every sample must be a dict with a stable '__key__' (and ideally '__shard__' and "
     "'__index__') so that scores follow samples across epochs; es_pipe's sources add them, "
@@ -69,17 +74,32 @@ def _refuse_batched(sample: dict[str, Any]) -> None:
             )
 
 
+def _field(samples: list[Any], name: str) -> list[Any]:
+    """Every sample's ``name`` field, ``None`` where a sample has none (C-level getters:
+    ``itemgetter`` first, the slower ``dict.get`` only where a sample lacks the field)."""
+    strict, lenient = _GETTERS[name]
+    try:
+        return list(map(strict, samples))
+    except KeyError:
+        return list(map(lenient, samples))
+
+
 def identify(samples: list[Any]) -> Identity:
     """The identities of buffered samples: the shard (``__shard__``, else webdataset's
     ``__url__``, else ``""``), ``__key__`` and, when every sample has one, ``__index__``
     (the ordinal in the shard)."""
     try:
-        keys = [sample["__key__"] for sample in samples]
-        shards = [sample.get("__shard__") or sample.get("__url__", "") for sample in samples]
-        ordinals = [sample.get("__index__") for sample in samples]
+        keys = list(map(_KEY, samples))  # map with C-level getters: no Python frame per sample
+        named = _field(samples, "__shard__")
+        ordinals = _field(samples, "__index__")
     except (KeyError, TypeError, IndexError, AttributeError):
         raise ConfigError(_NO_KEY) from None
-    codes = _shard_codes(shards)
+    codes = _shard_codes(named)
+    field: str | None = "__shard__"  # every sample's shard is its own non-empty __shard__
+    if codes is None or "" in codes.names:
+        field = None
+        shards = [sample.get("__shard__") or sample.get("__url__", "") for sample in samples]
+        codes = _shard_codes(shards)
     if None in keys or codes is None:
         for sample in samples:
             _refuse_batched(sample)
@@ -88,14 +108,14 @@ def identify(samples: list[Any]) -> Identity:
             "not a str: give every sample a stable, non-None '__key__' and the shard's name "
             "as '__shard__'"
         )
-    if None in ordinals:
-        if samples:
-            _refuse_batched(samples[0])
-        return ArrayIdentity(codes, keys, None)
     try:
         array = np.asarray(ordinals)
     except ValueError:  # ragged sequences
         array = np.asarray(ordinals, dtype=object)
+    if array.dtype == object and None in ordinals:  # a sample without '__index__'
+        if samples:
+            _refuse_batched(samples[0])
+        return ArrayIdentity(codes, keys, None, field)
     if array.ndim != 1:
         _refuse_batched(samples[0])
     if (
@@ -107,7 +127,7 @@ def identify(samples: list[Any]) -> Identity:
             "'__index__' must be the sample's position in its shard: an int in [0, 2**31), "
             f"got {ordinals[:3]}"
         )
-    return ArrayIdentity(codes, keys, array.astype(np.int64, copy=False))
+    return ArrayIdentity(codes, keys, array.astype(np.int64, copy=False), field)
 
 
 def _shard_codes(shards: list[Any]) -> ShardCodes | None:
@@ -256,9 +276,16 @@ class EpochRepeats:
         )
 
 
+@dataclass(frozen=True)
 class ArrayIdentity(Identity):
     """An :class:`Identity` whose keys are an object array of str (the columnar path):
-    ``take`` and ``concat`` are array operations, with no per-sample Python."""
+    ``take`` and ``concat`` are array operations, with no per-sample Python.
+
+    ``shard_field`` is ``"__shard__"`` where every sample's shard is its own non-empty
+    ``__shard__`` field (the dict path then gives the collated ``__shard__`` from the
+    shard codes, not by collating the field again), else ``None``."""
+
+    shard_field: str | None = None
 
     def take(self, picked: np.ndarray) -> Identity:
         ordinals = None if self.ordinals is None else self.ordinals[picked]
@@ -266,7 +293,13 @@ class ArrayIdentity(Identity):
         chosen = (
             keys[picked] if isinstance(keys, (np.ndarray, RowKeys)) else take_list(keys, picked)
         )
-        return ArrayIdentity(self.shards.take(picked), chosen, ordinals)
+        return ArrayIdentity(self.shards.take(picked), chosen, ordinals, self.shard_field)
+
+    def shard_names(self) -> list[str]:
+        """Every sample's shard name, in order (one numpy ``take`` of the names)."""
+        names = np.empty(len(self.shards.names), dtype=object)
+        names[:] = self.shards.names
+        return names[self.shards.codes].tolist()
 
     @classmethod
     def concat(cls, parts: Sequence[Identity]) -> Identity:
@@ -276,10 +309,12 @@ class ArrayIdentity(Identity):
         keys: list[Any] = []
         for part in parts:
             keys += list(part.keys)
+        fields = {getattr(part, "shard_field", None) for part in parts}
         return cls(
             ShardCodes.concat([part.shards for part in parts]),
             keys,
             np.concatenate(ordinals) if len(ordinals) == len(parts) else None,
+            fields.pop() if len(fields) == 1 else None,
         )
 
     @classmethod

@@ -83,8 +83,10 @@ def _payload(data: dict) -> dict:
 
 
 def _same(a, b) -> None:
-    assert sorted(_payload(a)) == sorted(_payload(b))
-    for name, value in _payload(a).items():
+    """Two meta-batches are the same: the same fields in the same order (identity fields
+    included), equal values of equal types."""
+    assert list(a) == list(b)
+    for name, value in a.items():
         other = b[name]
         if isinstance(value, torch.Tensor):
             assert value.dtype == other.dtype, name
@@ -152,7 +154,9 @@ def test_columnar_meta_batches_selections_and_scores_equal_the_dict_path(
         runs[columnar] = (_trace(tn.Loader(stage), sampler, 3)[0], sampler)
     _compare(runs[False][0], runs[True][0])
     assert all(isinstance(d["x"], torch.Tensor) for _, d, *_ in runs[True][0])
-    assert not any(set(IDENTITY) & set(d) for _, d, *_ in runs[True][0])  # never collated
+    for _, d, keys, *_ in runs[True][0]:  # the dict path's identity fields, from the arrays
+        assert {"__key__", "__shard__"} <= set(d) and d["__key__"] == keys
+        assert d["__index__"].dtype == torch.int64
     a, b = runs[False][1].store, runs[True][1].store
     slots = lambda store: store.locate(  # noqa: E731
         [u for u, n in zip(urls, SIZES, strict=True) for _ in range(n)],
@@ -320,7 +324,7 @@ def test_chunks_and_dicts_mixed_are_refused(parquet):
 
 
 def test_bad_options_and_damaged_skip_are_refused(parquet):
-    with pytest.raises(ConfigError, match="columnar='yes' must be True or False"):
+    with pytest.raises(ConfigError, match="columnar='yes' must be True, False or None"):
         ParquetSource(parquet, columnar="yes")
     sampler = _sampler()
     loader = tn.Loader(es_pipe.EvolvedSampling(ParquetSource(parquet, columnar=True), sampler))
@@ -367,8 +371,54 @@ def test_a_row_twice_in_a_columnar_meta_batch_is_refused(parquet):
         lambda i: {"x": np.float32(i), "__key__": f"k{i}", "__shard__": "s", "__index__": i},
         lambda i: {"__index__": np.int64(i), "__key__": i, "__shard__": "s", "y": np.array([i, i])},
         lambda i: {"__key__": f"k{i}", "__url__": f"u{i % 3}", "x": torch.ones(2) * i},
+        # the collate fast paths: Python ints and floats, numpy rows, and the mixes that
+        # must fall back to default_collate (bools among ints, two dtypes)
+        lambda i: {
+            "a": i,
+            "f": i / 3,
+            "t": i % 2 == 0,
+            "__key__": str(i),
+            "__shard__": "s",
+            "__index__": i,
+        },
+        lambda i: {
+            "a": True if i == 5 else i,
+            "f": 1 if i == 7 else 0.5 * i,
+            "__key__": str(i),
+            "__shard__": f"s{i % 2}",
+            "__index__": i,
+        },
+        lambda i: {
+            "x": np.full(3, i, np.int16),
+            "m": np.eye(2, dtype=np.float32) * i,
+            "__key__": str(i),
+            "__shard__": f"s{i // 10}",
+            "__index__": i,
+        },
+        lambda i: {
+            "x": np.full(2, i, np.float32 if i % 3 else np.float64),
+            "__key__": str(i),
+            "__shard__": "s",
+            "__index__": i,
+        },
+        lambda i: {
+            "x": np.full(2, i, np.float32),
+            "__key__": str(i),
+            "__shard__": "" if i % 4 == 0 else "s",
+            "__url__": "u",
+            "__index__": i,
+        },
     ],
-    ids=["str-keys-int-index", "int-keys-numpy-index", "webdataset-url"],
+    ids=[
+        "str-keys-int-index",
+        "int-keys-numpy-index",
+        "webdataset-url",
+        "python-numbers",
+        "mixed-python-types",
+        "numpy-rows",
+        "numpy-two-dtypes",
+        "empty-shard-falls-back-to-url",
+    ],
 )
 def test_dict_path_meta_batches_are_default_collate_of_the_samples(make):
     """The dict path takes ``__key__``/``__index__`` from the identity instead of
@@ -447,3 +497,54 @@ def test_stateful_dataloader_workers_resume_chunks(parquet):
     assert sorted(head + ids(same)) == everything
     merged = merge_states(SourceDataset.states_from_loader(state))
     assert sorted(head + ids(make(1, merged))) == everything
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_columnar_is_the_default_where_it_cannot_change_the_meta_batches(parquet, arrow, kind):
+    """``columnar=None`` (the default): a stage reading the source directly (or through a
+    ``tn.Prefetcher``) with its default collate switches it to the columnar path, and gets
+    the dict path's meta-batches, selections and keys; a ``tn.Mapper`` in between, a custom
+    ``collate_fn`` or iterating the source alone keep sample dicts."""
+    urls = parquet if kind == "parquet" else arrow
+    cls = ParquetSource if kind == "parquet" else ArrowSource
+    sampler = _sampler()
+    source = cls(urls, seed=1, shuffle=True)
+    assert source.columnar is False and isinstance(next(iter(source)), dict)
+    dict_steps = _trace(
+        tn.Loader(
+            es_pipe.EvolvedSampling(cls(urls, seed=1, shuffle=True, columnar=False), sampler)
+        ),
+        sampler,
+        2,
+    )[0]
+    for wrap in (lambda s: s, lambda s: tn.Prefetcher(s, 2)):
+        sampler = _sampler()
+        source = cls(urls, seed=1, shuffle=True)
+        stage = es_pipe.EvolvedSampling(wrap(source), sampler)
+        assert source.columnar is True
+        _compare(dict_steps, _trace(tn.Loader(stage), sampler, 2)[0])
+    mapped = cls(urls, seed=1)
+    es_pipe.EvolvedSampling(tn.Mapper(mapped, lambda s: s), _sampler())
+    custom = cls(urls, seed=1)
+    es_pipe.EvolvedSampling(custom, _sampler(), collate_fn=lambda samples: samples)
+    pinned = cls(urls, seed=1, columnar=False)
+    es_pipe.EvolvedSampling(pinned, _sampler())
+    assert (mapped.columnar, custom.columnar, pinned.columnar) == (False, False, False)
+
+
+@pytest.mark.filterwarnings("ignore:re-committing")
+@pytest.mark.parametrize("split", [2, 5, 9])
+def test_a_dict_path_checkpoint_resumes_on_the_default_columnar_path(parquet, tmp_path, split):
+    """A checkpoint saved by a dict-path run (es_pipe's default before columnar became
+    automatic) resumes under the new default to the dict path's run, step for step."""
+    sampler, _, loader = _eswp(parquet, tmp_path / "full", False)
+    full = _trace(loader, sampler, 3)[0]
+    sampler, _, loader = _eswp(parquet, tmp_path / "cut", False)
+    head, saved = _trace(loader, sampler, 3, save_at=split)
+    sampler, stage, loader = _eswp(parquet, tmp_path / "cut", None)
+    assert stage._sharded is not None and stage._sharded.columnar is True
+    loader.load_state_dict(saved["loader"])
+    sampler.load_state_dict(saved["scores"])
+    tail = _trace(loader, sampler, 3 - sampler.epoch)[0]
+    _compare(full, head + tail)
+    assert _epochs(tmp_path / "cut") == _epochs(tmp_path / "full")

@@ -131,3 +131,22 @@ def test_shard_list_literal_never_expands(tmp_path):
         list(ParquetSource(shards))
     with pytest.raises(ConfigError, match="list of URLs"):
         ShardList.literal(missing)
+
+
+def test_parquet_shards_default_to_row_groups_that_pruning_can_skip(tmp_path):
+    """write_shards (and es-pipe shard) write 1024-row groups by default, not pyarrow's
+    one group per shard: a resume or a run whose pruning covers a whole group skips it."""
+    from es_pipe.shard_writer import ROW_GROUP_ROWS
+
+    table = pa.table({"x": np.arange(5000, dtype=np.int64)})
+    (url,) = write_shards(table, f"{tmp_path}/p-%03d.parquet", "parquet", 5000, index=False)
+    md = pq.ParquetFile(url).metadata
+    assert ROW_GROUP_ROWS == 1024
+    assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [1024] * 4 + [904]
+    pruned = {url: np.arange(1024, 3072)}  # groups 1 and 2, whole
+    got = [int(s["x"]) for s in ParquetSource([url], pruned=pruned)]
+    assert got == list(range(1024)) + list(range(3072, 5000))
+    (given,) = write_shards(
+        table, f"{tmp_path}/q-%03d.parquet", "parquet", 5000, row_group_rows=2500, index=False
+    )
+    assert pq.ParquetFile(given).metadata.num_row_groups == 2

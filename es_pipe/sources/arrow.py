@@ -122,12 +122,12 @@ class _ColumnarSource(ShardedSource):
         shuffle_rows: bool = False,
         shuffle_window: int = 8192,
         batch_rows: int = 8192,
-        columnar: bool = False,
+        columnar: bool | None = None,
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
-        if not isinstance(columnar, bool):
-            raise ConfigError(f"columnar={columnar!r} must be True or False")
+        if columnar is not None and not isinstance(columnar, bool):
+            raise ConfigError(f"columnar={columnar!r} must be True, False or None (automatic)")
         for label, value in (("batch_rows", batch_rows), ("shuffle_window", shuffle_window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{label} must be an int >= 1, got {value!r}")
@@ -147,7 +147,16 @@ class _ColumnarSource(ShardedSource):
         self.shuffle_rows = bool(shuffle_rows)
         self.shuffle_window = int(shuffle_window)
         self.batch_rows = int(batch_rows)
-        self.columnar = columnar
+        self.columnar_option = columnar
+        self.columnar = bool(columnar)  # None: the dict path until a stage prefers columns
+
+    def prefer_columnar(self) -> None:
+        """Called by the ``EvolvedSampling`` stage that reads this source directly with its
+        default collate: under ``columnar=None`` (automatic) the source yields column
+        chunks from its next ``reset()`` on; the stage's meta-batches are the dict
+        path's, identity fields included (``tests/test_columnar.py``)."""
+        if self.columnar_option is None:
+            self.columnar = True
 
     # -- schema ------------------------------------------------------------------
     def _reference_schema(self) -> pa.Schema:
@@ -326,12 +335,16 @@ class ParquetSource(_ColumnarSource):
         shuffle_window: rows shuffled together under ``shuffle_rows`` (whole row groups are
             added until the window holds at least this many).
         batch_rows: record batch size when reading in order.
-        columnar: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept rows of a
-            record batch as arrays, with their identity as arrays) instead of one dict per
-            row. The ``EvolvedSampling`` stage builds meta-batches from them without
-            per-sample Python (README: "Columnar path"); states and resume are the same.
-            For the stage (and a ``tn.Prefetcher`` or ``SourceDataset`` before it); a
-            mapping step written for sample dicts would get chunks instead.
+        columnar: ``True``: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept
+            rows of a record batch as arrays, with their identity as arrays) instead of
+            one dict per row. The ``EvolvedSampling`` stage builds meta-batches from them
+            without per-sample Python (README: "Columnar path"); states, resume and the
+            meta-batches are those of the dict path. For the stage (and a
+            ``tn.Prefetcher`` or ``SourceDataset`` before it); a mapping step written for
+            sample dicts would get chunks instead. ``False``: one dict per row. ``None``
+            (the default): dicts, unless an ``EvolvedSampling`` stage with its default
+            collate reads the source directly or through a ``tn.Prefetcher``: the
+            stage then switches it to chunks (it cannot change what the stage emits).
         **kwargs: see :class:`~es_pipe.sources.base.ShardedSource`.
     """
 

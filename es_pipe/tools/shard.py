@@ -54,7 +54,8 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="Parquet row-group rows; smaller groups let pruning skip more bytes",
+        help="Parquet row-group rows (default 1024); a row group whose rows are all pruned "
+        "is never read, so smaller groups let pruning skip more bytes",
     )
     parser.add_argument(
         "--follow-symlinks",
