@@ -57,7 +57,7 @@ __all__ = ["IdentifiedStreamingDataset", "from_litdata", "litdata_loader", "sing
 _IDENTITY = ("__key__", "__shard__", "__index__")
 
 
-class IdentifiedStreamingDataset(StreamingDataset):  # type: ignore[misc]
+class IdentifiedStreamingDataset(StreamingDataset):
     """A ``litdata.StreamingDataset`` whose items carry ``__shard__`` (the chunk file),
     ``__index__`` (the ordinal in it) and ``__key__``, and whose ``state_dict()`` also works
     without arguments (iteration in this process). See the module docstring.
@@ -77,6 +77,7 @@ class IdentifiedStreamingDataset(StreamingDataset):  # type: ignore[misc]
         self.key_field = key_field
         self._root = (self.input_dir.url or self.input_dir.path or "").rstrip("/")
         self._shards: dict[int, tuple[str, int]] = {}  # chunk index -> (shard name, begin)
+        self._taken = 0  # items taken in this epoch, iterating in this process
         self._ended = False  # the last iteration ran out (StopIteration)
         self._loaded = False  # a state was loaded and not iterated yet
 
@@ -94,7 +95,7 @@ class IdentifiedStreamingDataset(StreamingDataset):  # type: ignore[misc]
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, int) and not isinstance(index, bool):
-            if self.cache is None:  # as litdata's __getitem__ does for a first lookup
+            if getattr(self, "cache", None) is None:  # as litdata's __getitem__ does
                 from litdata.utilities.env import _WorkerEnv
 
                 self.worker_env = _WorkerEnv.detect()
@@ -136,16 +137,22 @@ class IdentifiedStreamingDataset(StreamingDataset):  # type: ignore[misc]
     # -- position ------------------------------------------------------------------------
 
     def __iter__(self) -> IdentifiedStreamingDataset:
+        resumed = self._state_dict
         super().__iter__()
+        # items this process has taken in the epoch: litdata's own global_index restarts at
+        # the offset in the current chunk after a resume, so it cannot say
+        self._taken = int(resumed.get("num_samples_yielded", 0)) if resumed else 0
         self._ended = self._loaded = False
         return self
 
     def __next__(self) -> Any:
         try:
-            return super().__next__()
+            item = super().__next__()
         except StopIteration:
             self._ended = True
             raise
+        self._taken += 1
+        return item
 
     def state_dict(
         self,
@@ -159,14 +166,21 @@ class IdentifiedStreamingDataset(StreamingDataset):  # type: ignore[misc]
         if num_samples_yielded is None:
             if self._loaded and self._state_dict is not None:
                 return dict(self._state_dict)
-            num_samples_yielded = 0 if self._ended else int(self.global_index)
+            num_samples_yielded = 0 if self._ended else self._taken
             num_workers, batch_size = 1, int(self.batch_size or 1)
         state = super().state_dict(num_samples_yielded, num_workers, batch_size)
         return dict(state)  # litdata hands out its loaded state itself, updated in place
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """litdata's, on a copy; the dataset takes the state's epoch at once. litdata sets
+        it only when iteration starts (in the workers, for a ``StreamingDataLoader``), and
+        its ``state_dict`` updates the loaded state in place with the dataset's own epoch:
+        a checkpoint position taken between the two (the stage takes one before every
+        meta-batch) would send the workers back to an earlier epoch's order."""
         super().load_state_dict(dict(state_dict) if state_dict else state_dict)
         self._loaded = bool(state_dict)
+        if state_dict and "current_epoch" in state_dict:
+            self.current_epoch = state_dict["current_epoch"]
 
 
 def from_litdata(
