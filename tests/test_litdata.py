@@ -10,6 +10,7 @@ its own requirement would replace the CPU torch."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,20 @@ def test_bad_inputs_are_named(out, written):
         litdata_loader(from_litdata(out), batch_size=4)
     assert isinstance(from_litdata(out), litdata.StreamingDataset)
     assert isinstance(from_litdata(out), IdentifiedStreamingDataset)
+
+
+def test_the_example_trains_and_resumes():
+    """examples/litdata_es.py as a user runs it: its own chunks, DataLoader workers."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["--samples", "600", "--epochs", "2", "--workers", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "litdata_es.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 2: trained on 150 of 600 samples, 600 samples scored" in proc.stdout
+    assert "same as uninterrupted: True" in proc.stdout
