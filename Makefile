@@ -6,6 +6,11 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
+# litdata declares torchvision, and pip would meet that by replacing the pinned CPU torch
+# with a CUDA build (PyPI's torchvision for this torch is CUDA-only): litdata goes in
+# without its requirements, which the `litdata` extra lists instead (torchvision aside,
+# only its image/video serializers use it). The import check makes a broken install loud.
+LITDATA ?= litdata==0.2.76
 
 .PHONY: demo test test-faults lint bench bench-io bench-long clean data
 
@@ -13,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,litdata]'
+	$(BIN)/pip install -q --no-deps "$(LITDATA)"
+	$(BIN)/python -c "import es_pipe.litdata_source"
 	touch $(STAMP)
 
 demo: $(STAMP)
