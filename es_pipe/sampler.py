@@ -1,4 +1,7 @@
-"""The sampler: a selection policy, its schedule, its score store and its RNG position.
+"""The selector: a selection policy, its schedule, its score store and its RNG position.
+
+Named ``Selector`` because it is no ``torch.utils.data.Sampler``; the module keeps its name.
+The previous release's names, deprecated for one release: see :mod:`es_pipe.renamed`.
 
 It turns one meta-batch's identities and losses into a selection, and is the only place
 where scores change. Bad feedback raises before anything changes: scores, step counter and
@@ -84,8 +87,12 @@ class Selection:
     step: int
 
 
-class Sampler:
+class Selector:
     """Selects ``batch_size`` of every ``meta_batch_size`` samples under a policy.
+
+    ``Selector(Evolved(beta1, beta2), B, b)`` is Evolved Sampling; the baselines take the
+    same arguments with another policy; :meth:`recommended` is the configuration the long
+    benchmark recommends.
 
     Args:
         policy: ``Evolved(beta1, beta2)`` (ES), ``Uniform()``, ``RandomSubset()``,
@@ -435,26 +442,6 @@ class Sampler:
         visits, ...) raises ``ConfigError`` and changes nothing."""
         self._checkpoint.load_state_dict(state)
 
-
-class EvolvedSampler(Sampler):
-    """ES with the paper's decoupled EMA: ``Sampler(Evolved(beta1, beta2), ...)``."""
-
-    def __init__(
-        self,
-        meta_batch_size: int,
-        batch_size: int,
-        *,
-        beta1: float = 0.2,
-        beta2: float = 0.8,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            sampling.Evolved(beta1, beta2),
-            meta_batch_size=meta_batch_size,
-            batch_size=batch_size,
-            **options,
-        )
-
     @classmethod
     def recommended(
         cls,
@@ -465,8 +452,9 @@ class EvolvedSampler(Sampler):
         max_streak: int | None = 3,
         anneal: float = 0.1,
         **options: Any,
-    ) -> EvolvedSampler:
-        """The configuration the long benchmark recommends (``es-prune-s3@0.8`` there).
+    ) -> Selector:
+        """The configuration the long benchmark recommends (``es-prune-s3@0.8`` there):
+        ES, ``Evolved()`` with its default betas, plus ESWP.
 
         Every optimizer step is kept (``meta_batch_size == batch_size``); ES's scores,
         formed from the training forward's own losses (``scoring="history"``, no extra
@@ -485,15 +473,22 @@ class EvolvedSampler(Sampler):
         """
         if "eswp" in options or "prune" in options:
             raise ConfigError(
-                "EvolvedSampler.recommended() builds its own es_pipe.ESWP from prune_ratio=, "
+                "Selector.recommended() builds its own es_pipe.ESWP from prune_ratio=, "
                 "max_streak= and anneal=; pass manifests=, resume=, run_id=, on_mismatch= or "
-                "commit_timeout= to it, or build EvolvedSampler(B, b, eswp=es_pipe.ESWP(...))"
+                "commit_timeout= to it, or build Selector(Evolved(), B, b, eswp=ESWP(...))"
             )
         eswp_options = {k: options.pop(k) for k in ESWP_OPTIONS if k in options}
         prune = Pruning(ratio=prune_ratio, anneal=anneal, max_streak=max_streak)
         eswp = ESWP(prune=prune, **eswp_options)
         options = {"scoring": "history", **options}
-        return cls(batch_size, batch_size, total_epochs=total_epochs, eswp=eswp, **options)
+        return Selector(
+            sampling.Evolved(),
+            batch_size,
+            batch_size,
+            total_epochs=total_epochs,
+            eswp=eswp,
+            **options,
+        )
 
 
 ESWP_OPTIONS = ("manifests", "resume", "run_id", "on_mismatch", "commit_timeout")
@@ -536,7 +531,7 @@ def check_arguments(
 
 
 def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
-    """The ESWP part of a sampler built the deprecated way, ``Sampler(..., prune=...,
+    """The ESWP part of a selector built the deprecated way, ``Selector(..., prune=...,
     manifests=..., resume=..., run_id=..., on_mismatch=..., commit_timeout=...)``: the
     same ``ESWP`` (with a ``DeprecationWarning``), or ``None`` without prune and
     manifests."""
@@ -544,7 +539,7 @@ def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
         return eswp
     unknown = sorted(set(options) - {"prune", *ESWP_OPTIONS})
     if unknown:
-        raise TypeError(f"Sampler() got an unexpected keyword argument {unknown[0]!r}")
+        raise TypeError(f"Selector() got an unexpected keyword argument {unknown[0]!r}")
     if eswp is not None:
         raise ConfigError(
             f"eswp= and {', '.join(f'{k}=' for k in options)} were both given: pass the "
@@ -643,3 +638,13 @@ _CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _host(values: Tensor) -> np.ndarray:
     return values.detach().to("cpu", torch.float32).numpy()
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated names of one release, ``Sampler`` and ``EvolvedSampler``
+    (:mod:`es_pipe.renamed`)."""
+    if name not in ("Sampler", "EvolvedSampler"):  # the deprecated names
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from es_pipe.renamed import old_name
+
+    return old_name(__name__, name)
