@@ -129,11 +129,11 @@ def test_check_losses(n):
 
 def _twin_samplers(policy: str, **kw):
     make = {
-        "es": lambda: es_pipe.EvolvedSampler(8, 3, seed=5, **kw),
-        "loss": lambda: es_pipe.Sampler(
+        "es": lambda: es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=5, **kw),
+        "loss": lambda: es_pipe.Selector(
             es_pipe.LossProportional(), meta_batch_size=8, batch_size=3, seed=5, **kw
         ),
-        "sb": lambda: es_pipe.Sampler(
+        "sb": lambda: es_pipe.Selector(
             es_pipe.SelectiveBackprop(2.0),
             meta_batch_size=8,
             batch_size=3,
@@ -170,7 +170,7 @@ def test_meta_batch_select_rejects_bad_losses_without_a_trace(n):
     def check(case):
         policy, bad, good = case
         sampler, twin = _twin_samplers(policy)
-        loaders = [tn.Loader(es_pipe.EvolvedSampling(_samples(20), s)) for s in (sampler, twin)]
+        loaders = [tn.Loader(es_pipe.SelectStage(_samples(20), s)) for s in (sampler, twin)]
         its = [iter(loader) for loader in loaders]
         # one good step first, so that scores exist
         first = [next(it).select(torch.linspace(0.1, 2.0, 8)) for it in its]
@@ -201,8 +201,8 @@ def test_meta_batch_select_rejects_bad_losses_without_a_trace(n):
 @pytest.mark.parametrize("n", SCALES)
 def test_sub_batch_report_rejects_bad_losses_without_a_trace(n):
     def check(bad):
-        sampler = es_pipe.EvolvedSampler(8, 3, seed=1, scoring="history")
-        it = iter(tn.Loader(es_pipe.EvolvedSampling(_samples(16), sampler)))
+        sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=1, scoring="history")
+        it = iter(tn.Loader(es_pipe.SelectStage(_samples(16), sampler)))
         sub = next(it).select()
         before = _state(sampler)
         _, error = es_error_or_ok(lambda: sub.report(bad), (FeedbackError,))
@@ -254,7 +254,7 @@ def _pruning():
             score=st.sampled_from(["score", "loss", "x", None]),
             draw=st.sampled_from(["exact", "bernoulli", "x", 1]),
         ),
-        st.builds(es_pipe.InfoBatch, fractions, fractions),
+        st.builds(es_pipe.Pruning.infobatch, fractions, fractions),
     )
 
 
@@ -268,14 +268,20 @@ def test_sampler_hyper_parameters(n, tmp_path):
         policy = kw.pop("policy")
         if kw.get("manifests"):
             kw["manifests"] = str(root / str(len(os.listdir(tmp_path))))
+        # ESWP's options go in its part, as the selector's own keywords are deprecated
+        options = {
+            k: kw.pop(k) for k in ("prune", "manifests", "on_mismatch", "commit_timeout") if k in kw
+        }
 
         def build():
-            return es_pipe.Sampler(policy, **kw)
+            has_part = options.get("prune") is not None or options.get("manifests") is not None
+            eswp = es_pipe.ESWP(**options) if has_part else None
+            return es_pipe.Selector(policy, eswp=eswp, **kw)
 
         sampler, error = es_error_or_ok(build, (ConfigError,))
         if error is None:  # accepted: it must run two epochs of a small stage
             for _ in range(2):
-                for meta in tn.Loader(es_pipe.EvolvedSampling(_samples(23), sampler)):
+                for meta in tn.Loader(es_pipe.SelectStage(_samples(23), sampler)):
                     sub = meta.select(torch.rand(len(meta)) if meta.needs_losses else None)
                     assert 1 <= len(sub) <= len(meta)
                     if sampler.scoring == "history":
@@ -318,7 +324,7 @@ def test_sampler_hyper_parameters(n, tmp_path):
                 burn_in=st.integers(1, 3),
                 max_streak=st.one_of(st.none(), st.integers(1, 3)),
             ),
-            st.builds(es_pipe.InfoBatch, st.floats(0, 0.9), st.floats(0, 1)),
+            st.builds(es_pipe.Pruning.infobatch, st.floats(0, 0.9), st.floats(0, 1)),
         ),
         "manifests": st.booleans(),
         "rank": st.just(0),
@@ -354,7 +360,7 @@ def test_sampler_hyper_parameters(n, tmp_path):
             shutil.rmtree(root, ignore_errors=True)
 
     # constructors of Evolved / Pruning run while drawing: their ConfigErrors are outcomes
-    sweep("hyper-parameters: Sampler", _lazy_errors(strategy), _unwrap(guarded), n)
+    sweep("hyper-parameters: Selector", _lazy_errors(strategy), _unwrap(guarded), n)
 
 
 def _lazy_errors(strategy):
@@ -392,7 +398,7 @@ def test_policy_pruning_schedule_constructors(n):
             "evolved": es_pipe.Evolved,
             "sb": es_pipe.SelectiveBackprop,
             "pruning": es_pipe.Pruning,
-            "infobatch": es_pipe.InfoBatch,
+            "infobatch": es_pipe.Pruning.infobatch,
             "schedule": es_pipe.sampling.Schedule,
         }
         built, error = es_error_or_ok(lambda: builders[kind](**kw), (ConfigError,))
@@ -467,9 +473,9 @@ def test_stage_sample_dicts(n):
 
     def check(samples):
         def run():
-            sampler = es_pipe.EvolvedSampler(4, 2, seed=0)
+            sampler = es_pipe.Selector(es_pipe.Evolved(), 4, 2, seed=0)
             keys = []
-            for meta in tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+            for meta in tn.Loader(es_pipe.SelectStage(samples, sampler)):
                 keys += meta.select(torch.rand(len(meta))).keys
             return keys
 
@@ -495,7 +501,7 @@ def test_stage_sample_dicts(n):
             samples.append(draw(sample))
         return samples
 
-    sweep("sample dicts: EvolvedSampling", batches(), check, n)
+    sweep("sample dicts: SelectStage", batches(), check, n)
 
 
 # --------------------------------------------------------------------------- sources
@@ -803,7 +809,9 @@ def _read_everything(root: str) -> str:
     m.read_epoch()
     for shard in ("a.tar", "b.tar"):
         m.read_shard(shard)
-    es_pipe.EvolvedSampler(4, 2, manifests=root, prune=es_pipe.Pruning(anneal=0))
+    es_pipe.Selector(
+        es_pipe.Evolved(), 4, 2, eswp=es_pipe.ESWP(manifests=root, prune=es_pipe.Pruning(anneal=0))
+    )
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli_main(["inspect", root, "--no-progress", "--json"])
@@ -1040,7 +1048,9 @@ def test_cli_arguments(n, cli_files, tmp_path):
 
 
 def _collated(samples):
-    return next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, es_pipe.EvolvedSampler(4, 2)))))
+    return next(
+        iter(tn.Loader(es_pipe.SelectStage(samples, es_pipe.Selector(es_pipe.Evolved(), 4, 2))))
+    )
 
 
 def _with(n, index, **fields):
@@ -1058,10 +1068,10 @@ REGRESSIONS = {
     "losses beyond float32": (FeedbackError, "float32",  # would be stored as inf scores
                               lambda: check_losses(np.array([1e300, 1.0, 1.0]), 3, True)),
     "burn_in of a str": (ConfigError, "burn_in",
-                         lambda: es_pipe.EvolvedSampler(4, 2, burn_in=es_pipe.Steps("3"))),
+                         lambda: es_pipe.Selector(es_pipe.Evolved(), 4, 2, burn_in=es_pipe.Steps("3"))),
     "total_steps of a str": (ConfigError, "total_steps",
-                             lambda: es_pipe.EvolvedSampler(4, 2, anneal=3, total_steps="10")),
-    "policy of a str": (ConfigError, "policy", lambda: es_pipe.Sampler("es", 4, 2)),
+                             lambda: es_pipe.Selector(es_pipe.Evolved(), 4, 2, anneal=3, total_steps="10")),
+    "policy of a str": (ConfigError, "policy", lambda: es_pipe.Selector("es", 4, 2)),
     "rank of a str": (ConfigError, "rank",
                       lambda: WebDatasetSource("x.tar", rank="0", world_size=1)),
     "open brace": (ConfigError, "braces", lambda: WebDatasetSource("x-{000..")),

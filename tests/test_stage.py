@@ -20,10 +20,10 @@ def fake_losses(meta, step: int) -> torch.Tensor:
     return (meta.data["x"].abs().sum(1) * (1.0 + 0.1 * step)) % 3.0
 
 
-def make(samples, **options):
+def make(samples, beta1=0.2, beta2=0.8, **options):
     options = {"meta_batch_size": 8, "batch_size": 3, "seed": 5, **options}
-    sampler = es_pipe.EvolvedSampler(**options)
-    return sampler, tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+    sampler = es_pipe.Selector(es_pipe.Evolved(beta1, beta2), **options)
+    return sampler, tn.Loader(es_pipe.SelectStage(samples, sampler))
 
 
 def snapshot(sampler):
@@ -117,9 +117,9 @@ def test_invalid_hyper_parameters(samples, options, message):
 
 
 def test_samples_without_keys_get_a_clear_error():
-    sampler = es_pipe.EvolvedSampler(4, 2)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 4, 2)
     with pytest.raises(ConfigError, match="__key__"):
-        next(iter(tn.Loader(es_pipe.EvolvedSampling([{"x": 1}] * 4, sampler))))
+        next(iter(tn.Loader(es_pipe.SelectStage([{"x": 1}] * 4, sampler))))
 
 
 def test_burn_in_is_uniform_and_anneal_needs_no_losses(samples):
@@ -149,19 +149,21 @@ def test_selection_prefers_high_weights(samples):
 
 
 def test_callback_form_and_plain_iterable_wrapper(samples):
-    sampler = es_pipe.EvolvedSampler(8, 4, seed=1)
-    node = es_pipe.EvolvedSampling(samples, sampler, loss_fn=lambda data: data["x"].abs().sum(1))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1)
+    node = es_pipe.SelectStage(samples, sampler, loss_fn=lambda data: data["x"].abs().sum(1))
     subs = list(tn.Loader(node))
     assert all(isinstance(s, es_pipe.SubBatch) for s in subs)
     assert sum(len(s) for s in subs) == 6 * 4 + 1
-    sampler2 = es_pipe.EvolvedSampler(8, 4, seed=1)
-    wrapped = es_pipe.evolve(samples, sampler2, loss_fn=lambda data: data["x"].abs().sum(1))
+    sampler2 = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1)
+    wrapped = tn.Loader(
+        es_pipe.SelectStage(samples, sampler2, loss_fn=lambda data: data["x"].abs().sum(1))
+    )
     assert [s.keys for s in wrapped] == [s.keys for s in subs]
 
 
 def test_history_scoring_updates_from_reported_training_losses(samples):
-    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
-    for meta in tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, scoring="history", seed=2)
+    for meta in tn.Loader(es_pipe.SelectStage(samples, sampler)):
         assert not meta.needs_losses
         sub = meta.select()
         sub.report(sub.data["x"].abs().sum(1))
@@ -169,8 +171,8 @@ def test_history_scoring_updates_from_reported_training_losses(samples):
             sub.report(sub.data["x"].abs().sum(1))
     visits = sampler.store.shard("shard-0")["visits"]
     assert visits.sum() == 6 * 4 + 1
-    forward = es_pipe.EvolvedSampler(8, 4)
-    meta = next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, forward))))
+    forward = es_pipe.Selector(es_pipe.Evolved(), 8, 4)
+    meta = next(iter(tn.Loader(es_pipe.SelectStage(samples, forward))))
     with pytest.raises(FeedbackError, match="history"):
         meta.select(fake_losses(meta, 0)).report(torch.ones(4))
 
@@ -182,8 +184,8 @@ def test_history_scoring_refuses_to_go_on_without_a_report(samples):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
-    it = iter(tn.Loader(es_pipe.EvolvedSampling(samples, sampler)))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, scoring="history", seed=2)
+    it = iter(tn.Loader(es_pipe.SelectStage(samples, sampler)))
     steps = 0
     while True:
         try:
@@ -496,8 +498,8 @@ def test_float8_losses_select_like_their_float32_values(samples):
     for column, values in snapshot(narrow).items():
         np.testing.assert_array_equal(values, snapshot(wide)[column])
 
-    history = es_pipe.EvolvedSampler(8, 3, scoring="history", seed=5)
-    sub = next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, history)))).select()
+    history = es_pipe.Selector(es_pipe.Evolved(), 8, 3, scoring="history", seed=5)
+    sub = next(iter(tn.Loader(es_pipe.SelectStage(samples, history)))).select()
     before = snapshot(history)
     packed = torch.zeros(3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
     with pytest.raises(FeedbackError, match=r"float4_e2m1fn_x2.*losses\.float"):

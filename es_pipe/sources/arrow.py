@@ -328,7 +328,7 @@ class ParquetSource(_ColumnarSource):
         batch_rows: record batch size when reading in order.
         columnar: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept rows of a
             record batch as arrays, with their identity as arrays) instead of one dict per
-            row. The ``EvolvedSampling`` stage builds meta-batches from them without
+            row. The ``SelectStage`` stage builds meta-batches from them without
             per-sample Python (README: "Columnar path"); states and resume are the same.
             For the stage (and a ``tn.Prefetcher`` or ``SourceDataset`` before it); a
             mapping step written for sample dicts would get chunks instead.
