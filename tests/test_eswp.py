@@ -1,4 +1,5 @@
-"""ESWP as an optional part of the sampler (issue 13): ``Selector(Evolved(), B, b, eswp=es_pipe.ESWP(...))``, no I/O in constructors (the run starts at the first reset or
+"""ESWP as an optional part of the sampler (issue 13): ``Selector(Evolved(), B, b,
+eswp=es_pipe.ESWP(...))``, no I/O in constructors (the run starts at the first reset or
 use), the epoch commit visible as ``sampler.last_commit``, and the deprecated keywords.
 Real Parquet shards, real manifest folders, real training loops."""
 

@@ -81,7 +81,8 @@ def test_keys_of_any_type_commit_as_text(tmp_path, kind):
     samples = keyed_samples(24)
     for i, s in enumerate(samples):
         s["__key__"] = i if kind == "int" else (i, "a")
-    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1, total_epochs=2, eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=str(tmp_path / "m")))  # fmt: skip
+    eswp = es_pipe.ESWP(es_pipe.Pruning(ratio=0.5, anneal=0), str(tmp_path / "m"))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1, total_epochs=2, eswp=eswp)
 
     def collate(batch):  # tuple keys: kept as a list, not transposed by default_collate
         keys = [s["__key__"] for s in batch]
