@@ -451,10 +451,12 @@ class Selector:
         prune_ratio: float = 0.8,
         max_streak: int | None = 3,
         anneal: float = 0.1,
+        beta1: float = 0.2,
+        beta2: float = 0.8,
         **options: Any,
     ) -> Selector:
         """The configuration the long benchmark recommends (``es-prune-s3@0.8`` there):
-        ES, ``Evolved()`` with its default betas, plus ESWP.
+        ES, ``Evolved(beta1, beta2)``, plus ESWP.
 
         Every optimizer step is kept (``meta_batch_size == batch_size``); ES's scores,
         formed from the training forward's own losses (``scoring="history"``, no extra
@@ -482,7 +484,7 @@ class Selector:
         eswp = ESWP(prune=prune, **eswp_options)
         options = {"scoring": "history", **options}
         return Selector(
-            sampling.Evolved(),
+            sampling.Evolved(beta1, beta2),
             batch_size,
             batch_size,
             total_epochs=total_epochs,
