@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import es_pipe
 from es_pipe.columns import ColumnChunk
 from es_pipe.errors import ConfigError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ArrowSource, ParquetSource, SourceDataset
 
 SIZES = [70, 45, 93, 31]
