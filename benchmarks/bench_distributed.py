@@ -78,7 +78,8 @@ def rank_main(args: argparse.Namespace) -> None:
 
         setattr(dist, name, counted)
 
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         args.meta,
         args.meta // 4,
         seed=0,
@@ -95,7 +96,7 @@ def rank_main(args: argparse.Namespace) -> None:
     def keys(samples: list[dict]) -> list[str]:
         return [s["__key__"] for s in samples]
 
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler, collate_fn=keys))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler, collate_fn=keys))
     epochs = []
     for epoch in range(args.epochs):
         times, steps, start = [], 0, time.perf_counter()

@@ -2,7 +2,7 @@
 
 For each meta-batch size B and each identity kind (``ordinals``: es_pipe's sources, with
 ``__index__``; ``keys``: a webdataset pipeline or a list, ``__key__`` + ``__url__`` only),
-one epoch of ``EvolvedSampling`` over prepared sample dicts (history scoring, so the
+one epoch of ``SelectStage`` over prepared sample dicts (history scoring, so the
 stage's own work dominates), timed with the checks and with them switched off (the
 duplicate check and the repeat count replaced by no-ops), alternating (and alternating
 which goes first), median of ``--reps`` epochs each. Prints the ratio checked /
@@ -43,8 +43,8 @@ def samples(n: int, kind: str, shards: int = 16) -> list[dict]:
 
 
 def epoch(data: list[dict], B: int) -> float:
-    sampler = es_pipe.EvolvedSampler(B, B, scoring="history", seed=0)
-    loader = tn.Loader(es_pipe.EvolvedSampling(data, sampler))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, B, scoring="history", seed=0)
+    loader = tn.Loader(es_pipe.SelectStage(data, sampler))
     start = time.perf_counter()
     for meta in loader:
         sub = meta.select()

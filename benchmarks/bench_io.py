@@ -358,7 +358,7 @@ def memory_rows(samples: int, reps: int) -> list[Row]:
 
 
 def memory_stage_rows(samples: int, reps: int) -> list[Row]:
-    """In-memory dicts -> ``EvolvedSampling`` (B=4096, select b) vs ``Batcher(256)`` +
+    """In-memory dicts -> ``SelectStage`` (B=4096, select b) vs ``Batcher(256)`` +
     ``default_collate`` without es_pipe (the same payload, no identity fields)."""
     import torchdata.nodes as tn
     from torch.utils.data import default_collate
@@ -375,9 +375,9 @@ def memory_stage_rows(samples: int, reps: int) -> list[Row]:
     losses = torch.rand(B)
 
     def stage() -> None:
-        sampler = es_pipe.EvolvedSampler(B, b, seed=0)
+        sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
         n = 0
-        for meta in tn.Loader(es_pipe.EvolvedSampling(dicts, sampler)):
+        for meta in tn.Loader(es_pipe.SelectStage(dicts, sampler)):
             n += len(meta.select(losses[: len(meta)]))
         assert n > 0
 
@@ -455,7 +455,7 @@ def select_rows_fallback(reps: int, quick: bool) -> list[Row]:
         pos = rng.permutation(n)[:B]
         batches.append((pos // per, pos % per, _identity(names, pos // per, pos % per)))
     losses = torch.rand(B, generator=torch.Generator().manual_seed(1))
-    sampler = es_pipe.EvolvedSampler(B, b, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
     score = np.zeros(n, np.float32)
     visits = np.zeros(n, np.uint32)
     gen = torch.Generator().manual_seed(0)
@@ -483,7 +483,7 @@ def select_rows_fallback(reps: int, quick: bool) -> list[Row]:
     es_rate, flat_rate = 8 * B / t["es"] / 1e6, 8 * B / t["flat"] / 1e6
     out.append(
         row(
-            f"`Sampler.select`, B={B} b={b}, vs flat numpy (fallback limit)",
+            f"`Selector.select`, B={B} b={b}, vs flat numpy (fallback limit)",
             es_rate,
             flat_rate,
             es_rate / flat_rate,
@@ -497,7 +497,7 @@ def select_rows_fallback(reps: int, quick: bool) -> list[Row]:
     runs: dict[str, Callable[[], float]] = {}
     for label, total in (("big", big), ("small", small)):
         each = total // 1000
-        filled = es_pipe.EvolvedSampler(B, b, seed=0)
+        filled = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
         for s in range(1000):
             filled.store.load_shard(
                 f"shard-{s:04d}",
@@ -536,7 +536,7 @@ def select_rows_fallback(reps: int, quick: bool) -> list[Row]:
     total = 2 * 10**5 if quick else 10**6
     store_names = [f"shard-{i:04d}" for i in range(100)]
     each = total // 100
-    epoch = es_pipe.EvolvedSampler(B, b, seed=0)
+    epoch = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
     shard = np.repeat(np.arange(100), each)
     ordinal = np.tile(np.arange(each), 100)
     for start in range(0, total, B):
@@ -557,9 +557,13 @@ def select_rows_fallback(reps: int, quick: bool) -> list[Row]:
     )
 
     # ESWP select (an epoch with pruning decisions) vs plain ES, the same meta-batches
-    plain = es_pipe.EvolvedSampler(B, b, seed=0)
-    eswp = es_pipe.EvolvedSampler(
-        B, b, seed=0, eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0))
+    plain = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
+    eswp = es_pipe.Selector(
+        es_pipe.Evolved(),
+        B,
+        b,
+        seed=0,
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0)),
     )
     order = rng.permutation(n)
     first = [order[i : i + B] for i in range(0, n, B)]

@@ -4,7 +4,7 @@ Four rows, each a ratio measured side by side in one process (interleaved, media
 ``reps``), 1 torch thread. Times are the thread's CPU time (``time.thread_time``), so that
 other jobs on a shared machine do not count when they preempt this one:
 
-- ``select``: ``Sampler.select`` at B = 4096, b = 2048 (64 shards, every sample seen
+- ``select``: ``Selector.select`` at B = 4096, b = 2048 (64 shards, every sample seen
   before) against the flat-numpy limit of the same semantics (:func:`limit_select`: the
   same gather, ES weights, torch RNG stream, draw and scatter on bare arrays, no checks).
   The limit keeps its own store and its picks are asserted equal to es_pipe's.
@@ -13,7 +13,7 @@ other jobs on a shared machine do not count when they preempt this one:
   all shards, so it spans ~1,000 shards).
 - ``store bytes``: arena bytes per sample held after an epoch end without manifests
   (1e6 samples in 100 shards, read 4 shards at a time), against 16 B (compacted).
-- ``eswp``: ``Sampler.select`` with ``eswp=ESWP(prune=Pruning(...))`` in an epoch with
+- ``eswp``: ``Selector.select`` with ``eswp=ESWP(prune=Pruning(...))`` in an epoch with
   pruning decisions, against plain ES on the same meta-batches.
 
 ``rows(reps)`` returns the rows (keys measure, es_pipe, limit, ratio, goal, unit) for
@@ -63,7 +63,7 @@ def _interleave(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, flo
 
 
 class FlatLimit:
-    """ES selection on bare arrays: what ``Sampler.select`` does at its core, without
+    """ES selection on bare arrays: what ``Selector.select`` does at its core, without
     validation, identity objects or policies. One row of 16 bytes per sample."""
 
     ROW = np.dtype([("score", "<f4"), ("loss", "<f4"), ("visits", "<u4"), ("step", "<i4")])
@@ -102,7 +102,7 @@ class FlatLimit:
 
 
 def row_select(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
-    """``Sampler.select`` vs the flat limit at B = 4096 (samples/s)."""
+    """``Selector.select`` vs the flat limit at B = 4096 (samples/s)."""
     n = B * 8
     per = n // shards
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def row_select(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
         pos = rng.permutation(n)[:B]
         batches.append((pos // per, pos % per, _identity(names, pos // per, pos % per)))
     losses = [torch.rand(B, generator=torch.Generator().manual_seed(r)) for r in range(8)]
-    sampler = es_pipe.EvolvedSampler(B, b, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
     limit = FlatLimit(shards, per)
     for r in range(8):  # every sample seen once; both in step
         shard, ordinal, who = batches[r]
@@ -138,7 +138,7 @@ def row_select(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
     assert np.array_equal(got, limit.select(shard, ordinal, losses[1])), "limit differs"
     es_rate, flat_rate = calls * B / t["es"] / 1e6, calls * B / t["flat"] / 1e6
     return {
-        "measure": f"Sampler.select, B={B} b={b}, vs flat numpy",
+        "measure": f"Selector.select, B={B} b={b}, vs flat numpy",
         "es_pipe": es_rate,
         "limit": flat_rate,
         "ratio": es_rate / flat_rate,
@@ -147,8 +147,8 @@ def row_select(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
     }
 
 
-def _filled_sampler(shards: int, per: int) -> es_pipe.Sampler:
-    sampler = es_pipe.EvolvedSampler(B, b, seed=0)
+def _filled_sampler(shards: int, per: int) -> es_pipe.Selector:
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
     rng = np.random.default_rng(1)
     for s in range(shards):
         sampler.store.load_shard(
@@ -177,7 +177,7 @@ def row_store_size(reps: int, shards: int = 1000, calls: int = 8) -> dict[str, A
             shard = rng.integers(0, shards, B)
             batches.append(_identity(names, shard, rng.integers(0, per, B)))
 
-        def run(sampler: es_pipe.Sampler = sampler, batches: list[Identity] = batches) -> float:
+        def run(sampler: es_pipe.Selector = sampler, batches: list[Identity] = batches) -> float:
             start = time.thread_time()
             for who in batches:
                 sampler.select(who, losses, B)
@@ -198,7 +198,7 @@ def row_store_size(reps: int, shards: int = 1000, calls: int = 8) -> dict[str, A
 
 def row_store_bytes(samples: int = 10**6, shards: int = 100, together: int = 4) -> dict[str, Any]:
     """Arena bytes per sample after an epoch end without manifests (B/sample)."""
-    sampler = es_pipe.EvolvedSampler(B, b, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
     per = samples // shards
     names = [f"shard-{i:04d}" for i in range(shards)]
     losses = torch.rand(B, generator=torch.Generator().manual_seed(4))
@@ -237,8 +237,8 @@ def row_eswp(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
     first = [full[i : i + B] for i in range(0, n, B)]  # epoch 0: every sample once
     losses = torch.rand(B, generator=torch.Generator().manual_seed(6))
     rule = es_pipe.Pruning(ratio=0.5, anneal=0)
-    plain = es_pipe.EvolvedSampler(B, b, seed=0)
-    eswp = es_pipe.EvolvedSampler(B, b, seed=0, eswp=es_pipe.ESWP(prune=rule))
+    plain = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
+    eswp = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0, eswp=es_pipe.ESWP(prune=rule))
     for pos in first:
         who = _identity(names, pos // per, pos % per)
         plain.select(who, losses, B)
@@ -248,7 +248,7 @@ def row_eswp(reps: int, shards: int = 64, calls: int = 8) -> dict[str, Any]:
     assert eswp.eswp is not None and eswp.eswp.decisions, "no pruning decisions to apply"
     batches = [_identity(names, pos // per, pos % per) for pos in (first[1:] + first[:1])]
 
-    def run(sampler: es_pipe.Sampler) -> Callable[[], float]:
+    def run(sampler: es_pipe.Selector) -> Callable[[], float]:
         def timed() -> float:
             start = time.thread_time()
             for r in range(calls):

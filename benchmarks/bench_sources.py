@@ -182,7 +182,7 @@ def parquet_pruned_epoch(
     """A Parquet epoch with 50% of each shard's rows pruned at random, as a fraction of the
     full epoch's time, on shards written by ``write_shards`` (what ``es-pipe shard`` runs)
     with its defaults (``row_group_rows=None``) unless given. An epoch is the source ->
-    ``EvolvedSampling`` (B = 4096, b = 2048) -> ``select``, on the dict path
+    ``SelectStage`` (B = 4096, b = 2048) -> ``select``, on the dict path
     (``columnar=False``) and the columnar path (``columnar=True``); the source alone too.
     The cases interleaved in one process, median of ``reps`` per-rep ratios. Each row: a
     list of ``tokens`` int32 token ids and an int64 label. ``profile=True`` prints a
@@ -192,10 +192,10 @@ def parquet_pruned_epoch(
     import es_pipe
 
     def epoch(urls: list[str], pruned: Any, columnar: bool) -> int:
-        sampler = es_pipe.EvolvedSampler(4096, 2048, seed=0)
+        sampler = es_pipe.Selector(es_pipe.Evolved(), 4096, 2048, seed=0)
         source = ParquetSource(urls, columnar=columnar, pruned=pruned)
         count = 0
-        for meta in es_pipe.stage.tn.Loader(es_pipe.EvolvedSampling(source, sampler)):
+        for meta in es_pipe.stage.tn.Loader(es_pipe.SelectStage(source, sampler)):
             meta.select(meta.data["label"].float())
             count += len(meta)
         return count

@@ -2,9 +2,9 @@
 
 Two levels, for B in {256, 4096, 65536} (b = B/2):
 
-- ``sampler``: ``Sampler.select`` on a prepared identity and loss vector: the score-store
+- ``sampler``: ``Selector.select`` on a prepared identity and loss vector: the score-store
   gather/scatter, the ES weights and the draw (the stage's arithmetic);
-- ``stage``: ``EvolvedSampling`` end to end over sample dicts: buffering B samples,
+- ``stage``: ``SelectStage`` end to end over sample dicts: buffering B samples,
   reading their identities, collating and taking the sub-batch, plus the above.
 
 Run:  python benchmarks/bench_stage.py [--sizes 256,4096,65536] [--threads 1] [--out DIR]
@@ -14,15 +14,15 @@ The goal in issue 5: >= 5 million samples/s at B = 4096 on one core.
 B = 4096 (b = 2048), three ways interleaved in one process, each a full pass over the
 data, median of ``--reps`` (7):
 
-- ``dict``: ``ParquetSource`` (one dict per row) -> ``EvolvedSampling`` -> ``select``;
-- ``columnar``: ``ParquetSource(columnar=True)`` -> ``EvolvedSampling`` -> ``select``;
+- ``dict``: ``ParquetSource`` (one dict per row) -> ``SelectStage`` -> ``select``;
+- ``columnar``: ``ParquetSource(columnar=True)`` -> ``SelectStage`` -> ``select``;
 - ``prototype``: ``ParquetFile.iter_batches(4096)`` -> ``torch.from_numpy`` per column ->
-  the same ``Sampler.select`` -> one ``index_select`` per column (the limit).
+  the same ``Selector.select`` -> one ``index_select`` per column (the limit).
 
 Run:  python benchmarks/bench_stage.py --parquet [--rows 262144] [--reps 7] [--threads 1]
 
 ``--dict`` (issue 14) measures the in-memory dict stage (a list of sample dicts ->
-``EvolvedSampling``, B = 4096, b = 2048) against ``tn.Batcher(256)`` + ``default_collate``
+``SelectStage``, B = 4096, b = 2048) against ``tn.Batcher(256)`` + ``default_collate``
 over the same list, without es_pipe, interleaved, median of ``--reps``, for three payloads
 (:func:`dict_stage_vs_batcher`).
 
@@ -46,9 +46,9 @@ from es_pipe.sampler import Identity
 
 
 def bench_sampler(B: int, shards: int, repeats: int) -> float:
-    """Median samples/s of ``Sampler.select`` over ``repeats`` meta-batches."""
+    """Median samples/s of ``Selector.select`` over ``repeats`` meta-batches."""
     n = B * 8  # a dataset of 8 meta-batches, so that scores get revisited
-    sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, B // 2, seed=0)
     names = [f"shard-{i:04d}.tar" for i in range(shards)]
     rng = np.random.default_rng(0)
     order = rng.permutation(n)
@@ -56,7 +56,7 @@ def bench_sampler(B: int, shards: int, repeats: int) -> float:
     times = []
     for r in range(repeats + 2):
         pos = order[(r % 8) * B : (r % 8 + 1) * B]
-        # shard names are encoded while buffering, as EvolvedSampling does (identify)
+        # shard names are encoded while buffering, as SelectStage does (identify)
         who = Identity.of([names[p // per] for p in pos], [str(p) for p in pos], pos % per)
         losses = torch.rand(B)
         t = time.perf_counter()
@@ -67,20 +67,20 @@ def bench_sampler(B: int, shards: int, repeats: int) -> float:
 
 
 def bench_stage(B: int, shards: int, repeats: int) -> float:
-    """Samples/s through ``EvolvedSampling`` (buffering, identity, collate, take, select)."""
+    """Samples/s through ``SelectStage`` (buffering, identity, collate, take, select)."""
     n = B * repeats
     per = -(-n // shards)
     samples = [
         {"__key__": str(i), "__shard__": f"shard-{i // per:04d}.tar", "__index__": i % per, "x": i}
         for i in range(n)
     ]
-    sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, B // 2, seed=0)
     losses = torch.rand(B)
 
     def collate(batch: list) -> dict:
         return {"x": torch.tensor([s["x"] for s in batch])}
 
-    node = es_pipe.EvolvedSampling(samples, sampler, collate_fn=collate)
+    node = es_pipe.SelectStage(samples, sampler, collate_fn=collate)
     t = time.perf_counter()
     count = 0
     for meta in es_pipe.stage.tn.Loader(node):
@@ -114,13 +114,13 @@ def write_parquet(folder: Path, rows: int, shards: int) -> list[str]:
 
 
 def parquet_stage(urls: list[str], columnar: bool, B: int) -> float:
-    """Seconds for one epoch of ``ParquetSource`` -> ``EvolvedSampling`` -> ``select``."""
+    """Seconds for one epoch of ``ParquetSource`` -> ``SelectStage`` -> ``select``."""
     from es_pipe.sources import ParquetSource
 
-    sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, B // 2, seed=0)
     source = ParquetSource(urls, columnar=columnar)
     t = time.perf_counter()
-    for meta in es_pipe.stage.tn.Loader(es_pipe.EvolvedSampling(source, sampler)):
+    for meta in es_pipe.stage.tn.Loader(es_pipe.SelectStage(source, sampler)):
         sub = meta.select(meta.data["x"])
         assert len(sub.data["tokens"]) == len(sub)
     return time.perf_counter() - t
@@ -128,12 +128,12 @@ def parquet_stage(urls: list[str], columnar: bool, B: int) -> float:
 
 def parquet_prototype(urls: list[str], B: int) -> float:
     """Seconds for one epoch of the columnar limit: ``iter_batches(B)`` -> tensors -> the
-    same ``Sampler.select`` -> ``index_select`` per column."""
+    same ``Selector.select`` -> ``index_select`` per column."""
     import pyarrow.parquet as pq
 
     from es_pipe.scores import ShardCodes
 
-    sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, B // 2, seed=0)
     t = time.perf_counter()
     for url in urls:
         start = 0
@@ -186,7 +186,7 @@ def dict_stage_vs_batcher(
     payload: str = "int", B: int = 4096, batches: int = 16, reps: int = 7, clock: str = "wall"
 ) -> dict[str, float]:
     """In-memory dict stage vs the same samples without es_pipe, interleaved in one
-    process, median of ``reps``: ``EvolvedSampling`` over a list of sample dicts at
+    process, median of ``reps``: ``SelectStage`` over a list of sample dicts at
     ``B`` (b = B/2, every meta-batch answered) against ``tn.Batcher(256)`` +
     ``default_collate`` over the same list. The samples carry ``__key__``, ``__shard__``
     (16 shards), ``__index__``, a label ``y`` and a payload ``x``: a Python int
@@ -214,9 +214,9 @@ def dict_stage_vs_batcher(
     losses = torch.rand(B)
 
     def stage() -> int:
-        sampler = es_pipe.EvolvedSampler(B, B // 2, seed=0)
+        sampler = es_pipe.Selector(es_pipe.Evolved(), B, B // 2, seed=0)
         count = 0
-        for meta in es_pipe.stage.tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+        for meta in es_pipe.stage.tn.Loader(es_pipe.SelectStage(samples, sampler)):
             meta.select(losses[: len(meta)])
             count += len(meta)
         return count
@@ -295,8 +295,8 @@ def main() -> None:
             }
         )
         print(
-            f"B={B:6d}: Sampler.select {rows[-1]['sampler_samples_per_s'] / 1e6:7.3f} M/s, "
-            f"EvolvedSampling end to end {rows[-1]['stage_samples_per_s'] / 1e6:7.3f} M/s",
+            f"B={B:6d}: Selector.select {rows[-1]['sampler_samples_per_s'] / 1e6:7.3f} M/s, "
+            f"SelectStage end to end {rows[-1]['stage_samples_per_s'] / 1e6:7.3f} M/s",
             flush=True,
         )
     if args.out:
@@ -306,7 +306,7 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
         lines = [
-            "| B | b | Sampler.select (M samples/s) | EvolvedSampling end to end (M/s) |",
+            "| B | b | Selector.select (M samples/s) | SelectStage end to end (M/s) |",
             "|---|---|---|---|",
         ]
         lines += [

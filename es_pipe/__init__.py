@@ -3,9 +3,17 @@
 The library reports through the ``logging.getLogger("es_pipe")`` logger (epoch ends and
 commits, resumes and restores at INFO, skipped shards and samples at INFO, per-shard
 detail at DEBUG), besides its warnings. It adds no handler of its own.
+
+Names: the stage is :class:`SelectStage` (a torchdata node, over any iterable), the
+selector it asks is :class:`Selector` (policy, schedule, scores, RNG), the policies are
+:class:`Evolved` (ES), :class:`Uniform`, :class:`RandomSubset`, :class:`LossProportional`
+and :class:`SelectiveBackprop`, and ESWP's pruning rule is :class:`Pruning`
+(``Pruning.infobatch()`` for InfoBatch). The previous release's names are deprecated
+aliases for one release, each use with a ``DeprecationWarning`` (:mod:`es_pipe.renamed`).
 """
 
 import logging
+from typing import Any
 
 from es_pipe.batch import MetaBatch, SubBatch
 from es_pipe.elastic import merge_checkpoints, merge_scores
@@ -18,11 +26,11 @@ from es_pipe.errors import (
     ShardError,
     StorageError,
 )
-from es_pipe.eswp import ESWP, EpochCommit, InfoBatch, Pruning
+from es_pipe.eswp import ESWP, EpochCommit, Pruning
 from es_pipe.hf import from_hf
 from es_pipe.manifests import Manifests, manifests_dataset
 from es_pipe.retry import Retry
-from es_pipe.sampler import EvolvedSampler, Sampler
+from es_pipe.sampler import Selector
 from es_pipe.sampling import (
     Epochs,
     Evolved,
@@ -33,7 +41,7 @@ from es_pipe.sampling import (
     Uniform,
 )
 from es_pipe.scores import ScoreStore
-from es_pipe.stage import EvolvedSampling, evolve
+from es_pipe.stage import SelectStage
 
 __version__ = "0.1.0"
 logging.getLogger("es_pipe").addHandler(logging.NullHandler())
@@ -45,10 +53,7 @@ __all__ = [
     "Epochs",
     "EsPipeError",
     "Evolved",
-    "EvolvedSampler",
-    "EvolvedSampling",
     "FeedbackError",
-    "InfoBatch",
     "LossProportional",
     "ManifestError",
     "ManifestStorageError",
@@ -57,17 +62,28 @@ __all__ = [
     "Pruning",
     "RandomSubset",
     "Retry",
-    "Sampler",
     "ScoreStore",
+    "SelectStage",
     "SelectiveBackprop",
+    "Selector",
     "ShardError",
     "Steps",
     "StorageError",
     "SubBatch",
     "Uniform",
-    "evolve",
     "from_hf",
     "manifests_dataset",
     "merge_checkpoints",
     "merge_scores",
 ]
+
+_DEPRECATED = ("Sampler", "EvolvedSampler", "EvolvedSampling", "evolve", "InfoBatch")
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated names of one release (:mod:`es_pipe.renamed`)."""
+    if name not in _DEPRECATED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from es_pipe.renamed import old_name
+
+    return old_name(__name__, name)

@@ -16,7 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from es_pipe.errors import ConfigError, FeedbackError
-from es_pipe.sampler import Identity, Sampler, Selection
+from es_pipe.sampler import Identity, Selection, Selector
 
 
 def take_list(values: Sequence[Any], positions: np.ndarray) -> list[Any]:
@@ -98,7 +98,7 @@ class SubBatch:
     phase: str
     step: int
     who: Identity
-    _sampler: Sampler = field(repr=False)
+    _sampler: Selector = field(repr=False)
     _reported: bool = field(default=False, repr=False)
 
     @property
@@ -141,7 +141,7 @@ class MetaBatch:
         self,
         data: Any,
         who: Identity,
-        sampler: Sampler,
+        sampler: Selector,
     ) -> None:
         self.data = data
         self.who = who

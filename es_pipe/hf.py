@@ -24,7 +24,8 @@ Example::
 
     ds = es_pipe.from_hf("parquet", data_files="data/train-*.parquet")
     ds = ds.shuffle(seed=0, buffer_size=1000)  # optional: identities stay the same
-    loader = es_pipe.evolve(ds, sampler)      # or a DataLoader(ds, batch_size=None, ...)
+    # the stage, over ds or a DataLoader(ds, batch_size=None, ...)
+    loader = tn.Loader(es_pipe.SelectStage(ds, sampler))
 """
 
 from __future__ import annotations

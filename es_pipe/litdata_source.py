@@ -19,9 +19,9 @@ plus:
 These do not depend on workers, shuffling, epochs or resumption: litdata writes each item
 once, at one place in one chunk. Resume uses litdata's own state:
 
-* in the trainer's process (``es_pipe.evolve(ds, sampler)``), ``ds.state_dict()`` with no
-  arguments records the items this process has taken, so the stage's ``state_dict`` /
-  ``load_state_dict`` resume exactly;
+* in the trainer's process (``tn.Loader(es_pipe.SelectStage(ds, sampler))``),
+  ``ds.state_dict()`` with no arguments records the items this process has taken, so
+  the stage's ``state_dict`` / ``load_state_dict`` resume exactly;
 * with DataLoader workers, :func:`litdata_loader` is litdata's ``StreamingDataLoader``
   handing over single items (``batch_size=1`` unwrapped: the stage batches), whose
   ``state_dict`` replays the workers' order.
@@ -161,8 +161,8 @@ class IdentifiedStreamingDataset(StreamingDataset):
         batch_size: int | None = None,
     ) -> dict[str, Any]:
         """litdata's state, a copy. Without arguments (iterated in this process, as under
-        ``es_pipe.evolve(ds, ...)``): the items this process has taken in this epoch; once
-        the epoch has run out, the start of the next one."""
+        ``tn.Loader(es_pipe.SelectStage(ds, ...))``): the items this process has taken in
+        this epoch; once the epoch has run out, the start of the next one."""
         if num_samples_yielded is None:
             if self._loaded and self._state_dict is not None:
                 return dict(self._state_dict)
@@ -192,7 +192,8 @@ def from_litdata(
     Example::
 
         ds = from_litdata("out/", shuffle=True, seed=0)
-        loader = es_pipe.evolve(ds, sampler)  # or evolve(litdata_loader(ds, num_workers=4), ...)
+        loader = tn.Loader(es_pipe.SelectStage(ds, sampler))
+        # with workers: es_pipe.SelectStage(litdata_loader(ds, num_workers=4), sampler)
     """
     return IdentifiedStreamingDataset(input_dir, key_field=key_field, **kwargs)
 

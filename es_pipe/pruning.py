@@ -3,11 +3,12 @@
 Kept for one release so that ``from es_pipe.pruning import Pruning`` goes on working.
 """
 
+from typing import Any
+
 from es_pipe.eswp.rule import (
     STREAK,
     UPWEIGHT,
     Decision,
-    InfoBatch,
     Pruning,
     decide,
     from_state,
@@ -19,10 +20,18 @@ __all__ = [
     "STREAK",
     "UPWEIGHT",
     "Decision",
-    "InfoBatch",
     "Pruning",
     "decide",
     "from_state",
     "keep_all",
     "shard_seed",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated name of one release, ``InfoBatch`` (:mod:`es_pipe.renamed`)."""
+    if name != "InfoBatch":  # the deprecated names
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from es_pipe.renamed import old_name
+
+    return old_name(__name__, name)

@@ -1,4 +1,7 @@
-"""The sampler: a selection policy, its schedule, its score store and its RNG position.
+"""The selector: a selection policy, its schedule, its score store and its RNG position.
+
+Named ``Selector`` because it is no ``torch.utils.data.Sampler``; the module keeps its name.
+The previous release's names, deprecated for one release: see :mod:`es_pipe.renamed`.
 
 It turns one meta-batch's identities and losses into a selection, and is the only place
 where scores change. Bad feedback raises before anything changes: scores, step counter and
@@ -75,8 +78,8 @@ class Identity:
 
 
 class _RunCounter:
-    """A counter of the run (:attr:`Sampler.step`, :attr:`Sampler.epoch`), kept in the
-    sampler's ``_<name>``. Reading it starts the run first (:meth:`Sampler.start`), so that
+    """A counter of the run (:attr:`Selector.step`, :attr:`Selector.epoch`), kept in the
+    sampler's ``_<name>``. Reading it starts the run first (:meth:`Selector.start`), so that
     a resume from manifests is applied before anyone sees the counter; assigning sets it."""
 
     def __init__(self, doc: str) -> None:
@@ -90,9 +93,9 @@ class _RunCounter:
     def __get__(self, obj: None, owner: type | None = None) -> _RunCounter: ...
 
     @overload
-    def __get__(self, obj: Sampler, owner: type | None = None) -> int: ...
+    def __get__(self, obj: Selector, owner: type | None = None) -> int: ...
 
-    def __get__(self, obj: Sampler | None, owner: type | None = None) -> _RunCounter | int:
+    def __get__(self, obj: Selector | None, owner: type | None = None) -> _RunCounter | int:
         if obj is None:
             return self
         if not obj._started:
@@ -100,7 +103,7 @@ class _RunCounter:
         value: int = getattr(obj, self.attr)
         return value
 
-    def __set__(self, obj: Sampler, value: int) -> None:
+    def __set__(self, obj: Selector, value: int) -> None:
         setattr(obj, self.attr, value)
 
 
@@ -114,8 +117,12 @@ class Selection:
     step: int
 
 
-class Sampler:
+class Selector:
     """Selects ``batch_size`` of every ``meta_batch_size`` samples under a policy.
+
+    ``Selector(Evolved(beta1, beta2), B, b)`` is Evolved Sampling; the baselines take the
+    same arguments with another policy; :meth:`recommended` is the configuration the long
+    benchmark recommends.
 
     Args:
         policy: ``Evolved(beta1, beta2)`` (ES), ``Uniform()``, ``RandomSubset()``,
@@ -458,26 +465,6 @@ class Sampler:
         visits, ...) raises ``ConfigError`` and changes nothing."""
         self._checkpoint.load_state_dict(state)
 
-
-class EvolvedSampler(Sampler):
-    """ES with the paper's decoupled EMA: ``Sampler(Evolved(beta1, beta2), ...)``."""
-
-    def __init__(
-        self,
-        meta_batch_size: int,
-        batch_size: int,
-        *,
-        beta1: float = 0.2,
-        beta2: float = 0.8,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            sampling.Evolved(beta1, beta2),
-            meta_batch_size=meta_batch_size,
-            batch_size=batch_size,
-            **options,
-        )
-
     @classmethod
     def recommended(
         cls,
@@ -487,9 +474,12 @@ class EvolvedSampler(Sampler):
         prune_ratio: float = 0.8,
         max_streak: int | None = 3,
         anneal: float = 0.1,
+        beta1: float = 0.2,
+        beta2: float = 0.8,
         **options: Any,
-    ) -> EvolvedSampler:
-        """The configuration the long benchmark recommends (``es-prune-s3@0.8`` there).
+    ) -> Selector:
+        """The configuration the long benchmark recommends (``es-prune-s3@0.8`` there):
+        ES, ``Evolved(beta1, beta2)``, plus ESWP.
 
         Every optimizer step is kept (``meta_batch_size == batch_size``); ES's scores,
         formed from the training forward's own losses (``scoring="history"``, no extra
@@ -508,15 +498,22 @@ class EvolvedSampler(Sampler):
         """
         if "eswp" in options or "prune" in options:
             raise ConfigError(
-                "EvolvedSampler.recommended() builds its own es_pipe.ESWP from prune_ratio=, "
+                "Selector.recommended() builds its own es_pipe.ESWP from prune_ratio=, "
                 "max_streak= and anneal=; pass manifests=, resume=, run_id=, on_mismatch= or "
-                "commit_timeout= to it, or build EvolvedSampler(B, b, eswp=es_pipe.ESWP(...))"
+                "commit_timeout= to it, or build Selector(Evolved(), B, b, eswp=ESWP(...))"
             )
         eswp_options = {k: options.pop(k) for k in ESWP_OPTIONS if k in options}
         prune = Pruning(ratio=prune_ratio, anneal=anneal, max_streak=max_streak)
         eswp = ESWP(prune=prune, **eswp_options)
         options = {"scoring": "history", **options}
-        return cls(batch_size, batch_size, total_epochs=total_epochs, eswp=eswp, **options)
+        return Selector(
+            sampling.Evolved(beta1, beta2),
+            batch_size,
+            batch_size,
+            total_epochs=total_epochs,
+            eswp=eswp,
+            **options,
+        )
 
 
 ESWP_OPTIONS = ("manifests", "resume", "run_id", "on_mismatch", "commit_timeout")
@@ -559,7 +556,7 @@ def check_arguments(
 
 
 def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
-    """The ESWP part of a sampler built the deprecated way, ``Sampler(..., prune=...,
+    """The ESWP part of a selector built the deprecated way, ``Selector(..., prune=...,
     manifests=..., resume=..., run_id=..., on_mismatch=..., commit_timeout=...)``: the
     same ``ESWP`` (with a ``DeprecationWarning``), or ``None`` without prune and
     manifests."""
@@ -567,7 +564,7 @@ def legacy_eswp(eswp: ESWP | None, options: dict[str, Any]) -> ESWP | None:
         return eswp
     unknown = sorted(set(options) - {"prune", *ESWP_OPTIONS})
     if unknown:
-        raise TypeError(f"Sampler() got an unexpected keyword argument {unknown[0]!r}")
+        raise TypeError(f"Selector() got an unexpected keyword argument {unknown[0]!r}")
     if eswp is not None:
         raise ConfigError(
             f"eswp= and {', '.join(f'{k}=' for k in options)} were both given: pass the "
@@ -674,3 +671,13 @@ _CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _host(values: Tensor) -> np.ndarray:
     return values.detach().to("cpu", torch.float32).numpy()
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated names of one release, ``Sampler`` and ``EvolvedSampler``
+    (:mod:`es_pipe.renamed`)."""
+    if name not in ("Sampler", "EvolvedSampler"):  # the deprecated names
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from es_pipe.renamed import old_name
+
+    return old_name(__name__, name)

@@ -19,20 +19,20 @@ from es_pipe.eswp import state as eswp_state
 from es_pipe.scores import damaged
 
 if TYPE_CHECKING:
-    from es_pipe.sampler import Sampler
+    from es_pipe.sampler import Selector
 
 log = logging.getLogger("es_pipe.sampler")
 
 STATE_VERSION = 1
-POSITION_KIND = "es_pipe.sampler.position"  # Sampler.get_state(), inside the loader's state
-SCORES_KIND = "es_pipe.sampler.scores"  # Sampler.state_dict()
+POSITION_KIND = "es_pipe.sampler.position"  # Selector.get_state(), inside the loader's state
+SCORES_KIND = "es_pipe.sampler.scores"  # Selector.state_dict()
 POSITION_FIELDS = ("seed", "step", "epoch", "steps_in_epoch", "steps_last_epoch")
 
 
 class SamplerState:
     """Saves and restores one sampler's position and score table, and pairs the two."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Selector) -> None:
         self.sampler = sampler
         # a restored position's step while its score table is not loaded, and a loaded
         # score table (with its step, None if it names none) while its position is not

@@ -1,4 +1,5 @@
-"""The Evolved Sampling stage: buffer a meta-batch, take its losses back, emit the selection.
+"""The Evolved Sampling stage, ``SelectStage``: buffer a meta-batch, take its losses back,
+emit the selection.
 
 It runs in the trainer's process, last in the pipeline: the feedback must be current and
 prefetching workers cannot see it. Everything upstream stays parallel.
@@ -22,7 +23,7 @@ from es_pipe.batch import MetaBatch, SubBatch, check_rows, take_list
 from es_pipe.columns import ColumnChunk, collate_columns
 from es_pipe.errors import ConfigError, FeedbackError
 from es_pipe.identity import ArrayIdentity, EpochRepeats, check_unique, identify
-from es_pipe.sampler import Identity, Sampler
+from es_pipe.sampler import Identity, Selector
 from es_pipe.scores import ShardCodes
 from es_pipe.sources.base import ShardedSource
 
@@ -145,16 +146,17 @@ def auto_columnar(source: tn.BaseNode, collate_fn: Any) -> None:
         node.prefer_columnar()
 
 
-class EvolvedSampling(tn.BaseNode):
+class SelectStage(tn.BaseNode):
     """A ``torchdata.nodes`` node that emits meta-batches to score, or, given ``loss_fn``,
-    the selected sub-batches directly.
+    the selected sub-batches directly. Over any iterable (a DataLoader, a webdataset
+    pipeline, a list) as well as a node: ``tn.Loader(SelectStage(iterable, selector))``.
 
     Args:
         source: a ``BaseNode`` (or any iterable) of single sample dicts (not batches)
             that carry a stable ``"__key__"``, and ideally ``"__shard__"`` (webdataset's
             ``"__url__"`` is taken when it is absent) and ``"__index__"`` (es_pipe's sources
             add all three).
-        sampler: the ``Sampler`` holding the policy and the scores.
+        sampler: the :class:`~es_pipe.Selector` holding the policy and the scores.
         loss_fn: ``loss_fn(meta_batch_data) -> per-sample losses``, called (under your
             ``torch.no_grad``) when the meta-batch needs losses; the node then yields
             ``SubBatch`` instead of ``MetaBatch``.
@@ -199,14 +201,14 @@ class EvolvedSampling(tn.BaseNode):
     def __init__(
         self,
         source: tn.BaseNode | Iterable[Any],
-        sampler: Sampler,
+        sampler: Selector,
         *,
         loss_fn: LossFn | None = None,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
     ) -> None:
         super().__init__()
-        if not isinstance(sampler, Sampler):
-            raise ConfigError(f"sampler must be an es_pipe Sampler, got {type(sampler).__name__}")
+        if not isinstance(sampler, Selector):
+            raise ConfigError(f"sampler must be an es_pipe.Selector, got {type(sampler).__name__}")
         if not isinstance(source, (tn.BaseNode, Iterable)):
             raise ConfigError(
                 f"source must be a torchdata node or an iterable of sample dicts, got "
@@ -661,7 +663,7 @@ def check_state(state: Any) -> Mapping[str, Any]:
     if not isinstance(state, Mapping) or not set(STATE_KEYS) <= state.keys():
         shown = [str(k) for k in state] if isinstance(state, Mapping) else type(state).__name__
         raise ConfigError(
-            f"not a state of the EvolvedSampling stage (expected the entries {STATE_KEYS}, got "
+            f"not a state of es_pipe.SelectStage (expected the entries {STATE_KEYS}, got "
             f"{str(shown)[:200]}); pass what loader.state_dict() (or the stage's "
             "state_dict()) returned"
         )
@@ -722,16 +724,11 @@ def source_states(state: Any) -> list[Mapping[str, Any]]:
     return [found for value in state.values() for found in source_states(value)]
 
 
-def evolve(
-    iterable: Iterable[Any],
-    sampler: Sampler,
-    *,
-    loss_fn: LossFn | None = None,
-    collate_fn: Callable[[list[Any]], Any] = default_collate,
-) -> tn.Loader:
-    """The stage over any iterable of samples (a DataLoader, a webdataset pipeline).
+def __getattr__(name: str) -> Any:
+    """The deprecated names of one release, ``EvolvedSampling`` and ``evolve``
+    (:mod:`es_pipe.renamed`)."""
+    if name not in ("EvolvedSampling", "evolve"):  # the deprecated names
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from es_pipe.renamed import old_name
 
-    Each ``iter()`` of the result is one epoch; it has ``state_dict``/``load_state_dict``.
-    In a webdataset pipeline: ``wds.DataPipeline(..., partial(es_pipe.evolve, sampler=s))``.
-    """
-    return tn.Loader(EvolvedSampling(iterable, sampler, loss_fn=loss_fn, collate_fn=collate_fn))
+    return old_name(__name__, name)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchdata.nodes as tn
 from torch import nn
 
 import es_pipe
@@ -75,19 +76,18 @@ def main() -> None:
 
     if args.method == "uniform":  # plain training: the stage passes every sample through
         b = args.batch_size
-        sampler = es_pipe.Sampler(es_pipe.Uniform(), meta_batch_size=b, batch_size=b)
+        sampler = es_pipe.Selector(es_pipe.Uniform(), meta_batch_size=b, batch_size=b)
     else:
-        sampler = es_pipe.EvolvedSampler(
+        sampler = es_pipe.Selector(
+            es_pipe.Evolved(beta1=0.2, beta2=0.8),
             args.meta_batch_size,
             args.batch_size,
-            beta1=0.2,
-            beta2=0.8,
             burn_in=es_pipe.Epochs(0.1 * args.epochs),
             anneal=es_pipe.Epochs(0.1 * args.epochs),
             total_epochs=args.epochs,
             scoring="history" if args.method == "es-history" else "forward",
         )
-    loader = es_pipe.evolve(Epochs(), sampler, collate_fn=collate)
+    loader = tn.Loader(es_pipe.SelectStage(Epochs(), sampler, collate_fn=collate))
 
     model = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+import torchdata.nodes as tn
 from torch import nn
 
 import es_pipe
@@ -47,14 +48,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sampler = es_pipe.EvolvedSampler(meta_batch_size=128, batch_size=32, beta1=0.2, beta2=0.8)
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8), meta_batch_size=128, batch_size=32
+    )
 
     with tempfile.TemporaryDirectory() as folder:
         files = write_files(Path(folder), args.samples)
         # the one line: load_dataset("parquet", data_files=files, streaming=True) + identity
         ds = es_pipe.from_hf("parquet", data_files=files)
         ds = ds.shuffle(seed=0, buffer_size=256).with_format("torch")
-        loader = es_pipe.evolve(ds, sampler)  # the ES stage, last
+        loader = tn.Loader(es_pipe.SelectStage(ds, sampler))  # the ES stage, last
         for epoch in range(args.epochs):
             ds.set_epoch(epoch)  # HF reshuffles files and buffer; identities stay
             trained = 0

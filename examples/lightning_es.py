@@ -67,7 +67,7 @@ class EpochLoader:
       into the next one. Lightning resumes that epoch, so its iterator ends at once, and the
       next epoch's first meta-batch, met on the way, opens Lightning's next epoch."""
 
-    def __init__(self, stage: es_pipe.EvolvedSampling) -> None:
+    def __init__(self, stage: es_pipe.SelectStage) -> None:
         self.stage = stage
         self._pending: dict[str, Any] | None = None  # a stage state to resume from
         self._early: Any = None  # the next epoch's first meta-batch, met while resuming
@@ -135,11 +135,11 @@ class ESModule(L.LightningModule):
     """A classifier trained on the sub-batches the stage selects (history scoring: the
     training losses are the feedback, no extra forward pass)."""
 
-    def __init__(self, samples: list[dict[str, Any]], sampler: es_pipe.Sampler) -> None:
+    def __init__(self, samples: list[dict[str, Any]], sampler: es_pipe.Selector) -> None:
         super().__init__()
         dim = samples[0]["x"].numel()
         self.net = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, 4))
-        self.loader = EpochLoader(es_pipe.EvolvedSampling(samples, sampler))
+        self.loader = EpochLoader(es_pipe.SelectStage(samples, sampler))
         self.trained: list[tuple[int, int, list[str]]] = []  # (epoch, step, keys) per step
 
     def train_dataloader(self) -> EpochLoader:
@@ -171,7 +171,7 @@ def fit(
     """One ``Trainer.fit`` on fresh objects (as a new process builds them), saving a
     Lightning checkpoint every ``every`` steps (0: none) or at every epoch's end."""
     L.seed_everything(0, verbose=False)
-    sampler = es_pipe.EvolvedSampler.recommended(32, total_epochs=epochs, seed=0)
+    sampler = es_pipe.Selector.recommended(32, total_epochs=epochs, seed=0)
     module = ESModule(samples, sampler)
     callbacks: list[L.Callback] = [StageCheckpoint(module.loader)]
     if every or every_epoch:

@@ -23,6 +23,7 @@ import litdata
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchdata.nodes as tn
 from torch import nn
 
 import es_pipe
@@ -47,11 +48,13 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    def make() -> tuple[es_pipe.EvolvedSampler, object]:
-        sampler = es_pipe.EvolvedSampler(meta_batch_size=128, batch_size=32, beta1=0.2, beta2=0.8)
+    def make() -> tuple[es_pipe.Selector, object]:
+        sampler = es_pipe.Selector(
+            es_pipe.Evolved(beta1=0.2, beta2=0.8), meta_batch_size=128, batch_size=32
+        )
         ds = from_litdata(folder, shuffle=True, seed=0)  # + key_field="id" for your own ids
         upstream = litdata_loader(ds, num_workers=args.workers) if args.workers else ds
-        return sampler, es_pipe.evolve(upstream, sampler)  # the ES stage, last
+        return sampler, tn.Loader(es_pipe.SelectStage(upstream, sampler))  # the ES stage, last
 
     def step(meta: es_pipe.MetaBatch) -> int:
         with torch.inference_mode():

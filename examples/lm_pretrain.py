@@ -63,18 +63,17 @@ def main() -> None:
     # 2. Decode (put a tn.ParallelMapper here for heavier decoding).
     decoded = tn.Mapper(source, decode)
     # 3. The ES stage: buffers B samples, takes their losses back, emits b of them.
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8),
         meta_batch_size=args.meta_batch_size,
         batch_size=args.batch_size,
-        beta1=0.2,
-        beta2=0.8,
         burn_in=es_pipe.Epochs(0.1 * args.epochs),
         anneal=es_pipe.Epochs(0.1 * args.epochs),
         total_epochs=args.epochs,
         scoring="history" if args.history else "forward",
         seed=0,
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(decoded, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(decoded, sampler))
 
     # 4. The trainer.
     model = ByteLM(args.window - 1)

@@ -71,7 +71,8 @@ def main() -> None:
         manifests=str(args.out / "manifests"),
         resume=args.resume,
     )
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         args.meta_batch_size,
         args.batch_size,
         burn_in=es_pipe.Epochs(0.5),
@@ -89,7 +90,7 @@ def main() -> None:
         num_samples=counts,
         pruned=sampler.pruned,
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(tn.Mapper(source, decode), sampler))
+    loader = tn.Loader(es_pipe.SelectStage(tn.Mapper(source, decode), sampler))
 
     model = torch.nn.parallel.DistributedDataParallel(
         ByteLM(args.window - 1).to(device), device_ids=[device.index] if cuda else None

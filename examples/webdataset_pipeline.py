@@ -1,4 +1,4 @@
-"""Insert the ES stage into an existing webdataset pipeline with ``es_pipe.evolve``.
+"""Insert the ES stage into an existing webdataset pipeline: ``es_pipe.SelectStage``, last.
 
 The stage goes last, in the trainer's process: it needs the trainer's losses. Everything
 before it (shard listing, tar reading, decoding) is your pipeline, unchanged. The one thing
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchdata.nodes as tn
 import webdataset as wds
 from torch import nn
 
@@ -49,13 +50,20 @@ def decode(sample: dict) -> dict:
     }
 
 
+def select_stage(samples, sampler: es_pipe.Selector) -> tn.Loader:
+    """The pipeline's last step: the ES stage over the samples of one epoch."""
+    return tn.Loader(es_pipe.SelectStage(samples, sampler))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    sampler = es_pipe.EvolvedSampler(meta_batch_size=128, batch_size=32, beta1=0.2, beta2=0.8)
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8), meta_batch_size=128, batch_size=32
+    )
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -67,7 +75,7 @@ def main() -> None:
             wds.tarfile_to_samples(),
             wds.shuffle(1000),
             wds.map(decode),
-            partial(es_pipe.evolve, sampler=sampler),  # <- the ES stage, last
+            partial(select_stage, sampler=sampler),  # <- the ES stage, last
         )
         for epoch in range(args.epochs):
             trained = correct = 0

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         8,
         4,
         seed=0,
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         equalize=args.equalize,
         pruned=sampler.pruned,
     )
-    stage = es_pipe.EvolvedSampling(tn.Mapper(source, identity), sampler, collate_fn=keys_of)
+    stage = es_pipe.SelectStage(tn.Mapper(source, identity), sampler, collate_fn=keys_of)
     loader = tn.Loader(stage)
     if args.resume:
         old = [

@@ -3,7 +3,7 @@
 A small real training run through es_pipe: real shards (WebDataset tar or Parquet, written
 with ``es_pipe.shard_writer``; read in a seeded shard order and shuffled inside each shard),
 a source with ``pruned=sampler.pruned``, the
-``EvolvedSampling`` stage under ``torchdata.nodes.Loader``, an ESWP sampler with Parquet
+``SelectStage`` stage under ``torchdata.nodes.Loader``, an ESWP sampler with Parquet
 manifests, a tiny deterministic torch model, 3 epochs. It checkpoints every ``EVERY`` steps
 (loader + sampler + model + optimizer, ``torch.save`` to a temporary file, fsync,
 ``os.replace``) and appends every step (meta-batch read, sub-batch trained, weights, loss)
@@ -43,11 +43,11 @@ from es_pipe.eswp import ESWP
 from es_pipe.manifests import COMMITS, Manifests
 from es_pipe.manifests.commit import Committer
 from es_pipe.manifests.fs import ManifestFS
-from es_pipe.sampler import Sampler
+from es_pipe.sampler import Selector
 from es_pipe.shard_writer import write_shards
 from es_pipe.sources import ParquetSource, WebDatasetSource
 from es_pipe.sources.base import ShardedSource
-from es_pipe.stage import EvolvedSampling
+from es_pipe.stage import SelectStage
 
 SIZES = [40, 33, 47, 26]  # samples per shard (uneven: short final meta-batches)
 DIM = 8
@@ -133,16 +133,16 @@ TARGETS: dict[str, tuple[Any, str]] = {
     # reading
     "source.next": (ShardedSource, "__next__"),
     "source.open": (ShardedSource, "_open_next"),
-    "stage.next": (EvolvedSampling, "next"),
+    "stage.next": (SelectStage, "next"),
     # selecting
-    "sampler.select": (Sampler, "select"),
-    "sampler.observe": (Sampler, "observe"),
+    "sampler.select": (Selector, "select"),
+    "sampler.observe": (Selector, "observe"),
     # checkpointing
     "ckpt.save": (_THIS, "save_checkpoint"),
     "ckpt.write": (_THIS, "write_file"),
     "ckpt.replace": (_THIS, "replace_file"),
     # committing
-    "sampler.end_epoch": (Sampler, "end_epoch"),
+    "sampler.end_epoch": (Selector, "end_epoch"),
     "boundary.close_epoch": (ESWP, "close_epoch"),
     "manifests.write_shard": (Manifests, "write_shard"),
     "manifests._put": (ManifestFS, "put"),
@@ -253,11 +253,10 @@ def train(data: str, run: str, config: str, attempt: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8),
         B,
         b,
-        beta1=0.2,
-        beta2=0.8,
         total_epochs=EPOCHS,
         seed=SEED,
         scoring=scoring,
@@ -272,7 +271,7 @@ def train(data: str, run: str, config: str, attempt: int) -> None:
         node = ParquetSource(urls, key_column="key", columns=["x", "y"], batch_rows=8, **common)
     else:
         node = tn.Mapper(WebDatasetSource(urls, **common), decode)
-    loader = tn.Loader(EvolvedSampling(node, sampler))
+    loader = tn.Loader(SelectStage(node, sampler))
 
     ckpt = f"{run}/ckpt.pt"
     steps = 0

@@ -73,11 +73,10 @@ def build(data: str, run: str, config: str) -> tuple[Any, Any, Any, Any]:
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8),
         B,
         b,
-        beta1=0.2,
-        beta2=0.8,
         total_epochs=EPOCHS,
         seed=SEED,
         scoring=scoring,
@@ -96,7 +95,7 @@ def build(data: str, run: str, config: str) -> tuple[Any, Any, Any, Any]:
         node = ParquetSource(urls, key_column="key", columns=["x", "y"], batch_rows=8, **common)
     else:
         node = tn.Mapper(WebDatasetSource(urls, **common), decode)
-    loader = tn.Loader(es_pipe.EvolvedSampling(node, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(node, sampler))
     return model, opt, sampler, loader
 
 

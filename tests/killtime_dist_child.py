@@ -78,7 +78,8 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         B,
         b,
         seed=SEED,
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace, rank: int, world: int) -> None:
         equalize="drop",
         pruned=sampler.pruned,
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(tn.Mapper(source, decode), sampler))
+    loader = tn.Loader(es_pipe.SelectStage(tn.Mapper(source, decode), sampler))
     steps = newest_common(args.run_dir, world) or 0
     if steps:
         saved = torch.load(

@@ -66,11 +66,13 @@ def train(args: argparse.Namespace) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         eswp = es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=manifests)
-        sampler = es_pipe.EvolvedSampler(16, 8, total_epochs=args.epochs, seed=5, eswp=eswp)
+        sampler = es_pipe.Selector(
+            es_pipe.Evolved(), 16, 8, total_epochs=args.epochs, seed=5, eswp=eswp
+        )
         sampler.start()  # claims the folder (the first iter(loader) would, too)
     started = sampler.epoch
     source = ParquetSource(urls(args.data), key_column="key", pruned=sampler.pruned)
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     with open(args.log, "a") as log:
         log.write("ready\n")
         log.flush()

@@ -32,7 +32,8 @@ EPOCHS = 3
 
 def run(shards: str, root: str, checkpoint: str, options: dict) -> int:
     """Train to the end (from ``checkpoint`` if it exists); returns the epochs done."""
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         8,
         3,
         total_epochs=EPOCHS,
@@ -52,7 +53,7 @@ def run(shards: str, root: str, checkpoint: str, options: dict) -> int:
         pruned=sampler.pruned,
         storage_options=options,
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     if os.path.exists(checkpoint):
         saved = torch.load(checkpoint, weights_only=True)
         loader.load_state_dict(saved["loader"])

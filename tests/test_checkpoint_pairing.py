@@ -21,8 +21,8 @@ def losses_of(meta, step):
 
 
 def build(samples):
-    sampler = es_pipe.EvolvedSampler(8, 3, seed=5)
-    return sampler, tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=5)
+    return sampler, tn.Loader(es_pipe.SelectStage(samples, sampler))
 
 
 def train(sampler, loader, steps, saves=()):
@@ -115,9 +115,9 @@ def test_the_commit_marker_records_the_pruning_rule(tmp_path):
     pq.write_table(pa.table({"key": [f"k{i}" for i in range(rows)], "x": list(x)}), path)
     prune = es_pipe.Pruning(ratio=0.5, anneal=0.25)
     eswp = es_pipe.ESWP(prune=prune, manifests=str(tmp_path / "m"))
-    sampler = es_pipe.EvolvedSampler(16, 8, seed=1, total_epochs=4, eswp=eswp)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 16, 8, seed=1, total_epochs=4, eswp=eswp)
     source = ParquetSource([str(path)], key_column="key", pruned=sampler.pruned)
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     for meta in loader:
         meta.select(meta.data["x"].abs().sum(1))
     manifests = es_pipe.Manifests(str(tmp_path / "m"))

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import es_pipe
 from es_pipe.columns import ColumnChunk
 from es_pipe.errors import ConfigError
-from es_pipe.manifest import Manifests
+from es_pipe.manifests import Manifests
 from es_pipe.sources import ArrowSource, ParquetSource, SourceDataset
 
 SIZES = [70, 45, 93, 31]
@@ -96,7 +96,7 @@ def _same(a, b) -> None:
 
 
 def _sampler(B=24, b=8, **options):
-    return es_pipe.EvolvedSampler(B, b, seed=3, total_epochs=4, **options)
+    return es_pipe.Selector(es_pipe.Evolved(), B, b, seed=3, total_epochs=4, **options)
 
 
 def _trace(loader, sampler, epochs: int, save_at=None):
@@ -150,7 +150,7 @@ def test_columnar_meta_batches_selections_and_scores_equal_the_dict_path(
     for columnar in (False, True):
         sampler = _sampler(burn_in=2)
         source = _build(urls, kind, columnar, sampler, **options)
-        stage = es_pipe.EvolvedSampling(source, sampler)
+        stage = es_pipe.SelectStage(source, sampler)
         runs[columnar] = (_trace(tn.Loader(stage), sampler, 3)[0], sampler)
     _compare(runs[False][0], runs[True][0])
     assert all(isinstance(d["x"], torch.Tensor) for _, d, *_ in runs[True][0])
@@ -170,15 +170,18 @@ def test_columnar_meta_batches_selections_and_scores_equal_the_dict_path(
 
 
 def _eswp(urls, root, columnar, hook=True, key_column="key", **source_options):
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         16,
         5,
         seed=5,
         total_epochs=3,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=None if root is None else str(root),
         rank=0,
         world_size=1,
+        eswp=es_pipe.ESWP(
+            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
+            manifests=None if root is None else str(root),
+        ),
     )
     source = ParquetSource(
         urls,
@@ -190,7 +193,7 @@ def _eswp(urls, root, columnar, hook=True, key_column="key", **source_options):
         pruned=sampler.pruned if hook else None,
         **source_options,
     )
-    stage = es_pipe.EvolvedSampling(source, sampler)
+    stage = es_pipe.SelectStage(source, sampler)
     return sampler, stage, tn.Loader(stage)
 
 
@@ -256,7 +259,7 @@ def test_equalize_gives_the_dict_path_stream(parquet, equalize):
                 world_size=2,
                 equalize=equalize,
             )
-            runs.append(_trace(tn.Loader(es_pipe.EvolvedSampling(source, sampler)), sampler, 2)[0])
+            runs.append(_trace(tn.Loader(es_pipe.SelectStage(source, sampler)), sampler, 2)[0])
         _compare(*runs)
         lengths.append([sum(len(k) for e, _, k, *_ in runs[1] if e == ep) for ep in (0, 1)])
     assert lengths[0] == lengths[1]  # every rank yields as many samples
@@ -267,19 +270,21 @@ def test_dataloader_workers_read_every_kept_row_once(parquet, tmp_path):
     comes once per epoch, pruned ones never, as on the dict path."""
     keys = {}
     for columnar in (False, True):
-        sampler = es_pipe.EvolvedSampler(
+        sampler = es_pipe.Selector(
+            es_pipe.Evolved(),
             16,
             5,
             seed=5,
             total_epochs=3,
-            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-            manifests=str(tmp_path / f"m{columnar}"),
+            eswp=es_pipe.ESWP(
+                prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=str(tmp_path / f"m{columnar}")
+            ),
         )
         source = ParquetSource(
             parquet, key_column="key", columnar=columnar, batch_rows=12, pruned=sampler.pruned
         )
         loader = DataLoader(SourceDataset(source), batch_size=None, num_workers=2)
-        stage = es_pipe.EvolvedSampling(loader, sampler)
+        stage = es_pipe.SelectStage(loader, sampler)
         it = tn.Loader(stage)
         seen = []
         for _ in range(3):
@@ -307,7 +312,7 @@ def test_custom_collate_fn_gets_sample_dicts(parquet):
 
     sampler = _sampler()
     source = ParquetSource(parquet, columnar=True)
-    meta = next(iter(tn.Loader(es_pipe.EvolvedSampling(source, sampler, collate_fn=collate))))
+    meta = next(iter(tn.Loader(es_pipe.SelectStage(source, sampler, collate_fn=collate))))
     assert seen == [dict]
     assert meta.data["key"] == meta.keys
 
@@ -317,7 +322,7 @@ def test_chunks_and_dicts_mixed_are_refused(parquet):
     assert all(isinstance(c, ColumnChunk) for c in chunks)
     dicts = list(ParquetSource(parquet[:1]))
     for mixed in ([*dicts[:3], chunks[0]], [chunks[0], *dicts[:3]] * 10):
-        stage = es_pipe.EvolvedSampling(mixed, _sampler())
+        stage = es_pipe.SelectStage(mixed, _sampler())
         with pytest.raises(ConfigError, match="both column chunks"):
             for meta in tn.Loader(stage):
                 meta.select(torch.ones(len(meta)))
@@ -327,16 +332,14 @@ def test_bad_options_and_damaged_skip_are_refused(parquet):
     with pytest.raises(ConfigError, match="columnar='yes' must be True, False or None"):
         ParquetSource(parquet, columnar="yes")
     sampler = _sampler()
-    loader = tn.Loader(es_pipe.EvolvedSampling(ParquetSource(parquet, columnar=True), sampler))
+    loader = tn.Loader(es_pipe.SelectStage(ParquetSource(parquet, columnar=True), sampler))
     it = iter(loader)
     next(it).select(torch.ones(24))
     state = loader.state_dict()
     stage_state = next(v for v in _walk(state) if isinstance(v, dict) and "skip" in v)
     for bad, message in ((-1, "not a count of rows"), (10**6, "has no more")):
         stage_state["skip"] = bad
-        fresh = tn.Loader(
-            es_pipe.EvolvedSampling(ParquetSource(parquet, columnar=True), _sampler())
-        )
+        fresh = tn.Loader(es_pipe.SelectStage(ParquetSource(parquet, columnar=True), _sampler()))
         with pytest.raises(ConfigError, match=message):
             fresh.load_state_dict(state)
             next(iter(fresh))
@@ -352,7 +355,7 @@ def _walk(x):
 def test_a_row_twice_in_a_columnar_meta_batch_is_refused(parquet):
     chunk = next(iter(ParquetSource(parquet[:1], columnar=True)))
     for upstream in ([chunk.slice(0, 10), chunk.slice(5, 15)], [chunk.slice(0, 10)] * 2):
-        stage = es_pipe.EvolvedSampling(upstream, _sampler(B=20))
+        stage = es_pipe.SelectStage(upstream, _sampler(B=20))
         with pytest.raises(ConfigError, match="have the same identity"):
             next(iter(tn.Loader(stage)))
     shuffled = chunk.filter(np.ones(len(chunk), bool))
@@ -360,7 +363,7 @@ def test_a_row_twice_in_a_columnar_meta_batch_is_refused(parquet):
     twice = ColumnChunk(
         shuffled.shard, shuffled.ordinals[order], {"x": shuffled.columns["x"][order]}
     )
-    stage = es_pipe.EvolvedSampling([twice], _sampler(B=4, b=2))
+    stage = es_pipe.SelectStage([twice], _sampler(B=4, b=2))
     with pytest.raises(ConfigError, match="have the same identity"):
         next(iter(tn.Loader(stage)))
 
@@ -426,7 +429,7 @@ def test_dict_path_meta_batches_are_default_collate_of_the_samples(make):
     from torch.utils.data import default_collate
 
     samples = [make(i) for i in range(40)]
-    stage = es_pipe.EvolvedSampling(samples, _sampler(B=16, b=4))
+    stage = es_pipe.SelectStage(samples, _sampler(B=16, b=4))
     metas = []
     for meta in tn.Loader(stage):
         metas.append(meta.data)
@@ -455,7 +458,7 @@ def test_resume_through_a_prefetcher_is_exact(parquet, split, columnar):
     def build():
         sampler = _sampler(B=20, b=6)
         source = ParquetSource(parquet, columnar=columnar, shuffle=True, seed=4, batch_rows=16)
-        return sampler, tn.Loader(es_pipe.EvolvedSampling(tn.Prefetcher(source, 3), sampler))
+        return sampler, tn.Loader(es_pipe.SelectStage(tn.Prefetcher(source, 3), sampler))
 
     sampler, loader = build()
     full = _trace(loader, sampler, 2)[0]
@@ -511,24 +514,22 @@ def test_columnar_is_the_default_where_it_cannot_change_the_meta_batches(parquet
     source = cls(urls, seed=1, shuffle=True)
     assert source.columnar is False and isinstance(next(iter(source)), dict)
     dict_steps = _trace(
-        tn.Loader(
-            es_pipe.EvolvedSampling(cls(urls, seed=1, shuffle=True, columnar=False), sampler)
-        ),
+        tn.Loader(es_pipe.SelectStage(cls(urls, seed=1, shuffle=True, columnar=False), sampler)),
         sampler,
         2,
     )[0]
     for wrap in (lambda s: s, lambda s: tn.Prefetcher(s, 2)):
         sampler = _sampler()
         source = cls(urls, seed=1, shuffle=True)
-        stage = es_pipe.EvolvedSampling(wrap(source), sampler)
+        stage = es_pipe.SelectStage(wrap(source), sampler)
         assert source.columnar is True
         _compare(dict_steps, _trace(tn.Loader(stage), sampler, 2)[0])
     mapped = cls(urls, seed=1)
-    es_pipe.EvolvedSampling(tn.Mapper(mapped, lambda s: s), _sampler())
+    es_pipe.SelectStage(tn.Mapper(mapped, lambda s: s), _sampler())
     custom = cls(urls, seed=1)
-    es_pipe.EvolvedSampling(custom, _sampler(), collate_fn=lambda samples: samples)
+    es_pipe.SelectStage(custom, _sampler(), collate_fn=lambda samples: samples)
     pinned = cls(urls, seed=1, columnar=False)
-    es_pipe.EvolvedSampling(pinned, _sampler())
+    es_pipe.SelectStage(pinned, _sampler())
     assert (mapped.columnar, custom.columnar, pinned.columnar) == (False, False, False)
 
 

@@ -17,11 +17,9 @@ from es_pipe import ConfigError, ManifestError, Manifests
 
 def rank_checkpoint(rank: int, world: int, steps: int) -> dict:
     """A checkpoint of ``rank`` after ``steps`` meta-batches of its own shard."""
-    sampler = es_pipe.EvolvedSampler(8, 4, seed=3, rank=rank, world_size=world)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=3, rank=rank, world_size=world)
     samples = keyed_samples(64, shard=f"shard-{rank}")
-    loader = tn.Loader(
-        es_pipe.EvolvedSampling(samples, sampler, loss_fn=lambda d: d["x"].norm(dim=1))
-    )
+    loader = tn.Loader(es_pipe.SelectStage(samples, sampler, loss_fn=lambda d: d["x"].norm(dim=1)))
     it = iter(loader)
     for _ in range(steps):
         next(it)
@@ -46,14 +44,14 @@ def test_merged_sampler_state_is_marked_and_loads_on_another_world_size():
     merged = es_pipe.merge_checkpoints([c["loader"] for c in old])
     sampler_state = merged["root"]["sampler"]
     assert sampler_state["merged"] is True and sampler_state["step"] == 3
-    sampler = es_pipe.EvolvedSampler(8, 4, seed=3, rank=0, world_size=4)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=3, rank=0, world_size=4)
     sampler.load_state(sampler_state)
     assert sampler.step == 3
 
 
 def test_one_ranks_checkpoint_on_another_world_size_is_refused():
     state = rank_checkpoint(0, 2, 2)["loader"]["root"]["sampler"]
-    sampler = es_pipe.EvolvedSampler(8, 4, seed=3, rank=0, world_size=4)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=3, rank=0, world_size=4)
     with pytest.raises(ConfigError, match="merge_checkpoints"):
         sampler.load_state(state)
     assert sampler.step == 0
@@ -86,7 +84,14 @@ def test_nothing_to_merge_is_refused():
 
 def test_prune_on_several_ranks_needs_manifests():
     with pytest.raises(ConfigError, match="needs manifests="):
-        es_pipe.EvolvedSampler(8, 4, prune=es_pipe.Pruning(anneal=0), rank=0, world_size=2)
+        es_pipe.Selector(
+            es_pipe.Evolved(),
+            8,
+            4,
+            rank=0,
+            world_size=2,
+            eswp=es_pipe.ESWP(prune=es_pipe.Pruning(anneal=0)),
+        )
 
 
 def test_waiting_for_a_commit_names_the_ranks_that_did_not_finish(tmp_path):
@@ -125,7 +130,7 @@ def _columns(n: int, score: float = 1.0) -> dict[str, np.ndarray]:
 def test_ranks_draw_from_their_own_streams():
     draws = []
     for rank in range(2):
-        sampler = es_pipe.EvolvedSampler(64, 8, seed=0, rank=rank, world_size=2)
+        sampler = es_pipe.Selector(es_pipe.Evolved(), 64, 8, seed=0, rank=rank, world_size=2)
         who = es_pipe.sampler.Identity.of(["s"] * 64, [f"k{i}" for i in range(64)], list(range(64)))
         draws.append(sampler.select(who, torch.ones(64), 64).indices.tolist())
     assert draws[0] != draws[1]

@@ -71,7 +71,7 @@ def decode(sample: dict) -> dict:
 
 @dataclass
 class Run:
-    sampler: es_pipe.Sampler
+    sampler: es_pipe.Selector
     loader: tn.Loader
     model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -81,15 +81,15 @@ class Run:
 def build(data, fmt: str, root, wrap: str = "node") -> Run:
     """The run's objects, as a (re)started process builds them. The source gets no
     ``epoch=``: the stage sets it from the sampler."""
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         B,
         b,
         total_epochs=EPOCHS,
         seed=SEED,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=str(root),
         rank=0,
         world_size=1,
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=str(root)),
     )
     common = {"shuffle": True, "seed": SEED, "pruned": sampler.pruned, "rank": 0, "world_size": 1}
     if fmt == "parquet":
@@ -106,7 +106,7 @@ def build(data, fmt: str, root, wrap: str = "node") -> Run:
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    return Run(sampler, tn.Loader(es_pipe.EvolvedSampling(node, sampler)), model, opt, source)
+    return Run(sampler, tn.Loader(es_pipe.SelectStage(node, sampler)), model, opt, source)
 
 
 def checkpoint(run: Run) -> dict:
@@ -314,7 +314,7 @@ def test_a_source_the_stage_cannot_drive_is_refused_when_it_disagrees(data, tmp_
     train(run, log, stop=("end", 1))
     sampler = build(data, "parquet", tmp_path).sampler  # resumes in epoch 2
     source = ParquetSource(data["parquet"], key_column="key", columns=["x", "y"], shuffle=True)
-    loader = tn.Loader(es_pipe.EvolvedSampling(Relay(source), sampler))
+    loader = tn.Loader(es_pipe.SelectStage(Relay(source), sampler))
     with pytest.raises(ConfigError, match="reads epoch 0 but the sampler is in epoch 2"):
         iter(loader)
 
@@ -378,10 +378,10 @@ def test_restored_where_the_epoch_ends_exactly_the_next_epoch_starts(tmp_path):
         {"key": np.array(keys), "x": x}, f"{tmp_path}/exact-%03d.parquet", "parquet", 8
     )
 
-    def build_exact() -> tuple[es_pipe.Sampler, tn.Loader]:
-        sampler = es_pipe.EvolvedSampler(8, 3, seed=SEED, rank=0, world_size=1)
+    def build_exact() -> tuple[es_pipe.Selector, tn.Loader]:
+        sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=SEED, rank=0, world_size=1)
         source = ParquetSource(urls, key_column="key", columns=["x"], shuffle=True, seed=SEED)
-        return sampler, tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+        return sampler, tn.Loader(es_pipe.SelectStage(source, sampler))
 
     def steps(sampler, loader, n: int | None, log: list) -> dict | None:
         while True:

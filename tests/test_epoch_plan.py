@@ -28,16 +28,17 @@ def shards(tmp_path):
 
 @pytest.mark.parametrize("scoring", ["forward", "history"])
 def test_epoch_plan_matches_the_epoch_that_follows(shards, scoring):
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         B,
         B if scoring == "history" else B // 2,
         scoring=scoring,
         total_epochs=4,
         seed=3,
-        prune=es_pipe.Pruning(ratio=0.6, anneal=0.25),
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.6, anneal=0.25)),
     )
     source = ParquetSource(shards, pruned=sampler.pruned, seed=1)
-    stage = es_pipe.EvolvedSampling(source, sampler)
+    stage = es_pipe.SelectStage(source, sampler)
     loader = tn.Loader(stage)
     plans, seen = [], []
     for _ in range(4):
@@ -58,7 +59,7 @@ def test_epoch_plan_matches_the_epoch_that_follows(shards, scoring):
 
 
 def test_epoch_plan_needs_a_visible_source():
-    sampler = es_pipe.EvolvedSampler(4, 2)
-    stage = es_pipe.EvolvedSampling([{"__key__": str(i), "x": i} for i in range(8)], sampler)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 4, 2)
+    stage = es_pipe.SelectStage([{"__key__": str(i), "x": i} for i in range(8)], sampler)
     with pytest.raises(es_pipe.ConfigError, match="epoch_plan"):
         stage.epoch_plan()

@@ -1,4 +1,4 @@
-"""ESWP as an optional part of the sampler (issue 13): ``EvolvedSampler(B, b,
+"""ESWP as an optional part of the sampler (issue 13): ``Selector(Evolved(), B, b,
 eswp=es_pipe.ESWP(...))``, no I/O in constructors (the run starts at the first reset or
 use), the epoch commit visible as ``sampler.last_commit``, and the deprecated keywords.
 Real Parquet shards, real manifest folders, real training loops."""
@@ -43,7 +43,7 @@ def _files(root) -> set[str]:
 def _run(urls, sampler, epochs):
     """Train ``epochs`` epochs; the picks (shard, key) and the loss weights of each step."""
     source = ParquetSource(urls, key_column="key", shuffle=True, seed=3, pruned=sampler.pruned)
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     picks = []
     for _ in range(epochs):
         for meta in loader:
@@ -59,12 +59,23 @@ def _rule():
 
 
 def test_the_old_keywords_warn_and_behave_identically(urls, tmp_path):
-    new = es_pipe.EvolvedSampler(
-        8, 4, seed=2, total_epochs=3, eswp=es_pipe.ESWP(_rule(), str(tmp_path / "new"))
+    new = es_pipe.Selector(
+        es_pipe.Evolved(),
+        8,
+        4,
+        seed=2,
+        total_epochs=3,
+        eswp=es_pipe.ESWP(_rule(), str(tmp_path / "new")),
     )
     with pytest.warns(DeprecationWarning, match=r"prune=, manifests=.*eswp=es_pipe.ESWP"):
-        old = es_pipe.EvolvedSampler(
-            8, 4, seed=2, total_epochs=3, prune=_rule(), manifests=str(tmp_path / "old")
+        old = es_pipe.Selector(
+            es_pipe.Evolved(),
+            8,
+            4,
+            seed=2,
+            total_epochs=3,
+            prune=_rule(),
+            manifests=str(tmp_path / "old"),
         )
     assert isinstance(old.eswp, es_pipe.ESWP)
     assert _run(urls, old, 3) == _run(urls, new, 3)
@@ -80,14 +91,14 @@ def test_the_old_keywords_warn_and_behave_identically(urls, tmp_path):
 
 def test_constructing_does_no_io_and_the_first_reset_starts_the_run(urls, tmp_path):
     root = tmp_path / "m"
-    first = es_pipe.EvolvedSampler(8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
+    first = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
     _run(urls, first, 2)
     first.eswp.manifests.release_lease()  # as at the first job's exit
     before = _files(root)
     assert LEASE not in before
-    again = es_pipe.EvolvedSampler(8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
+    again = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
     source = ParquetSource(urls, key_column="key", pruned=again.pruned)
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, again))
+    loader = tn.Loader(es_pipe.SelectStage(source, again))
     assert _files(root) == before  # nothing claimed, nothing read into the sampler
     assert (again._epoch, again._step) == (0, 0)
     iter(loader)  # the first reset: the folder is claimed and the run resumed
@@ -97,11 +108,11 @@ def test_constructing_does_no_io_and_the_first_reset_starts_the_run(urls, tmp_pa
 
 def test_a_hook_asked_before_the_first_meta_batch_sees_the_restored_epoch(urls, tmp_path):
     root = tmp_path / "m"
-    first = es_pipe.EvolvedSampler(8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
+    first = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
     _run(urls, first, 2)
     expected = {u: first.pruned(u) for u in urls}  # epoch 2's decisions
     assert any(v is not None for v in expected.values())
-    again = es_pipe.EvolvedSampler(8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
+    again = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=2, eswp=es_pipe.ESWP(_rule(), str(root)))
     got = {u: again.pruned(u) for u in urls}  # the first use starts the run
     assert again.epoch == 2
     for url in urls:
@@ -114,8 +125,8 @@ def test_a_bad_folder_is_refused_at_the_first_reset_and_left_alone(urls, tmp_pat
     root = tmp_path / "m"
     root.mkdir()
     (root / COMMITS).write_text("not a folder")
-    sampler = es_pipe.EvolvedSampler(8, 4, eswp=es_pipe.ESWP(manifests=str(root)))
-    loader = es_pipe.evolve(ParquetSource(urls, key_column="key"), sampler)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(manifests=str(root)))
+    loader = tn.Loader(es_pipe.SelectStage(ParquetSource(urls, key_column="key"), sampler))
     with pytest.raises(ManifestError, match="Remove it, or give manifests= a folder"):
         iter(loader)
     assert _files(root) == {COMMITS} and (root / COMMITS).read_text() == "not a folder"
@@ -123,7 +134,9 @@ def test_a_bad_folder_is_refused_at_the_first_reset_and_left_alone(urls, tmp_pat
 
 def test_the_epoch_commit_is_visible_and_logged(urls, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="es_pipe")
-    sampler = es_pipe.EvolvedSampler(8, 4, eswp=es_pipe.ESWP(_rule(), str(tmp_path / "m")))
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(_rule(), str(tmp_path / "m"))
+    )
     assert sampler.last_commit is None
     _run(urls, sampler, 1)
     done = sampler.last_commit
@@ -134,7 +147,7 @@ def test_the_epoch_commit_is_visible_and_logged(urls, tmp_path, caplog):
     _run(urls, sampler, 1)
     assert sampler.last_commit.epoch == 1 and sampler.last_commit.pruned > 0
     # without manifests: decisions only, nothing committed
-    memory = es_pipe.EvolvedSampler(8, 4, eswp=es_pipe.ESWP(_rule()))
+    memory = es_pipe.Selector(es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(_rule()))
     _run(urls, memory, 2)
     assert memory.last_commit.committed is False and memory.last_commit.files == 0
     assert memory.last_commit.pruned > 0
@@ -143,14 +156,14 @@ def test_the_epoch_commit_is_visible_and_logged(urls, tmp_path, caplog):
 def test_recommended_builds_through_eswp_without_deprecation(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        sampler = es_pipe.EvolvedSampler.recommended(
+        sampler = es_pipe.Selector.recommended(
             8, total_epochs=3, manifests=str(tmp_path / "m"), run_id="exp"
         )
     assert isinstance(sampler.eswp, es_pipe.ESWP)
     assert sampler.eswp.prune.ratio == 0.8 and sampler.run_id == "exp"
     assert sampler.hyper()["prune"] == sampler.eswp.prune.describe()
     with pytest.raises(ConfigError, match=r"builds its own es_pipe\.ESWP"):
-        es_pipe.EvolvedSampler.recommended(8, total_epochs=3, prune=es_pipe.Pruning())
+        es_pipe.Selector.recommended(8, total_epochs=3, prune=es_pipe.Pruning())
 
 
 def test_misuse_of_eswp_is_refused():
@@ -159,15 +172,17 @@ def test_misuse_of_eswp_is_refused():
     with pytest.raises(ConfigError, match="commit_timeout"):
         es_pipe.ESWP(es_pipe.Pruning(), commit_timeout=0)
     eswp = es_pipe.ESWP(es_pipe.Pruning(anneal=0))
-    es_pipe.EvolvedSampler(8, 4, eswp=eswp)
+    es_pipe.Selector(es_pipe.Evolved(), 8, 4, eswp=eswp)
     with pytest.raises(ConfigError, match="one ESWP per sampler"):
-        es_pipe.EvolvedSampler(8, 4, eswp=eswp)
+        es_pipe.Selector(es_pipe.Evolved(), 8, 4, eswp=eswp)
     with pytest.raises(ConfigError, match="both given"):
-        es_pipe.EvolvedSampler(8, 4, eswp=es_pipe.ESWP(es_pipe.Pruning()), resume=False)
+        es_pipe.Selector(
+            es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(es_pipe.Pruning()), resume=False
+        )
     with pytest.raises(ConfigError, match="eswp="):
-        es_pipe.EvolvedSampler(8, 4, eswp=es_pipe.Pruning())
+        es_pipe.Selector(es_pipe.Evolved(), 8, 4, eswp=es_pipe.Pruning())
     with pytest.raises(TypeError, match="prunes"):
-        es_pipe.EvolvedSampler(8, 4, prunes=es_pipe.Pruning())
+        es_pipe.Selector(es_pipe.Evolved(), 8, 4, prunes=es_pipe.Pruning())
 
 
 def test_the_old_module_names_still_import():

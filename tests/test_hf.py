@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError
@@ -76,9 +77,9 @@ def test_the_es_stage_scores_every_sample_once_per_epoch(files):
     ds = es_pipe.from_hf("parquet", data_files=files, columns=["x", "y"]).shuffle(
         seed=0, buffer_size=8
     )
-    sampler = es_pipe.EvolvedSampler(16, 4, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 16, 4, seed=0)
     model = torch.nn.Linear(1, 2)
-    loader = es_pipe.evolve(ds, sampler)
+    loader = tn.Loader(es_pipe.SelectStage(ds, sampler))
     for epoch in range(2):
         ds.set_epoch(epoch)
         trained = scored = 0

@@ -53,8 +53,8 @@ def test_webdataset_pipeline_takes_url_as_the_shard(tars):
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(tars), wds.tarfile_to_samples(), wds.map(_decode)
     )
-    sampler = es_pipe.EvolvedSampler(32, 8, seed=0)
-    stage = es_pipe.EvolvedSampling(pipeline, sampler)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 32, 8, seed=0)
+    stage = es_pipe.SelectStage(pipeline, sampler)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no repeat warning: every sample is its own
         sizes = _train(tn.Loader(stage), 2)
@@ -78,12 +78,12 @@ def test_webdataset_without_the_shard_is_refused_naming_both_samples(tars):
         wds.shuffle(1000, rng=None),
         wds.map(keys_only),
     )
-    sampler = es_pipe.EvolvedSampler(128, 8, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 128, 8, seed=0)
     with pytest.raises(
         ConfigError,
         match=r"samples \d+ and \d+ of this meta-batch of 128 have the same identity: shard '', key '0000\d\d'",
     ) as info:
-        next(iter(tn.Loader(es_pipe.EvolvedSampling(pipeline, sampler))))
+        next(iter(tn.Loader(es_pipe.SelectStage(pipeline, sampler))))
     assert "__url__" in str(info.value)
     assert sampler.step == 0 and not sampler.store.shards  # nothing scored
 
@@ -97,12 +97,16 @@ def test_duplicate_with_ordinals_is_refused_and_names_the_ordinal():
         ConfigError,
         match=r"samples 2 and 5 .* shard 'a', ordinal \('__index__'\) 2 \(keys 'k2' and 'k5'\)",
     ):
-        next(iter(es_pipe.evolve(samples, es_pipe.EvolvedSampler(8, 4))))
+        next(
+            iter(tn.Loader(es_pipe.SelectStage(samples, es_pipe.Selector(es_pipe.Evolved(), 8, 4))))
+        )
 
 
 def test_same_key_in_different_shards_is_two_samples():
     samples = [{"x": float(i), "__key__": f"k{i % 4}", "__shard__": f"s{i // 4}"} for i in range(8)]
-    meta = next(iter(es_pipe.evolve(samples, es_pipe.EvolvedSampler(8, 4))))
+    meta = next(
+        iter(tn.Loader(es_pipe.SelectStage(samples, es_pipe.Selector(es_pipe.Evolved(), 8, 4))))
+    )
     assert len(meta) == 8
 
 
@@ -110,7 +114,9 @@ def test_same_key_in_different_shards_is_two_samples():
 def test_keys_of_any_type_are_compared_exactly(key):
     samples = [{"x": float(i), "__key__": key(i % 6), "__shard__": "s"} for i in range(8)]
     with pytest.raises(ConfigError, match="samples 0 and 6"):
-        next(iter(es_pipe.evolve(samples, es_pipe.EvolvedSampler(8, 4))))
+        next(
+            iter(tn.Loader(es_pipe.SelectStage(samples, es_pipe.Selector(es_pipe.Evolved(), 8, 4))))
+        )
 
 
 def test_a_sample_seen_twice_in_an_epoch_is_counted_and_warned_once(tars):
@@ -119,7 +125,7 @@ def test_a_sample_seen_twice_in_an_epoch_is_counted_and_warned_once(tars):
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(tars[:1] * 2), wds.tarfile_to_samples(), wds.map(_decode)
     )
-    stage = es_pipe.EvolvedSampling(pipeline, es_pipe.EvolvedSampler(25, 5, seed=0))
+    stage = es_pipe.SelectStage(pipeline, es_pipe.Selector(es_pipe.Evolved(), 25, 5, seed=0))
     with pytest.warns(
         UserWarning,
         match=r"epoch 0: 50 sample\(s\) came to the stage a second time .* key '000000' of shard '.*part-0.tar'",
@@ -146,9 +152,9 @@ def test_equalize_pad_repeats_on_purpose_without_a_warning(tmp_path):
         urls, rank=1, world_size=2, equalize="pad", num_samples={u: 10 for u in urls}
     )
     for src, n in ((source, 20), (other, 20)):
-        stage = es_pipe.EvolvedSampling(
+        stage = es_pipe.SelectStage(
             tn.Mapper(src, lambda s: {**s, "txt": 1, "x": torch.ones(2)}),
-            es_pipe.EvolvedSampler(20, 5, seed=0),
+            es_pipe.Selector(es_pipe.Evolved(), 20, 5, seed=0),
         )
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -173,7 +179,9 @@ def test_an_already_batched_dataloader_is_named_with_the_fix():
     with pytest.raises(
         ConfigError, match=r"already batched: '__key__' holds 32 values.*batch_size=None"
     ):
-        next(iter(es_pipe.evolve(loader, es_pipe.EvolvedSampler(16, 4))))
+        next(
+            iter(tn.Loader(es_pipe.SelectStage(loader, es_pipe.Selector(es_pipe.Evolved(), 16, 4))))
+        )
 
 
 def test_an_already_batched_webdataset_is_named_with_the_fix(tars):
@@ -181,12 +189,18 @@ def test_an_already_batched_webdataset_is_named_with_the_fix(tars):
         wds.SimpleShardList(tars), wds.tarfile_to_samples(), wds.map(_decode), wds.batched(10)
     )
     with pytest.raises(ConfigError, match=r"already batched.*\.batched\(\)"):
-        next(iter(es_pipe.evolve(pipeline, es_pipe.EvolvedSampler(16, 4))))
+        next(
+            iter(
+                tn.Loader(es_pipe.SelectStage(pipeline, es_pipe.Selector(es_pipe.Evolved(), 16, 4)))
+            )
+        )
 
 
 def test_the_fix_batch_size_none_trains():
     loader = DataLoader(_Rows(), batch_size=None, shuffle=True)
-    sizes = _train_x(es_pipe.evolve(loader, es_pipe.EvolvedSampler(16, 4)))
+    sizes = _train_x(
+        tn.Loader(es_pipe.SelectStage(loader, es_pipe.Selector(es_pipe.Evolved(), 16, 4)))
+    )
     assert sizes == 64
 
 
@@ -202,7 +216,7 @@ def test_dataloader_workers_over_an_es_pipe_source(tars):
     """Real worker processes: every sample once, identities from the source."""
     ds = SourceDataset(WebDatasetSource(tars))
     loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_decode_src)
-    stage = es_pipe.EvolvedSampling(loader, es_pipe.EvolvedSampler(32, 8, seed=0))
+    stage = es_pipe.SelectStage(loader, es_pipe.Selector(es_pipe.Evolved(), 32, 8, seed=0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert _train(tn.Loader(stage), 1) == [SHARDS * PER_SHARD]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchdata.nodes as tn
 
 import es_pipe
 
@@ -44,8 +45,8 @@ def test_meta_and_sub_batches_move_with_lightning(example):
     """Lightning's batch transfer (``move_data_to_device``) moves them, in place: the
     stage still waits for the very object it emitted."""
     samples = example.make_samples(16)
-    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history")
-    loader = iter(es_pipe.evolve(samples, sampler))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, scoring="history")
+    loader = iter(tn.Loader(es_pipe.SelectStage(samples, sampler)))
     meta = next(loader)
     moved = move_data_to_device(meta, torch.device("meta"))
     assert moved is meta and meta.data["x"].device.type == "meta"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError
@@ -142,10 +143,10 @@ def run(loader, sampler, steps, trace, last):
 
 
 def make(out, workers):
-    sampler = es_pipe.EvolvedSampler(8, 3, seed=5)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=5)
     ds = from_litdata(out, shuffle=True, seed=1)
     upstream = ds if workers is None else litdata_loader(ds, num_workers=workers)
-    return sampler, es_pipe.evolve(upstream, sampler)
+    return sampler, tn.Loader(es_pipe.SelectStage(upstream, sampler))
 
 
 def scores(sampler):

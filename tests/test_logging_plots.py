@@ -57,17 +57,17 @@ def test_the_logger_reports_commits_restores_and_skips(tmp_path, caplog):
     manifests = str(tmp_path / "m")
     caplog.set_level(logging.DEBUG, logger="es_pipe")
 
-    def run(epochs: int) -> es_pipe.Sampler:
-        sampler = es_pipe.EvolvedSampler(
+    def run(epochs: int) -> es_pipe.Selector:
+        sampler = es_pipe.Selector(
+            es_pipe.Evolved(),
             10,
             10,
             seed=0,
             total_epochs=4,
-            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-            manifests=manifests,
+            eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=manifests),
         )
         source = WebDatasetSource(urls, pruned=sampler.pruned)
-        _epochs(tn.Loader(es_pipe.EvolvedSampling(tn.Mapper(source, _decode), sampler)), epochs)
+        _epochs(tn.Loader(es_pipe.SelectStage(tn.Mapper(source, _decode), sampler)), epochs)
         return sampler
 
     run(2)
@@ -88,8 +88,8 @@ def test_the_logger_reports_a_restored_stage(caplog):
     samples = [
         {"x": float(i), "__key__": f"k{i}", "__shard__": "s", "__index__": i} for i in range(20)
     ]
-    sampler = es_pipe.EvolvedSampler(5, 5, seed=0)
-    loader = tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 5, 5, seed=0)
+    loader = tn.Loader(es_pipe.SelectStage(samples, sampler))
     it = iter(loader)
     next(it).select([1.0] * 5)
     state = loader.state_dict()
@@ -125,11 +125,13 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_inspect_plot_without_matplotlib_names_the_extra(tmp_path):
     urls = _tars(tmp_path)
-    sampler = es_pipe.EvolvedSampler(10, 10, seed=0, manifests=str(tmp_path / "m"))
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(), 10, 10, seed=0, eswp=es_pipe.ESWP(manifests=str(tmp_path / "m"))
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _epochs(
-            tn.Loader(es_pipe.EvolvedSampling(tn.Mapper(WebDatasetSource(urls), _decode), sampler)),
+            tn.Loader(es_pipe.SelectStage(tn.Mapper(WebDatasetSource(urls), _decode), sampler)),
             1,
         )
     proc = _python(

@@ -1,4 +1,4 @@
-"""End to end: a small model trained 4 epochs through EvolvedSampling with prune= and
+"""End to end: a small model trained 4 epochs through SelectStage with prune= and
 manifests=, over real Parquet shards read by ParquetSource with the sampler's pruned-row hook;
 then `es-pipe inspect` on the run's manifests, PNG included."""
 
@@ -43,18 +43,16 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8),
         32,
         16,
-        beta1=0.2,
-        beta2=0.8,
         total_epochs=EPOCHS,
         seed=3,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0.25),
-        manifests=root,
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0.25), manifests=root),
     )
     source = ParquetSource(urls, key_column="key", pruned=sampler.pruned)
-    stage = es_pipe.EvolvedSampling(source, sampler)
+    stage = es_pipe.SelectStage(source, sampler)
     loader = tn.Loader(stage)
     losses, weights_seen, delivered = [], [], []
     for _ in range(EPOCHS):
@@ -226,15 +224,15 @@ def test_inspect_reads_only_the_epochs_it_shows(run, tmp_path, capsys):
 
 
 def test_restart_restores_from_manifests(run):
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         32,
         16,
         total_epochs=EPOCHS,
         seed=3,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0.25),
-        manifests=run["root"],
         rank=0,
         world_size=1,
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0.25), manifests=run["root"]),
     )
     assert sampler.epoch == EPOCHS
     m = Manifests(run["root"])

@@ -31,13 +31,14 @@ def _shards(folder, sizes=SIZES, tag="d"):
     return out
 
 
-def _train(urls, root, epochs=1, B=8, b=3, **kw):
+def _train(urls, root, epochs=1, B=8, b=3, beta1=0.2, beta2=0.8, **kw):
     """A run as a (re)started process builds it; trains ``epochs`` more epochs."""
     eswp_kw = {k: kw.pop(k) for k in ("resume", "run_id") if k in kw}
     eswp = es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0), manifests=root, **eswp_kw)
-    sampler = es_pipe.EvolvedSampler(B, b, seed=5, eswp=eswp, rank=0, world_size=1, **kw)
+    policy = es_pipe.Evolved(beta1, beta2)
+    sampler = es_pipe.Selector(policy, B, b, seed=5, eswp=eswp, rank=0, world_size=1, **kw)
     source = ParquetSource(urls, key_column="key", shuffle=True, seed=5, pruned=sampler.pruned)
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     if not epochs:  # the first iter(loader) is where the run starts (claims, resumes)
         iter(loader)
     for _ in range(epochs):

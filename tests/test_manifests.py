@@ -291,9 +291,10 @@ def _samples(urls, per=40, key="k"):
     ]
 
 
-def _run(root, samples, epochs, **kw):
-    sampler = es_pipe.EvolvedSampler(8, 4, manifests=str(root), seed=1, **kw)
-    loader = tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+def _run(root, samples, epochs, prune=None):
+    eswp = es_pipe.ESWP(prune=prune, manifests=str(root))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1, eswp=eswp)
+    loader = tn.Loader(es_pipe.SelectStage(samples, sampler))
     for _ in range(epochs):
         for meta in loader:
             meta.select(meta.data["x"][:, 0] + 0.5)
@@ -305,8 +306,14 @@ def test_sampler_resumes_scores_and_decisions_exactly(tmp_path):
     prune = es_pipe.Pruning(ratio=0.5, anneal=0)
     first = _run(tmp_path / "m", _samples(urls), 2, prune=prune)
     assert Manifests(str(tmp_path / "m")).committed() == [0, 1]
-    again = es_pipe.EvolvedSampler(
-        8, 4, manifests=str(tmp_path / "m"), seed=1, prune=prune, rank=0, world_size=1
+    again = es_pipe.Selector(
+        es_pipe.Evolved(),
+        8,
+        4,
+        seed=1,
+        rank=0,
+        world_size=1,
+        eswp=es_pipe.ESWP(manifests=str(tmp_path / "m"), prune=prune),
     )
     assert (again.epoch, again.step) == (first.epoch, first.step)
     for url in urls:
@@ -323,11 +330,17 @@ def test_fingerprint_mismatch(tmp_path):
     _run(tmp_path / "m", _samples(urls), 1)
     with open(urls[0], "ab") as handle:
         handle.write(b"more")
-    fresh = es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "m"), seed=1)
+    fresh = es_pipe.Selector(
+        es_pipe.Evolved(), 8, 4, seed=1, eswp=es_pipe.ESWP(manifests=str(tmp_path / "m"))
+    )
     with pytest.raises(ManifestError, match=r"shard-0\.bin.*fingerprint.*on_mismatch='fresh'"):
         fresh.pruned(urls[0])
-    lenient = es_pipe.EvolvedSampler(
-        8, 4, manifests=str(tmp_path / "m"), seed=1, on_mismatch="fresh"
+    lenient = es_pipe.Selector(
+        es_pipe.Evolved(),
+        8,
+        4,
+        seed=1,
+        eswp=es_pipe.ESWP(manifests=str(tmp_path / "m"), on_mismatch="fresh"),
     )
     with pytest.warns(UserWarning, match="starting this shard fresh"):
         assert lenient.pruned(urls[0]) is None
@@ -375,7 +388,9 @@ def test_a_marker_with_a_bad_pruned_count_is_refused(tmp_path, pruned):
 def test_a_file_as_the_manifest_root_is_refused_before_training(tmp_path):
     (tmp_path / "f.txt").write_text("hello")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
-        es_pipe.EvolvedSampler(8, 4, manifests=str(tmp_path / "f.txt"))
+        es_pipe.Selector(
+            es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(manifests=str(tmp_path / "f.txt"))
+        )
     assert (tmp_path / "f.txt").read_text() == "hello"
 
 
@@ -548,7 +563,9 @@ def _read_everything(root: str) -> str:
     m.read_epoch()
     for shard in ("a.tar", "b.tar"):
         m.read_shard(shard)
-    es_pipe.EvolvedSampler(4, 2, manifests=root, prune=es_pipe.Pruning(anneal=0))
+    es_pipe.Selector(
+        es_pipe.Evolved(), 4, 2, eswp=es_pipe.ESWP(manifests=root, prune=es_pipe.Pruning(anneal=0))
+    )
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli_main(["inspect", root, "--no-progress", "--json"])

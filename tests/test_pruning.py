@@ -90,7 +90,7 @@ def test_every_sample_returns_within_bounded_epochs(max_streak):
 
 
 def test_infobatch_baseline():
-    rule = es_pipe.InfoBatch()
+    rule = es_pipe.Pruning.infobatch()
     assert (rule.ratio, rule.anneal, rule.score, rule.max_streak) == (0.5, 0.125, "loss", None)
     assert rule.active(1, 8) and rule.active(6, 8) and not rule.active(7, 8)
     losses = np.random.default_rng(4).random(40000).astype(np.float32)
@@ -113,7 +113,7 @@ def test_schedule_and_config():
         with pytest.raises(ConfigError):
             Pruning(**bad)
     with pytest.raises(ConfigError, match="total_epochs"):
-        es_pipe.EvolvedSampler(8, 4, prune=Pruning(anneal=0.1))
+        es_pipe.Selector(es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(prune=Pruning(anneal=0.1)))
 
 
 def _samples(n_shards=4, per=64):
@@ -143,15 +143,16 @@ def test_sampler_prunes_only_outside_burn_in_and_anneal(burn_in):
     import torchdata.nodes as tn
 
     total = 6
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         16,
         8,
         burn_in=burn_in,
         anneal=es_pipe.Epochs(1),
         total_epochs=total,
-        prune=Pruning(ratio=0.5, anneal=0.34),
+        eswp=es_pipe.ESWP(prune=Pruning(ratio=0.5, anneal=0.34)),
     )
-    stage = es_pipe.EvolvedSampling(_samples(), sampler)
+    stage = es_pipe.SelectStage(_samples(), sampler)
     loader = tn.Loader(stage)
     counts = []
     for _ in range(total):
@@ -168,10 +169,15 @@ def test_sampler_prunes_only_outside_burn_in_and_anneal(burn_in):
 def test_rescale_weights_reach_the_sub_batch():
     import torchdata.nodes as tn
 
-    sampler = es_pipe.EvolvedSampler(
-        16, 16, total_epochs=3, reweight=True, prune=Pruning(ratio=0.5, anneal=0)
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
+        16,
+        16,
+        total_epochs=3,
+        reweight=True,
+        eswp=es_pipe.ESWP(prune=Pruning(ratio=0.5, anneal=0)),
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(_samples(2), sampler))
+    loader = tn.Loader(es_pipe.SelectStage(_samples(2), sampler))
     _epoch(None, loader, [])
     decisions = dict(sampler.eswp.decisions)  # for epoch 1
     record = []
@@ -191,12 +197,14 @@ def test_rescale_weights_reach_the_sub_batch():
 
 
 @pytest.mark.parametrize("policy", [es_pipe.Uniform(), es_pipe.RandomSubset()])
-@pytest.mark.parametrize("rule", [es_pipe.InfoBatch(), Pruning(ratio=0.5, anneal=0)])
+@pytest.mark.parametrize("rule", [es_pipe.Pruning.infobatch(), Pruning(ratio=0.5, anneal=0)])
 def test_pruning_that_would_never_see_a_loss_is_refused(policy, rule):
     """Issue 11, item 10: with scoring='forward' these policies get no losses
     (needs_losses is False), so nothing would ever be pruned: refused, naming the fix."""
     with pytest.raises(ConfigError, match=r"scoring='history'.*batch\.report\(losses\)"):
-        es_pipe.Sampler(policy, meta_batch_size=16, batch_size=16, total_epochs=4, prune=rule)
+        es_pipe.Selector(
+            policy, meta_batch_size=16, batch_size=16, total_epochs=4, eswp=es_pipe.ESWP(prune=rule)
+        )
 
 
 def test_infobatch_prunes_with_history_scoring_and_reported_losses():
@@ -207,15 +215,15 @@ def test_infobatch_prunes_with_history_scoring_and_reported_losses():
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sampler = es_pipe.Sampler(
+    sampler = es_pipe.Selector(
         es_pipe.Uniform(),
         meta_batch_size=16,
         batch_size=16,
         total_epochs=4,
         scoring="history",
-        prune=es_pipe.InfoBatch(0.5),
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning.infobatch(0.5)),
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(_samples(), sampler))
+    loader = tn.Loader(es_pipe.SelectStage(_samples(), sampler))
     read = []
     for _ in range(4):
         read.append(0)
@@ -235,14 +243,24 @@ def test_infobatch_prunes_with_history_scoring_and_reported_losses():
 
 
 def test_a_missing_total_epochs_is_named_in_the_rule_the_user_wrote():
-    with pytest.raises(ConfigError, match=r"InfoBatch\(delta=0.875\).*InfoBatch\(delta=1.0\)"):
-        es_pipe.EvolvedSampler(8, 4, prune=es_pipe.InfoBatch(), scoring="history")
+    with pytest.raises(
+        ConfigError, match=r"Pruning\.infobatch\(delta=0.875\).*Pruning\.infobatch\(delta=1.0\)"
+    ):
+        es_pipe.Selector(
+            es_pipe.Evolved(),
+            8,
+            4,
+            scoring="history",
+            eswp=es_pipe.ESWP(prune=es_pipe.Pruning.infobatch()),
+        )
     with pytest.raises(ConfigError, match=r"Pruning\(anneal=0.25\).*Pruning\(anneal=0\)"):
-        es_pipe.EvolvedSampler(8, 4, prune=es_pipe.Pruning(anneal=0.25))
+        es_pipe.Selector(
+            es_pipe.Evolved(), 8, 4, eswp=es_pipe.ESWP(prune=es_pipe.Pruning(anneal=0.25))
+        )
 
 
 def test_every_sampler_takes_its_sizes_the_same_way():
-    plain = es_pipe.Sampler(es_pipe.Uniform(), 64, 32)
-    evolved = es_pipe.EvolvedSampler(64, 32)
+    plain = es_pipe.Selector(es_pipe.Uniform(), 64, 32)
+    evolved = es_pipe.Selector(es_pipe.Evolved(), 64, 32)
     assert (plain.meta_batch_size, plain.batch_size) == (64, 32)
     assert (evolved.meta_batch_size, evolved.batch_size) == (64, 32)

@@ -10,7 +10,7 @@ import es_pipe
 from es_pipe.demo import harness
 
 
-def _train(sampler: es_pipe.Sampler, epochs: int) -> list[list[tuple[str, bool]]]:
+def _train(sampler: es_pipe.Selector, epochs: int) -> list[list[tuple[str, bool]]]:
     """Per epoch, (key, weighted) of every trained sample, from a real model's losses."""
     torch.manual_seed(0)
     samples = [
@@ -19,7 +19,7 @@ def _train(sampler: es_pipe.Sampler, epochs: int) -> list[list[tuple[str, bool]]
     ]
     model = torch.nn.Linear(8, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(samples, sampler))
     trained = []
     for _ in range(epochs):
         seen = []
@@ -40,7 +40,7 @@ def _train(sampler: es_pipe.Sampler, epochs: int) -> list[list[tuple[str, bool]]
 
 def test_preset_prunes_learned_samples_and_trains_all_in_the_anneal():
     epochs = 10
-    trained = _train(es_pipe.EvolvedSampler.recommended(64, total_epochs=epochs, seed=3), epochs)
+    trained = _train(es_pipe.Selector.recommended(64, total_epochs=epochs, seed=3), epochs)
     sizes = [len(epoch) for epoch in trained]
     assert sizes[0] == 600  # burn-in: no scores yet
     assert max(sizes[1:-1]) < 600 and min(sizes[1:-1]) < 0.8 * 600, sizes  # pruned epochs
@@ -55,5 +55,5 @@ def test_preset_prunes_learned_samples_and_trains_all_in_the_anneal():
 def test_preset_is_the_benchmarks_recommended_method():
     cfg = harness.RunConfig(epochs=6, batch_size=64, seed=5)
     benchmarked = harness.method(harness.RECOMMENDED).build(cfg)
-    preset = es_pipe.EvolvedSampler.recommended(64, total_epochs=6, seed=5)
+    preset = es_pipe.Selector.recommended(64, total_epochs=6, seed=5)
     assert _train(benchmarked, 6) == _train(preset, 6)

@@ -38,18 +38,21 @@ def urls(tmp_path_factory):
 def _build(urls, root):
     """The run's objects, as a (re)started process builds them; ``root=None``: ESWP
     without manifests."""
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         8,
         3,
         total_epochs=EPOCHS,
         seed=5,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=None if root is None else str(root),
         rank=0,
         world_size=1,
+        eswp=es_pipe.ESWP(
+            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
+            manifests=None if root is None else str(root),
+        ),
     )
     source = ParquetSource(urls, key_column="key", shuffle=True, seed=5, pruned=sampler.pruned)
-    return sampler, tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    return sampler, tn.Loader(es_pipe.SelectStage(source, sampler))
 
 
 def _train(sampler, loader, trace, save_at=None, go_on=False):

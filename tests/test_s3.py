@@ -105,20 +105,23 @@ def test_sources_read_tar_parquet_and_arrow_over_s3(s3):
 
 
 def _train_eswp(shards: str, root: str, opts: dict) -> tuple[list[int], ParquetSource]:
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         8,
         3,
         total_epochs=3,
         seed=5,
-        prune=es_pipe.Pruning(ratio=0.5, anneal=0),
-        manifests=Manifests(root, storage_options=opts),
         rank=0,
         world_size=1,
+        eswp=es_pipe.ESWP(
+            prune=es_pipe.Pruning(ratio=0.5, anneal=0),
+            manifests=Manifests(root, storage_options=opts),
+        ),
     )
     source = ParquetSource(
         shards, key_column="key", seed=5, pruned=sampler.pruned, storage_options=opts
     )
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     read = []
     for _ in range(3):
         for meta in loader:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchdata.nodes as tn
 
 import es_pipe
 from es_pipe.errors import ConfigError, ManifestError
@@ -75,8 +76,8 @@ def test_pickled_members_are_delivered_as_bytes_never_executed(tmp_path):
     assert {sample[e] for e in ("pyd", "pickle", "pth", "npy")} == {payload}
     assert not sentinel.exists()
     # through the stage too: the bytes are only ever moved around
-    sampler = es_pipe.EvolvedSampler(1, 1, seed=0)
-    for meta in es_pipe.evolve(WebDatasetSource(str(shard)), sampler):
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 1, 1, seed=0)
+    for meta in tn.Loader(es_pipe.SelectStage(WebDatasetSource(str(shard)), sampler)):
         assert meta.select(torch.ones(1)).data["pyd"] == [payload]
     assert not sentinel.exists()
     # what the threat is: webdataset's default decoders would have run it
@@ -96,7 +97,7 @@ def test_pickles_in_parquet_stay_bytes(tmp_path):
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
-    sampler = es_pipe.EvolvedSampler(4, 2, seed=0)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 4, 2, seed=0)
     buffer = io.BytesIO()
     torch.save(sampler.state_dict(), buffer)
     buffer.seek(0)
@@ -198,11 +199,16 @@ def test_sampler_with_hostile_keys_writes_only_its_configured_folders(tmp_path):
     keys = [f"../../../k{i}" if i % 2 else f"/abs/k{i}" for i in range(24)]
     table = pa.table({"key": keys, "x": np.arange(24, dtype=np.float32)})
     pq.write_table(table, data / "train-0.parquet", row_group_size=8)
-    sampler = es_pipe.EvolvedSampler(
-        8, 4, seed=0, total_epochs=3, prune=es_pipe.Pruning(ratio=0.5), manifests=str(root)
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
+        8,
+        4,
+        seed=0,
+        total_epochs=3,
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5), manifests=str(root)),
     )
     source = ParquetSource(str(data / "train-0.parquet"), key_column="key", pruned=sampler.pruned)
-    loader = es_pipe.evolve(source, sampler)
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler))
     for _ in range(3):
         for meta in loader:
             meta.select(meta.data["x"].float() + 1.0)

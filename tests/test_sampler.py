@@ -1,4 +1,4 @@
-"""The Sampler's constructor over swept hyper-parameters: accepted ones run for epochs, the
+"""The Selector's constructor over swept hyper-parameters: accepted ones run for epochs, the
 others are a ConfigError that names the argument (issue 7's bad-input sweep, by concept)."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _pruning():
             score=st.sampled_from(["score", "loss", "x", None]),
             draw=st.sampled_from(["exact", "bernoulli", "x", 1]),
         ),
-        st.builds(es_pipe.InfoBatch, fractions, fractions),
+        st.builds(es_pipe.Pruning.infobatch, fractions, fractions),
     )
 
 
@@ -77,12 +77,12 @@ def test_sampler_hyper_parameters(n, tmp_path):
             kw["manifests"] = str(root / str(len(os.listdir(tmp_path))))
 
         def build():
-            return es_pipe.Sampler(policy, **kw)
+            return es_pipe.Selector(policy, **kw)
 
         sampler, error = es_error_or_ok(build, (ConfigError,))
         if error is None:  # accepted: it must run two epochs of a small stage
             for _ in range(2):
-                for meta in tn.Loader(es_pipe.EvolvedSampling(sweep_samples(23), sampler)):
+                for meta in tn.Loader(es_pipe.SelectStage(sweep_samples(23), sampler)):
                     sub = meta.select(torch.rand(len(meta)) if meta.needs_losses else None)
                     assert 1 <= len(sub) <= len(meta)
                     if sampler.scoring == "history":
@@ -125,7 +125,7 @@ def test_sampler_hyper_parameters(n, tmp_path):
                 burn_in=st.integers(1, 3),
                 max_streak=st.one_of(st.none(), st.integers(1, 3)),
             ),
-            st.builds(es_pipe.InfoBatch, st.floats(0, 0.9), st.floats(0, 1)),
+            st.builds(es_pipe.Pruning.infobatch, st.floats(0, 0.9), st.floats(0, 1)),
         ),
         "manifests": st.booleans(),
         "rank": st.just(0),
@@ -161,7 +161,7 @@ def test_sampler_hyper_parameters(n, tmp_path):
             shutil.rmtree(root, ignore_errors=True)
 
     # constructors of Evolved / Pruning run while drawing: their ConfigErrors are outcomes
-    sweep("hyper-parameters: Sampler", _lazy_errors(strategy), _unwrap(guarded), n)
+    sweep("hyper-parameters: Selector", _lazy_errors(strategy), _unwrap(guarded), n)
 
 
 def _lazy_errors(strategy):
@@ -193,10 +193,10 @@ def _unwrap(check):
 # error or a crash).
 REGRESSIONS = {
     "burn_in of a str": (ConfigError, "burn_in",
-                         lambda: es_pipe.EvolvedSampler(4, 2, burn_in=es_pipe.Steps("3"))),
+                         lambda: es_pipe.Selector(es_pipe.Evolved(), 4, 2, burn_in=es_pipe.Steps("3"))),
     "total_steps of a str": (ConfigError, "total_steps",
-                             lambda: es_pipe.EvolvedSampler(4, 2, anneal=3, total_steps="10")),
-    "policy of a str": (ConfigError, "policy", lambda: es_pipe.Sampler("es", 4, 2)),
+                             lambda: es_pipe.Selector(es_pipe.Evolved(), 4, 2, anneal=3, total_steps="10")),
+    "policy of a str": (ConfigError, "policy", lambda: es_pipe.Selector("es", 4, 2)),
 }  # fmt: skip
 
 

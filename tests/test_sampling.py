@@ -66,7 +66,7 @@ def test_betas_outside_unit_interval_are_refused(beta):
     with pytest.raises(ConfigError, match="outside"):
         sampling.Evolved(beta1=beta)
     with pytest.raises(ConfigError, match="outside"):
-        es_pipe.EvolvedSampler(8, 4, beta2=beta)
+        es_pipe.Selector(es_pipe.Evolved(beta2=beta), 8, 4)
 
 
 def _frequencies(weights, k, replacement, trials=15_000):
@@ -260,8 +260,8 @@ def test_reweighted_sub_batch_of_the_stage_stays_finite(big):
     import torchdata.nodes as tn
     from conftest import keyed_samples
 
-    sampler = es_pipe.EvolvedSampler(6, 3, seed=2, reweight=True)
-    meta = next(iter(tn.Loader(es_pipe.EvolvedSampling(keyed_samples(6), sampler))))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 6, 3, seed=2, reweight=True)
+    meta = next(iter(tn.Loader(es_pipe.SelectStage(keyed_samples(6), sampler))))
     losses = torch.tensor([0.0, 0.0, big, 0.0, 0.0, 0.0])
     sub = meta.select(losses)
     assert 2 in sub.indices.tolist()
@@ -286,7 +286,7 @@ def test_policy_pruning_schedule_constructors(n):
             "evolved": es_pipe.Evolved,
             "sb": es_pipe.SelectiveBackprop,
             "pruning": es_pipe.Pruning,
-            "infobatch": es_pipe.InfoBatch,
+            "infobatch": es_pipe.Pruning.infobatch,
             "schedule": es_pipe.sampling.Schedule,
         }
         built, error = es_error_or_ok(lambda: builders[kind](**kw), (ConfigError,))

@@ -3,7 +3,7 @@
 The reference (:class:`Reference`) is ES written the plain way: a dict from
 ``(shard, ordinal)`` to ``[score, loss, visits, step]``, one Python step per sample, and
 the draw as it was first written (float64 weights scaled to a maximum of 1 plus the
-floor, Efraimidis-Spirakis keys, ``topk`` then ``sort``). ``Sampler.select`` must make
+floor, Efraimidis-Spirakis keys, ``topk`` then ``sort``). ``Selector.select`` must make
 the same selections, from the same RNG stream, and leave the same scores, over epochs
 with their compactions, duplicates inside a meta-batch, unseen samples and short
 meta-batches.
@@ -79,7 +79,7 @@ def batches(rng: np.random.Generator, shards: int, per: int, B: int, count: int)
 @pytest.mark.parametrize("B,b,shards,per", [(256, 128, 7, 60), (512, 100, 40, 500), (64, 64, 3, 9)])
 def test_select_matches_the_reference_over_epochs_with_compaction(B, b, shards, per):
     rng = np.random.default_rng(B + shards)
-    sampler = es_pipe.EvolvedSampler(B, b, seed=3)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=3)
     reference = Reference(B, b, seed=3)
     duplicates = 0
     for epoch in range(3):
@@ -107,8 +107,8 @@ def test_select_matches_the_reference_over_epochs_with_compaction(B, b, shards, 
 
 def test_compaction_at_epoch_end_without_manifests_and_with_eswp_pruning():
     rule = es_pipe.Pruning(ratio=0.5, anneal=0)
-    sampler = es_pipe.EvolvedSampler(128, 64, seed=1, eswp=es_pipe.ESWP(prune=rule))
-    plain = es_pipe.EvolvedSampler(128, 64, seed=1)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 128, 64, seed=1, eswp=es_pipe.ESWP(prune=rule))
+    plain = es_pipe.Selector(es_pipe.Evolved(), 128, 64, seed=1)
     rng = np.random.default_rng(9)
     order = [f"shard-{i}" for i in range(5)]
     for _epoch in range(3):

@@ -32,10 +32,10 @@ def fake_losses(meta, step: int) -> torch.Tensor:
     return (meta.data["x"].abs().sum(1) * (1.0 + 0.1 * step)) % 3.0
 
 
-def make(samples, **options):
+def make(samples, beta1=0.2, beta2=0.8, **options):
     options = {"meta_batch_size": 8, "batch_size": 3, "seed": 5, **options}
-    sampler = es_pipe.EvolvedSampler(**options)
-    return sampler, tn.Loader(es_pipe.EvolvedSampling(samples, sampler))
+    sampler = es_pipe.Selector(es_pipe.Evolved(beta1, beta2), **options)
+    return sampler, tn.Loader(es_pipe.SelectStage(samples, sampler))
 
 
 def snapshot(sampler):
@@ -129,9 +129,9 @@ def test_invalid_hyper_parameters(samples, options, message):
 
 
 def test_samples_without_keys_get_a_clear_error():
-    sampler = es_pipe.EvolvedSampler(4, 2)
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 4, 2)
     with pytest.raises(ConfigError, match="__key__"):
-        next(iter(tn.Loader(es_pipe.EvolvedSampling([{"x": 1}] * 4, sampler))))
+        next(iter(tn.Loader(es_pipe.SelectStage([{"x": 1}] * 4, sampler))))
 
 
 def test_burn_in_is_uniform_and_anneal_needs_no_losses(samples):
@@ -161,19 +161,21 @@ def test_selection_prefers_high_weights(samples):
 
 
 def test_callback_form_and_plain_iterable_wrapper(samples):
-    sampler = es_pipe.EvolvedSampler(8, 4, seed=1)
-    node = es_pipe.EvolvedSampling(samples, sampler, loss_fn=lambda data: data["x"].abs().sum(1))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1)
+    node = es_pipe.SelectStage(samples, sampler, loss_fn=lambda data: data["x"].abs().sum(1))
     subs = list(tn.Loader(node))
     assert all(isinstance(s, es_pipe.SubBatch) for s in subs)
     assert sum(len(s) for s in subs) == 6 * 4 + 1
-    sampler2 = es_pipe.EvolvedSampler(8, 4, seed=1)
-    wrapped = es_pipe.evolve(samples, sampler2, loss_fn=lambda data: data["x"].abs().sum(1))
+    sampler2 = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=1)
+    wrapped = tn.Loader(
+        es_pipe.SelectStage(samples, sampler2, loss_fn=lambda data: data["x"].abs().sum(1))
+    )
     assert [s.keys for s in wrapped] == [s.keys for s in subs]
 
 
 def test_history_scoring_updates_from_reported_training_losses(samples):
-    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
-    for meta in tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, scoring="history", seed=2)
+    for meta in tn.Loader(es_pipe.SelectStage(samples, sampler)):
         assert not meta.needs_losses
         sub = meta.select()
         sub.report(sub.data["x"].abs().sum(1))
@@ -181,8 +183,8 @@ def test_history_scoring_updates_from_reported_training_losses(samples):
             sub.report(sub.data["x"].abs().sum(1))
     visits = sampler.store.shard("shard-0")["visits"]
     assert visits.sum() == 6 * 4 + 1
-    forward = es_pipe.EvolvedSampler(8, 4)
-    meta = next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, forward))))
+    forward = es_pipe.Selector(es_pipe.Evolved(), 8, 4)
+    meta = next(iter(tn.Loader(es_pipe.SelectStage(samples, forward))))
     with pytest.raises(FeedbackError, match="history"):
         meta.select(fake_losses(meta, 0)).report(torch.ones(4))
 
@@ -194,8 +196,8 @@ def test_history_scoring_refuses_to_go_on_without_a_report(samples):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = es_pipe.EvolvedSampler(8, 4, scoring="history", seed=2)
-    it = iter(tn.Loader(es_pipe.EvolvedSampling(samples, sampler)))
+    sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, scoring="history", seed=2)
+    it = iter(tn.Loader(es_pipe.SelectStage(samples, sampler)))
     steps = 0
     while True:
         try:
@@ -508,8 +510,8 @@ def test_float8_losses_select_like_their_float32_values(samples):
     for column, values in snapshot(narrow).items():
         np.testing.assert_array_equal(values, snapshot(wide)[column])
 
-    history = es_pipe.EvolvedSampler(8, 3, scoring="history", seed=5)
-    sub = next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, history)))).select()
+    history = es_pipe.Selector(es_pipe.Evolved(), 8, 3, scoring="history", seed=5)
+    sub = next(iter(tn.Loader(es_pipe.SelectStage(samples, history)))).select()
     before = snapshot(history)
     packed = torch.zeros(3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
     with pytest.raises(FeedbackError, match=r"float4_e2m1fn_x2.*losses\.float"):
@@ -577,11 +579,11 @@ def test_check_losses(n):
 
 def _twin_samplers(policy: str, **kw):
     make = {
-        "es": lambda: es_pipe.EvolvedSampler(8, 3, seed=5, **kw),
-        "loss": lambda: es_pipe.Sampler(
+        "es": lambda: es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=5, **kw),
+        "loss": lambda: es_pipe.Selector(
             es_pipe.LossProportional(), meta_batch_size=8, batch_size=3, seed=5, **kw
         ),
-        "sb": lambda: es_pipe.Sampler(
+        "sb": lambda: es_pipe.Selector(
             es_pipe.SelectiveBackprop(2.0),
             meta_batch_size=8,
             batch_size=3,
@@ -619,9 +621,7 @@ def test_meta_batch_select_rejects_bad_losses_without_a_trace(n):
     def check(case):
         policy, bad, good = case
         sampler, twin = _twin_samplers(policy)
-        loaders = [
-            tn.Loader(es_pipe.EvolvedSampling(sweep_samples(20), s)) for s in (sampler, twin)
-        ]
+        loaders = [tn.Loader(es_pipe.SelectStage(sweep_samples(20), s)) for s in (sampler, twin)]
         its = [iter(loader) for loader in loaders]
         # one good step first, so that scores exist
         first = [next(it).select(torch.linspace(0.1, 2.0, 8)) for it in its]
@@ -653,8 +653,8 @@ def test_meta_batch_select_rejects_bad_losses_without_a_trace(n):
 @pytest.mark.parametrize("n", SCALES)
 def test_sub_batch_report_rejects_bad_losses_without_a_trace(n):
     def check(bad):
-        sampler = es_pipe.EvolvedSampler(8, 3, seed=1, scoring="history")
-        it = iter(tn.Loader(es_pipe.EvolvedSampling(sweep_samples(16), sampler)))
+        sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 3, seed=1, scoring="history")
+        it = iter(tn.Loader(es_pipe.SelectStage(sweep_samples(16), sampler)))
         sub = next(it).select()
         before = _state(sampler)
         _, error = es_error_or_ok(lambda: sub.report(bad), (FeedbackError,))
@@ -687,9 +687,9 @@ def test_stage_sample_dicts(n):
 
     def check(samples):
         def run():
-            sampler = es_pipe.EvolvedSampler(4, 2, seed=0)
+            sampler = es_pipe.Selector(es_pipe.Evolved(), 4, 2, seed=0)
             keys = []
-            for meta in tn.Loader(es_pipe.EvolvedSampling(samples, sampler)):
+            for meta in tn.Loader(es_pipe.SelectStage(samples, sampler)):
                 keys += meta.select(torch.rand(len(meta))).keys
             return keys
 
@@ -715,11 +715,13 @@ def test_stage_sample_dicts(n):
             samples.append(draw(sample))
         return samples
 
-    sweep("sample dicts: EvolvedSampling", batches(), check, n)
+    sweep("sample dicts: SelectStage", batches(), check, n)
 
 
 def _collated(samples):
-    return next(iter(tn.Loader(es_pipe.EvolvedSampling(samples, es_pipe.EvolvedSampler(4, 2)))))
+    return next(
+        iter(tn.Loader(es_pipe.SelectStage(samples, es_pipe.Selector(es_pipe.Evolved(), 4, 2))))
+    )
 
 
 def _with(n, index, **fields):

@@ -30,9 +30,9 @@ def fit(train, test_x, test_y, sampler, through):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     if through == "node":
-        loader = tn.Loader(es_pipe.EvolvedSampling(tn.IterableWrapper(train), sampler))
+        loader = tn.Loader(es_pipe.SelectStage(tn.IterableWrapper(train), sampler))
     else:
-        loader = es_pipe.evolve(train, sampler)
+        loader = tn.Loader(es_pipe.SelectStage(train, sampler))
     forwarded = trained = 0
     for _ in range(EPOCHS):
         for meta in loader:
@@ -58,7 +58,9 @@ def fit(train, test_x, test_y, sampler, through):
 @pytest.mark.parametrize("through", ["node", "iterable"])
 def test_es_trains_on_b_over_B_and_reaches_accuracy(digits, through):
     train, test_x, test_y = digits
-    es = es_pipe.EvolvedSampler(B, b, beta1=0.2, beta2=0.8, burn_in=es_pipe.Epochs(1), seed=0)
+    es = es_pipe.Selector(
+        es_pipe.Evolved(beta1=0.2, beta2=0.8), B, b, burn_in=es_pipe.Epochs(1), seed=0
+    )
     es_acc, forwarded, trained = fit(train, test_x, test_y, es, through)
     full_batches, rest = divmod(len(train), B)  # the short final meta-batch trains pro rata
     per_epoch = full_batches * b + round(b * rest / B)
@@ -66,7 +68,7 @@ def test_es_trains_on_b_over_B_and_reaches_accuracy(digits, through):
     assert trained / forwarded == pytest.approx(b / B, rel=0.01)
     assert es_acc >= 0.92
 
-    uniform = es_pipe.Sampler(es_pipe.Uniform(), meta_batch_size=b, batch_size=b, seed=0)
+    uniform = es_pipe.Selector(es_pipe.Uniform(), meta_batch_size=b, batch_size=b, seed=0)
     uni_acc, _, uni_trained = fit(train, test_x, test_y, uniform, through)
     assert uni_trained == EPOCHS * len(train)
     assert trained < 0.3 * uni_trained

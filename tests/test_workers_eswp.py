@@ -73,13 +73,16 @@ def _run(
 ):
     counts = tmp_path / "reads"
     counts.mkdir()
-    sampler = es_pipe.EvolvedSampler(
+    sampler = es_pipe.Selector(
+        es_pipe.Evolved(),
         20,
         20,
         seed=0,
         total_epochs=EPOCHS,
-        prune=Pruning(ratio=0.5, anneal=0),
-        manifests=str(tmp_path / "manifests") if manifests else None,
+        eswp=es_pipe.ESWP(
+            prune=Pruning(ratio=0.5, anneal=0),
+            manifests=str(tmp_path / "manifests") if manifests else None,
+        ),
     )
     source = WebDatasetSource(tars, shuffle=True, seed=0, pruned=sampler.pruned)
     loader = DataLoader(
@@ -90,7 +93,7 @@ def _run(
         collate_fn=partial(_decode, str(counts)),
         multiprocessing_context=context,
     )
-    stage = es_pipe.EvolvedSampling(_Opaque(loader) if opaque else loader, sampler)
+    stage = es_pipe.SelectStage(_Opaque(loader) if opaque else loader, sampler)
     sizes, reads = [], []
     it = tn.Loader(stage)
     for _ in range(EPOCHS):
@@ -176,11 +179,16 @@ def test_a_source_without_the_hook_warns_once_a_list_only_logs(tars, caplog):
     """An es_pipe source could skip the pruned samples: without pruned= it is told once,
     with the count. A list has nothing to skip with: a log line, no warning."""
 
-    def train(upstream) -> es_pipe.EvolvedSampling:
-        sampler = es_pipe.EvolvedSampler(
-            20, 20, seed=0, total_epochs=EPOCHS, prune=Pruning(ratio=0.5, anneal=0)
+    def train(upstream) -> es_pipe.SelectStage:
+        sampler = es_pipe.Selector(
+            es_pipe.Evolved(),
+            20,
+            20,
+            seed=0,
+            total_epochs=EPOCHS,
+            eswp=es_pipe.ESWP(prune=Pruning(ratio=0.5, anneal=0)),
         )
-        stage = es_pipe.EvolvedSampling(upstream, sampler)
+        stage = es_pipe.SelectStage(upstream, sampler)
         for _ in range(EPOCHS):
             for meta in tn.Loader(stage):
                 meta.select(meta.data["x"][:, 0] + 0.1)

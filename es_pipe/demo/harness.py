@@ -2,7 +2,7 @@
 schedule for every selection method, with the costs that decide whether ES pays off.
 
 A *task* says what to train (model, data, per-sample loss, held-out metric); a *method* is a
-small factory that turns a ``RunConfig`` into an ``es_pipe.Sampler``. ``train`` runs one
+small factory that turns a ``RunConfig`` into an ``es_pipe.Selector``. ``train`` runs one
 (task, method, seed) and returns a ``RunResult``; ``es_pipe.report`` turns many of them
 into tables and plots. ``es-pipe demo`` and ``benchmarks/bench_train.py`` are built on it.
 
@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchdata.nodes as tn
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 import es_pipe
 from es_pipe.errors import ConfigError
-from es_pipe.sampler import Sampler
+from es_pipe.sampler import Selector
 
 # --------------------------------------------------------------------------- task
 
@@ -105,11 +105,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """A named way of choosing what to train: ``build(cfg) -> Sampler``; ``epochs(cfg)``
+    """A named way of choosing what to train: ``build(cfg) -> Selector``; ``epochs(cfg)``
     is the epoch budget (uniform at a smaller budget trains fewer epochs)."""
 
     name: str
-    build: Callable[[RunConfig], Sampler]
+    build: Callable[[RunConfig], Selector]
     description: str
     epoch_fraction: float = 1.0
     overrides: dict[str, Any] = field(default_factory=dict)  # RunConfig fields it changes
@@ -125,13 +125,13 @@ class Method:
         return max(1, round(cfg.epochs * self.epoch_fraction * per_epoch))
 
 
-def _plain(cfg: RunConfig) -> Sampler:
+def _plain(cfg: RunConfig) -> Selector:
     b = cfg.batch_size
-    return es_pipe.Sampler(es_pipe.Uniform(), meta_batch_size=b, batch_size=b, seed=cfg.seed)
+    return es_pipe.Selector(es_pipe.Uniform(), meta_batch_size=b, batch_size=b, seed=cfg.seed)
 
 
-def _subset(policy: Any, cfg: RunConfig, **options: Any) -> Sampler:
-    return es_pipe.Sampler(
+def _subset(policy: Any, cfg: RunConfig, **options: Any) -> Selector:
+    return es_pipe.Selector(
         policy,
         meta_batch_size=cfg.meta_batch_size,
         batch_size=cfg.batch_size,
@@ -154,12 +154,15 @@ def _scores(cfg: RunConfig) -> dict[str, Any]:
     return {"beta1": cfg.beta1, "beta2": cfg.beta2, "seed": cfg.seed}
 
 
-def _es(cfg: RunConfig, scoring: str = "forward", **options: Any) -> Sampler:
-    return es_pipe.EvolvedSampler(
+def _es(
+    cfg: RunConfig, scoring: Literal["forward", "history"] = "forward", **options: Any
+) -> Selector:
+    return es_pipe.Selector(
+        es_pipe.Evolved(beta1=cfg.beta1, beta2=cfg.beta2),
         cfg.meta_batch_size,
         cfg.batch_size,
         scoring=scoring,
-        **_scores(cfg),
+        seed=cfg.seed,
         **_schedule(cfg),
         **options,
     )
@@ -180,31 +183,31 @@ def _manifests(cfg: RunConfig, method: str) -> dict[str, Any]:
     return {"manifests": f"{cfg.manifests}/{method}-seed{cfg.seed}", "resume": False}
 
 
-def _eswp(cfg: RunConfig) -> Sampler:
+def _eswp(cfg: RunConfig) -> Selector:
     return _es(cfg, eswp=es_pipe.ESWP(prune=_pruning(cfg), **_manifests(cfg, "eswp")))
 
 
-def _infobatch(cfg: RunConfig, ratio: float = 0.5) -> Sampler:
+def _infobatch(cfg: RunConfig, ratio: float = 0.5) -> Selector:
     """InfoBatch: plain training (b == B) plus below-mean random pruning of the last
     training losses with 1/keep rescale, full data for the last (1 - delta) of epochs."""
     b = cfg.batch_size
-    return es_pipe.Sampler(
+    return es_pipe.Selector(
         es_pipe.Uniform(),
         meta_batch_size=b,
         batch_size=b,
         seed=cfg.seed,
         scoring="history",
         total_epochs=cfg.epochs,
-        eswp=es_pipe.ESWP(prune=es_pipe.InfoBatch(ratio), **_manifests(cfg, "infobatch")),
+        eswp=es_pipe.ESWP(prune=es_pipe.Pruning.infobatch(ratio), **_manifests(cfg, "infobatch")),
     )
 
 
-def _es_pruned(cfg: RunConfig) -> Sampler:
+def _es_pruned(cfg: RunConfig) -> Selector:
     """Full batches (``b == B``: every optimizer step kept) and ES-scored set-level
     pruning: the decoupled-EMA score from the training forward's losses (history scoring,
     no extra pass) ranks the samples; below-mean ones are pruned at ``prune_ratio`` for
     the next epoch, kept ones up-weighted by 1/keep; no pruning in the final anneal."""
-    return es_pipe.EvolvedSampler.recommended(
+    return es_pipe.Selector.recommended(
         cfg.batch_size,
         total_epochs=cfg.epochs,
         prune_ratio=cfg.prune_ratio,
@@ -307,7 +310,7 @@ FAMILIES: dict[str, tuple[str, Callable[[float], Method]]] = {
 }
 
 
-# What the long benchmark recommends (benchmarks/README.md): EvolvedSampler.recommended().
+# What the long benchmark recommends (benchmarks/README.md): Selector.recommended().
 RECOMMENDED = "es-prune-s3@0.8"
 
 
@@ -436,7 +439,7 @@ def train(
     schedule = CosineSteps(optimizer, cfg.lr, budget or per_epoch * epochs, cfg.warmup_steps)
     options = {} if task.collate_fn is None else {"collate_fn": task.collate_fn}
     source = task.make_source(cfg.seed, sampler.pruned)
-    loader = tn.Loader(es_pipe.EvolvedSampling(source, sampler, **options))
+    loader = tn.Loader(es_pipe.SelectStage(source, sampler, **options))
     result = RunResult(
         task.name, chosen.name, cfg.seed, budget_epochs, task.metric, task.higher_is_better
     )
@@ -530,8 +533,14 @@ def warm_up() -> None:
     loop, once per process, so that the first method compared does not carry them."""
     global _WARM
     if not _WARM:
-        sampler = es_pipe.EvolvedSampler(8, 4, seed=0)
-        meta = next(iter(es_pipe.evolve([{"__key__": str(i), "x": i} for i in range(8)], sampler)))
+        sampler = es_pipe.Selector(es_pipe.Evolved(), 8, 4, seed=0)
+        meta = next(
+            iter(
+                tn.Loader(
+                    es_pipe.SelectStage([{"__key__": str(i), "x": i} for i in range(8)], sampler)
+                )
+            )
+        )
         meta.select(torch.rand(8))
         _WARM = True
 

@@ -1,6 +1,6 @@
 """``es_pipe.ESWP``: Evolved Sampling with pruning, as one optional part of a sampler.
 
-``EvolvedSampler(B, b, eswp=es_pipe.ESWP(prune=es_pipe.Pruning(...), manifests=url))``.
+``Selector(Evolved(), B, b, eswp=es_pipe.ESWP(prune=es_pipe.Pruning(...), manifests=url))``.
 The sampler keeps the policy, the schedule, the scores and the RNG; the ESWP part holds
 the pruning rule (:mod:`~es_pipe.eswp.rule`), this epoch's book (:mod:`~es_pipe.eswp.book`),
 the restore from manifests (:mod:`~es_pipe.eswp.restore`) and the epoch commit
@@ -27,7 +27,7 @@ from es_pipe.manifests import Manifests
 from es_pipe.scores import ScoreStore, ShardCodes
 
 if TYPE_CHECKING:
-    from es_pipe.sampler import Sampler
+    from es_pipe.sampler import Selector
 
 log = logging.getLogger(__name__)
 Resume = bool | Literal["force"]
@@ -40,7 +40,7 @@ def check_options(
     if prune is not None and not isinstance(prune, Pruning):
         raise ConfigError(
             f"prune={prune!r}: give es_pipe.Pruning(ratio=..., anneal=...), "
-            "es_pipe.InfoBatch() or None"
+            "es_pipe.Pruning.infobatch() or None"
         )
     if on_mismatch not in ("raise", "fresh"):
         raise ConfigError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fresh'")
@@ -57,7 +57,7 @@ class ESWP:
 
     Args:
         prune: the rule, ``es_pipe.Pruning(ratio=0.3, anneal=0.125)`` (ESWP) or
-            ``es_pipe.InfoBatch()``; ``None`` writes manifests without pruning. Pruned
+            ``es_pipe.Pruning.infobatch()``; ``None`` writes manifests without pruning. Pruned
             samples are skipped by the sources (their ``pruned=sampler.pruned`` hook) or
             by the stage. Pruning ranks by scores, which form from losses: a policy that
             needs no losses (``Uniform()``, ``RandomSubset()``) needs the sampler's
@@ -131,7 +131,7 @@ class ESWP:
         self.hyper: dict[str, Any] = {}
         self.run: dict[str, Any] | None = None  # run identity recorded in each commit
         self.last_commit: EpochCommit | None = None
-        self._sampler: Sampler | None = None
+        self._sampler: Selector | None = None
         self._checked: set[str] = set()  # shards compared with the manifests this epoch
 
     def __repr__(self) -> str:
@@ -140,7 +140,7 @@ class ESWP:
 
     # ------------------------------------------------------------------ wiring
 
-    def bind(self, sampler: Sampler) -> None:
+    def bind(self, sampler: Selector) -> None:
         """Become ``sampler``'s ESWP part (the sampler's constructor calls this)."""
         if self._sampler is not None and self._sampler is not sampler:
             raise ConfigError(

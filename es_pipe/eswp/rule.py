@@ -115,9 +115,12 @@ class Pruning:
     def infobatch(cls, ratio: float = 0.5, delta: float = 0.875) -> Pruning:
         """InfoBatch (Qin et al., ICLR'24) in this interface: score = last training loss,
         each below-mean sample pruned with probability ``ratio``, ``1/(1-ratio)`` rescale,
-        full data for the last ``1 - delta`` of the epochs, no bound on streaks."""
+        full data for the last ``1 - delta`` of the epochs, no bound on streaks. The
+        baseline's one name (``es_pipe.InfoBatch()`` is its deprecated alias)."""
         if not (isinstance(delta, (int, float)) and 0.0 <= delta <= 1.0):
-            raise ConfigError(f"InfoBatch delta={delta!r} must be in [0, 1], e.g. 0.875")
+            raise ConfigError(
+                f"Pruning.infobatch(delta={delta!r}): delta must be in [0, 1], e.g. 0.875"
+            )
         return cls(
             ratio=ratio,
             anneal=1.0 - delta,
@@ -137,9 +140,9 @@ class Pruning:
         if self.name == "infobatch":
             delta = 1.0 - float(cast(float, self.anneal))
             return ConfigError(
-                f"InfoBatch(delta={delta:g}) trains on the full data for the last 1 - delta "
-                "of the epochs, so it needs to know where training ends: "
-                "pass the sampler total_epochs=..., or InfoBatch(delta=1.0)"
+                f"Pruning.infobatch(delta={delta:g}) trains on the full data for the last "
+                "1 - delta of the epochs, so it needs to know where training ends: "
+                "pass the sampler total_epochs=..., or Pruning.infobatch(delta=1.0)"
             )
         return ConfigError(
             f"Pruning(anneal={self.anneal!r}) counts back from the end of training: pass "
@@ -163,11 +166,6 @@ class Pruning:
         if isinstance(self.anneal, Epochs):
             out["anneal"] = {"epochs": self.anneal.n}
         return out
-
-
-def InfoBatch(ratio: float = 0.5, delta: float = 0.875) -> Pruning:
-    """The InfoBatch baseline: ``Pruning.infobatch(ratio, delta)``."""
-    return Pruning.infobatch(ratio, delta)
 
 
 def shard_seed(seed: int, epoch: int, shard: str) -> np.random.Generator:
@@ -274,3 +272,12 @@ def from_state(state: np.ndarray, factor: float) -> Decision:
     state = np.asarray(state, np.uint8)
     pruned = np.flatnonzero(state & STREAK).astype(np.int64)
     return Decision(pruned, state, float(factor), -1, float("nan"))
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated name of one release, ``InfoBatch`` (:mod:`es_pipe.renamed`)."""
+    if name != "InfoBatch":  # the deprecated names
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from es_pipe.renamed import old_name
+
+    return old_name(__name__, name)

@@ -151,7 +151,7 @@ class _ColumnarSource(ShardedSource):
         self.columnar = bool(columnar)  # None: the dict path until a stage prefers columns
 
     def prefer_columnar(self) -> None:
-        """Called by the ``EvolvedSampling`` stage that reads this source directly with its
+        """Called by the ``SelectStage`` stage that reads this source directly with its
         default collate: under ``columnar=None`` (automatic) the source yields column
         chunks from its next ``reset()`` on; the stage's meta-batches are the dict
         path's, identity fields included (``tests/test_columnar.py``)."""
@@ -337,12 +337,12 @@ class ParquetSource(_ColumnarSource):
         batch_rows: record batch size when reading in order.
         columnar: ``True``: yield :class:`~es_pipe.columns.ColumnChunk` items (the kept
             rows of a record batch as arrays, with their identity as arrays) instead of
-            one dict per row. The ``EvolvedSampling`` stage builds meta-batches from them
+            one dict per row. The ``SelectStage`` stage builds meta-batches from them
             without per-sample Python (README: "Columnar path"); states, resume and the
             meta-batches are those of the dict path. For the stage (and a
             ``tn.Prefetcher`` or ``SourceDataset`` before it); a mapping step written for
             sample dicts would get chunks instead. ``False``: one dict per row. ``None``
-            (the default): dicts, unless an ``EvolvedSampling`` stage with its default
+            (the default): dicts, unless an ``SelectStage`` stage with its default
             collate reads the source directly or through a ``tn.Prefetcher``: the
             stage then switches it to chunks (it cannot change what the stage emits).
         **kwargs: see :class:`~es_pipe.sources.base.ShardedSource`.

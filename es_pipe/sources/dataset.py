@@ -27,7 +27,7 @@ class SourceDataset(IterableDataset):
         ds = SourceDataset(WebDatasetSource("data/train-{000..063}.tar", shuffle=True))
         loader = StatefulDataLoader(ds, batch_size=None, num_workers=3)
         for epoch in range(10):
-            ds.set_epoch(epoch)  # with workers (the EvolvedSampling stage calls it)
+            ds.set_epoch(epoch)  # with workers (the SelectStage stage calls it)
             for sample in loader:
                 ...
         state = loader.state_dict()  # per-worker source states inside
@@ -59,7 +59,7 @@ class SourceDataset(IterableDataset):
 
         A state given to :meth:`load_state_dict` and not used yet is kept when it is a
         state of ``epoch`` (the epoch resumes there) and forgotten otherwise: a resumed
-        epoch is followed by a fresh one. The ``EvolvedSampling`` stage calls this before
+        epoch is followed by a fresh one. The ``SelectStage`` stage calls this before
         every epoch with the sampler's epoch.
         """
         if self._pending is not None and self._pending.get("epoch") != epoch:

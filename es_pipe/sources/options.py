@@ -28,7 +28,7 @@ class SourceOptions(TypedDict, total=False):
         seed: integer seed of every random choice the source makes.
         epoch: the epoch of the first ``reset()``; later ``reset(None)`` calls advance it
             (only when the epoch was actually iterated, so an extra ``reset()`` is harmless).
-            Under an ``EvolvedSampling`` stage leave it out: the stage sets the epoch from
+            Under an ``SelectStage`` stage leave it out: the stage sets the epoch from
             ``sampler.epoch`` (``source.set_epoch``) before every epoch.
         rank, world_size: explicit rank split; default from ``torch.distributed`` if
             initialised, else the ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``.
