@@ -263,3 +263,20 @@ def test_takeover_flag_takes_a_live_jobs_folder(data, tmp_path):
     committed = _committed_by(root)
     assert sorted(committed) == list(range(EPOCHS))
     assert committed[EPOCHS - 1] == "job-b"
+
+
+def test_a_dropped_roots_heartbeat_thread_ends_at_once(tmp_path):
+    """The heartbeat period is a quarter of the lease timeout (150 s by default): a root
+    that is dropped must not leave its thread (and its file handles) running that long."""
+    import gc
+    import threading
+
+    before = set(threading.enumerate())
+    root = Manifests(str(tmp_path / "m"), attempt="a1")
+    root.acquire_lease()
+    (thread,) = [t for t in set(threading.enumerate()) - before if t.name == "es_pipe-lease"]
+    assert thread.is_alive()
+    del root
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

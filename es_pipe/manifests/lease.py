@@ -11,7 +11,6 @@ host, an earlier restart of this launch or run) is taken over, a live one refuse
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -155,8 +154,8 @@ class Lease:
 
     def _renew_in_background(self, lease: dict[str, Any]) -> None:
         """A daemon thread renews the heartbeat every ``timeout / 4`` seconds while this
-        object lives (weakly held: a dropped sampler does not keep it alive), and the
-        lease is released at exit."""
+        object lives (weakly held: a dropped sampler does not keep it alive, and its
+        thread ends when it is collected), and the lease is released at exit."""
         if self._stop is not None:
             return
         stop = self._stop = threading.Event()
@@ -169,13 +168,14 @@ class Lease:
                 if owner is None or not owner._renew_once(lease):
                     return
 
-        def release() -> None:
+        def finish() -> None:
+            stop.set()  # dropped: the thread ends now, not a heartbeat period later
             owner = ref()
-            if owner is not None:
+            if owner is not None:  # at exit, still alive: give the root back
                 owner.release()
 
         threading.Thread(target=renew, name="es_pipe-lease", daemon=True).start()
-        atexit.register(release)
+        weakref.finalize(self, finish)
 
     def _renew_once(self, lease: dict[str, Any]) -> bool:
         """One heartbeat; ``False`` once the lease is no longer this attempt's."""
