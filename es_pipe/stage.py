@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from itertools import islice
+from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -485,12 +485,14 @@ class SelectStage(tn.BaseNode):
 
     def _pull_wrapped(self, n: int) -> list[Any]:
         """Up to ``n`` more samples from the iterable the stage wrapped itself (a list, a
-        generator, a DataLoader), in one C-level ``islice`` rather than one node call per
+        generator, a DataLoader), in one C-level pass rather than one node call per
         sample; the wrapper's count of items yielded, its whole state, is kept as it
         would be."""
         wrapper = self._wrapped
         assert wrapper is not None
-        pulled = list(islice(wrapper._it, n))
+        # next() on the iterator itself: islice would call iter() on it first, and an
+        # iterable that is its own iterator may restart there (litdata's StreamingDataset)
+        pulled = list(map(next, repeat(wrapper._it, n)))
         wrapper._num_yielded += len(pulled)
         if len(pulled) < n:
             self._exhausted = True

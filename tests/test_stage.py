@@ -758,3 +758,30 @@ def test_the_regressions_neighbours_still_work():
     assert float(check_losses([1.0, 2.0], 2, True).sum()) == 3.0
     assert Identity.of(["s"], ["k"], [0]).ordinals.tolist() == [0]
     assert len(_collated(sweep_samples(4))) == 4
+
+
+class _RestartingOnIter:
+    """An iterable that is its own iterator and starts over whenever ``iter()`` is called
+    on it (as litdata's ``StreamingDataset`` does): only ``next()`` may be used to go on."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.at = n, 0
+
+    def __iter__(self) -> "_RestartingOnIter":
+        self.at = 0
+        return self
+
+    def __next__(self) -> dict:
+        if self.at >= self.n:
+            raise StopIteration
+        self.at += 1
+        return {"__key__": str(self.at - 1), "__shard__": "s", "x": torch.tensor([self.at - 1])}
+
+
+def test_an_iterable_that_restarts_on_iter_is_read_once_in_order():
+    sampler = es_pipe.Selector(es_pipe.Uniform(), 8, 8, seed=0)
+    keys = []
+    for meta in tn.Loader(es_pipe.SelectStage(_RestartingOnIter(20), sampler)):
+        keys.append(list(meta.keys))
+        meta.select(None)
+    assert keys == [[str(i) for i in range(s, min(s + 8, 20))] for s in (0, 8, 16)]
