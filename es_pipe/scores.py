@@ -96,6 +96,10 @@ class ScoreStore:
     The arena ``_rows`` is one array of :data:`ROW` records, not one array per column: a
     meta-batch is read with one gather (:meth:`rows`) and written with one scatter
     (:meth:`scatter`), and a sample costs one cache line however large the store.
+
+    Why over 250 lines: the shard addressing (locate, register, grow: about 100 lines)
+    and the arena it addresses are one data structure; split, every gather and scatter
+    would cross the two.
     """
 
     def __init__(self) -> None:

@@ -196,6 +196,13 @@ class SelectStage(tn.BaseNode):
     (seed, step) and the epoch flags. A meta-batch emitted but not yet answered is not
     consumed: a checkpoint taken before ``select`` restores to emit it again. The score
     table is checkpointed with ``sampler.state_dict()``, like an optimizer's state.
+
+    Why over 250 lines: the node's contract (``reset``/``next``/``get_state``, the epoch
+    clock and its refusals, about 200 lines) and its intake of two kinds of upstream
+    items, single samples (pulled in bulk from a wrapped iterable) and column chunks (held
+    and cut at meta-batch edges, pruned rows skipped), share the node's position: a chunk
+    half taken and the source state before it are part of the checkpoint. Moving the
+    intake to a class of its own (one per item kind) is the next step of the redesign.
     """
 
     def __init__(
