@@ -12,6 +12,7 @@ samples, checking a shard's count. It never touches the node's private fields.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -75,25 +76,25 @@ class ShardSizes:
         return self.counts
 
 
+@dataclass(eq=False)
 class ReadContext:
     """What the node gives its reader: the storage to open shards on, the error policy,
     the known sample counts. One per source; it travels with the source to workers."""
 
-    def __init__(
-        self,
-        storage_options: Mapping[str, Any] | None,
-        retry: Retry,
-        sizes: ShardSizes,
-        stats: StreamStats,
-    ) -> None:
-        self.storage_options = storage_options
-        self.retry = retry
-        self.sizes = sizes
-        self.bad_sample = stats.bad_sample
+    storage_options: Mapping[str, Any] | None
+    retry: Retry
+    sizes: ShardSizes
+    stats: StreamStats
+
+    @property
+    def bad_sample(self) -> Callable[[str], None]:
         """Report one bad sample: raise (``on_error='raise'``) or warn and count."""
-        self.bad_samples = stats.bad_samples
+        return self.stats.bad_sample
+
+    @property
+    def bad_samples(self) -> Callable[[str, int], None]:
         """Report ``count`` bad samples of one shard at once (vectorised readers)."""
-        self._on_retry = stats.count_retry
+        return self.stats.bad_samples
 
     def open_file(self, url: str) -> RetryingFile:
         """Open a shard for binary reading on its fsspec filesystem, with reads retried
@@ -101,7 +102,9 @@ class ReadContext:
         raises ``FileNotFoundError``; a storage misconfiguration a ``StorageError``."""
         fs, path = storage.url_to_fs(url, self.storage_options)
         with storage.named_errors(url):  # no credentials, no bucket...: the fix named
-            return RetryingFile(fs, path, url=url, retry=self.retry, on_retry=self._on_retry)
+            return RetryingFile(
+                fs, path, url=url, retry=self.retry, on_retry=self.stats.count_retry
+            )
 
     def check_count(self, url: str, found: int, unit: str = "samples", why: str = "") -> None:
         """Raise :class:`ShardError` when a shard holds another number of samples than its
