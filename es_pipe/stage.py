@@ -132,17 +132,17 @@ def identity_fields(who: Identity) -> dict[str, Any]:
 
 
 def auto_columnar(source: tn.BaseNode, collate_fn: Any) -> None:
-    """Switch a Parquet or Arrow source left at ``columnar=None`` (the default) to the
-    columnar path where that cannot change what the stage emits: the stage reads the
+    """Switch a Parquet, Arrow or WebDataset tar source left at ``columnar=None`` (the
+    default) to the columnar path where that cannot change what the stage emits: the stage reads the
     source directly (or through ``tn.Prefetcher``, which passes items on unchanged) and
     batches with its default collate. Anything in between (a ``tn.Mapper`` written for
     sample dicts, a DataLoader) or a custom ``collate_fn`` keeps the dict path."""
-    from es_pipe.sources.arrow import _ColumnarSource
+    from es_pipe.sources.columnar import ColumnarOption
 
     node: Any = source
     while type(node) is tn.Prefetcher:
         node = node.source
-    if isinstance(node, _ColumnarSource) and collate_fn is default_collate:
+    if isinstance(node, ColumnarOption) and collate_fn is default_collate:
         node.prefer_columnar()
 
 
@@ -356,7 +356,8 @@ class SelectStage(tn.BaseNode):
         try:
             if self._columnar and self.collate_fn is default_collate:
                 assert who is not None
-                data = {**collate_columns(pieces), **identity_fields(who)}
+                payload, ids = collate_columns(pieces), identity_fields(who)
+                data = {**ids, **payload} if pieces[0].identity_first else {**payload, **ids}
             else:
                 if self._columnar:  # a custom collate_fn takes sample dicts
                     samples = [sample for piece in pieces for sample in piece.to_dicts()]
