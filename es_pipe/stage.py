@@ -547,25 +547,36 @@ class SelectStage(tn.BaseNode):
 
     def _skip_rows(self, before: Any, skip: Any) -> None:
         """Restore inside a chunk: pull chunks again and skip the ``skip`` rows of them
-        that earlier meta-batches used (the source yields the same rows from its state)."""
+        that earlier meta-batches used (the source yields the same rows from its state).
+        A source on the dict path (``columnar=False``, or a checkpoint of the columnar
+        path restored where the dict path runs) yields those rows as its next ``skip``
+        samples: they are pulled and dropped, so either path resumes the other's
+        checkpoint."""
         self._drop_held()
-        if not skip:
-            return
-        self._columnar = True
-        self._before = before
+        first = True
         while skip:
-            chunk = self._next_chunk()
-            if chunk is None:
+            state = before if first else (self.source.state_dict() if self._columnar else None)
+            try:
+                item = next(self.source)
+            except StopIteration:
                 raise ConfigError(
                     f"the checkpoint says {skip} more rows of a chunk were used, but the "
                     "source has no more: the loader state does not belong to these shards; "
                     "restore the loader.state_dict() saved with this sampler state"
-                )
-            if len(chunk) > skip:
-                self._held_at = skip
-                return
-            skip -= len(chunk)
-            self._held, self._held_state = None, None
+                ) from None
+            if isinstance(item, ColumnChunk):
+                if not first and not self._columnar:
+                    raise ConfigError(_MIXED)
+                self._columnar = True
+                if len(item) > skip:
+                    self._hold(item, skip, state)
+                    return
+                skip -= len(item)
+            else:
+                if self._columnar:
+                    raise ConfigError(_MIXED)
+                skip -= 1
+            first = False
 
     def _unpruned_chunk(self, piece: ColumnChunk) -> ColumnChunk:
         """The columnar twin of :meth:`_unpruned`: one mask over the chunk's ordinals."""
