@@ -1,7 +1,9 @@
 """Column chunks: many samples of one shard as arrays, the unit of the columnar path.
 
 A Parquet or Arrow source built with ``columnar=True`` yields :class:`ColumnChunk` items
-(the rows of one record batch, pruned rows already left out) instead of one dict per row.
+(the rows of one record batch, pruned rows already left out) instead of one dict per row;
+a WebDataset tar source one per chunk of its tar reader (the samples' raw bytes as one list
+per extension: ``es_pipe.sources.webdataset.tar_blocks``).
 The stage buffers chunks, not dicts: a meta-batch is the chunks' slices concatenated
 column by column and turned into tensors (:func:`collate_columns`), with an identity made
 of arrays (the shard once per chunk, the ordinals, the keys where the shard has a key

@@ -410,3 +410,30 @@ def test_tar_blocks_cut_runs_of_equal_fields():
     assert blocks[0].keys.tolist() == ["a", "b"] and blocks[2].ordinals.tolist() == [3]
     assert [s for b in blocks for s in b.to_dicts()] == samples
     assert tar_blocks("u", []) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_truncated_shard_gives_the_dict_paths_samples_and_error(tars, tmp_path):
+    """A shard cut short: the samples completed before the cut come on both paths, then
+    the same ``ShardError`` (``on_error="raise"``) or the same skip (``"skip"``)."""
+    from pathlib import Path
+
+    from es_pipe.errors import ShardError
+
+    cut = tmp_path / "cut.tar"
+    raw = Path(tars[0]).read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2 + 100])
+    urls = [tars[1], str(cut), tars[3]]
+    got = {}
+    for columnar in (False, True):
+        items = []
+        with pytest.raises(ShardError, match=r"cut\.tar") as info:
+            for item in WebDatasetSource(urls, columnar=columnar):
+                items += item.to_dicts() if isinstance(item, ColumnChunk) else [item]
+        skipped = WebDatasetSource(urls, columnar=columnar, on_error="skip")
+        kept = [s for i in skipped for s in (i.to_dicts() if columnar else [i])]
+        got[columnar] = (items, str(info.value), kept, skipped.stats)
+    assert got[False] == got[True]
+    items, _, kept, stats = got[True]
+    assert 0 < len(items) - SIZES[1] < SIZES[0]  # part of the cut shard came first
+    assert len(kept) == len(items) + SIZES[3] and len(stats["errors"]) == 1
