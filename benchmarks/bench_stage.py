@@ -27,6 +27,16 @@ over the same list, without es_pipe, interleaved, median of ``--reps``, for thre
 (:func:`dict_stage_vs_batcher`).
 
 Run:  python benchmarks/bench_stage.py --dict [--reps 7] [--cpu]
+
+``--tar`` (issue 14) measures WebDataset tar shards (written by ``webdataset.TarWriter``)
+-> stage at B = 4096 (b = 2048), the dict path (``columnar=False``: one sample dict per
+node call, identity read from the dicts) against the columnar path (``columnar=True``, what
+the stage picks by default: one ``ColumnChunk`` of up to 64 samples per node call,
+identity as arrays), interleaved in one process, median of ``--reps``
+(:func:`tar_stage_columnar_vs_dict`). Payloads stay raw bytes on both paths; the loss
+decodes one text field per sample in both.
+
+Run:  python benchmarks/bench_stage.py --tar [--rows 65536] [--reps 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -182,6 +192,101 @@ def main_parquet(args: argparse.Namespace) -> None:
     print(f"  columnar / dict: {rate['columnar'] / rate['dict']:.2f}x")
 
 
+def write_tars(folder: Path, rows: int, shards: int, writer: str = "webdataset") -> list[str]:
+    """``shards`` tar files written by ``webdataset.TarWriter`` (pax headers: its float
+    mtimes) or by es_pipe's ``write_shards`` (plain ustar): per sample an int label
+    (``cls``), a float as text (``x.txt``) and 32 int32 token ids (``npy``), all bytes."""
+    import io
+
+    import webdataset as wds
+
+    from es_pipe.shard_writer import write_shards
+
+    rng = np.random.default_rng(0)
+    per = rows // shards
+    urls = []
+    for s in range(shards):
+        xs = rng.random(per)
+        samples = []
+        for i in range(per):
+            npy = io.BytesIO()
+            np.save(npy, rng.integers(0, 50000, 32, dtype=np.int32))
+            samples.append(
+                {
+                    "__key__": f"{s:03d}-{i:07d}",
+                    "cls": str(i % 10).encode(),
+                    "x.txt": f"{xs[i]:.6f}".encode(),
+                    "npy": npy.getvalue(),
+                }
+            )
+        if writer == "webdataset":
+            path = folder / f"part-{s:03d}.tar"
+            with wds.TarWriter(str(path)) as w:
+                for sample in samples:
+                    w.write(sample)
+            urls.append(str(path))
+        else:
+            pattern = str(folder / f"part-{s:03d}-%d.tar")
+            urls += write_shards(samples, pattern, "tar", per, index=False)
+    return urls
+
+
+def tar_stage(urls: list[str], columnar: bool, B: int) -> float:
+    """Seconds for one epoch of ``WebDatasetSource`` -> ``SelectStage`` -> ``select``."""
+    from es_pipe.sources import WebDatasetSource
+
+    sampler = es_pipe.Selector(es_pipe.Evolved(), B, B // 2, seed=0)
+    source = WebDatasetSource(urls, columnar=columnar)
+    t = time.perf_counter()
+    for meta in es_pipe.stage.tn.Loader(es_pipe.SelectStage(source, sampler)):
+        losses = torch.from_numpy(np.array(meta.data["x.txt"]).astype(np.float64))
+        sub = meta.select(losses)
+        assert len(sub.data["npy"]) == len(sub)
+    return time.perf_counter() - t
+
+
+def tar_stage_columnar_vs_dict(
+    rows: int = 65536, shards: int = 16, reps: int = 7, B: int = 4096, writer: str = "webdataset"
+) -> dict[str, float]:
+    """Tar shards (see :func:`write_tars`) -> stage, dict path vs columnar path, one full
+    epoch each, interleaved (the order alternates per repetition), after one warm-up
+    round; medians of ``reps``. Returns samples/s of each and ``ratio`` = columnar / dict."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        urls = write_tars(Path(folder), rows, shards, writer)
+        n = (rows // shards) * shards
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for rep in range(reps + 1):
+            for columnar in (False, True) if rep % 2 else (True, False):
+                seconds = tar_stage(urls, columnar, B)
+                if rep:
+                    times[columnar].append(seconds)
+    dict_rate = n / statistics.median(times[False])
+    col_rate = n / statistics.median(times[True])
+    return {
+        "dict_samples_per_s": dict_rate,
+        "columnar_samples_per_s": col_rate,
+        "ratio": col_rate / dict_rate,
+    }
+
+
+def main_tar(args: argparse.Namespace) -> None:
+    rows = args.rows if args.rows != 262144 else 65536
+    print(
+        f"tar -> stage, B=4096, b=2048, {rows} samples in {args.shards} shards, median of "
+        f"{args.reps}, interleaved, {torch.get_num_threads()} torch thread(s):"
+    )
+    for writer in ("webdataset", "es_pipe"):
+        got = tar_stage_columnar_vs_dict(rows, args.shards, args.reps, writer=writer)
+        print(
+            f"  shards by {writer:10s}: dict path {got['dict_samples_per_s'] / 1e3:7.1f}k/s, "
+            f"columnar path {got['columnar_samples_per_s'] / 1e3:7.1f}k/s, "
+            f"columnar / dict {got['ratio']:.2f}x",
+            flush=True,
+        )
+
+
 def dict_stage_vs_batcher(
     payload: str = "int", B: int = 4096, batches: int = 16, reps: int = 7, clock: str = "wall"
 ) -> dict[str, float]:
@@ -275,8 +380,12 @@ def main() -> None:
         "--dict", action="store_true", help="in-memory dict stage vs Batcher + default_collate"
     )
     parser.add_argument("--cpu", action="store_true", help="--dict: time with process CPU time")
+    parser.add_argument("--tar", action="store_true", help="tar -> stage, dict vs columnar")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tar:
+        main_tar(args)
+        return
     if args.parquet:
         main_parquet(args)
         return

@@ -1,7 +1,9 @@
 """Column chunks: many samples of one shard as arrays, the unit of the columnar path.
 
 A Parquet or Arrow source built with ``columnar=True`` yields :class:`ColumnChunk` items
-(the rows of one record batch, pruned rows already left out) instead of one dict per row.
+(the rows of one record batch, pruned rows already left out) instead of one dict per row;
+a WebDataset tar source one per chunk of its tar reader (the samples' raw bytes as one list
+per extension: ``es_pipe.sources.webdataset.tar_blocks``).
 The stage buffers chunks, not dicts: a meta-batch is the chunks' slices concatenated
 column by column and turned into tensors (:func:`collate_columns`), with an identity made
 of arrays (the shard once per chunk, the ordinals, the keys where the shard has a key
@@ -137,12 +139,19 @@ class ColumnChunk:
     """Rows of one shard: payload ``columns`` (name -> array or list, one entry per row)
     and their identity, the ``shard`` URL, the ``ordinals`` (int64) and the ``keys``
     (object array of str) where the shard has a key column, else ``None`` (the key is then
-    the row number, made on demand by :meth:`key_array`)."""
+    the row number, made on demand by :meth:`key_array`). ``identity_first``: the dict
+    path's sample dicts put the identity fields before the payload (tar samples) rather
+    than after it (Parquet and Arrow rows); the meta-batch keeps that field order.
+
+    Tar chunks (``WebDatasetSource(columnar=True)``) hold one list of payload values per
+    member extension, the raw bytes of every sample, with every sample of the chunk
+    having the same extensions in the same order."""
 
     shard: str
     ordinals: np.ndarray
     columns: dict[str, Any]
     keys: np.ndarray | None = None
+    identity_first: bool = False
 
     def __len__(self) -> int:
         return len(self.ordinals)
@@ -154,6 +163,7 @@ class ColumnChunk:
             self.ordinals[start:stop],
             {name: _rows(v, start, stop) for name, v in self.columns.items()},
             None if self.keys is None else self.keys[start:stop],
+            self.identity_first,
         )
 
     def filter(self, keep: np.ndarray) -> ColumnChunk:
@@ -167,6 +177,7 @@ class ColumnChunk:
                 for name, v in self.columns.items()
             },
             None if self.keys is None else self.keys[picked],
+            self.identity_first,
         )
 
     def key_array(self) -> np.ndarray:
@@ -180,6 +191,12 @@ class ColumnChunk:
         cols = [self.columns[name] for name in names]
         keys = self.key_array().tolist()
         ords = self.ordinals.tolist()
+        if self.identity_first:
+            fields = ("__key__", "__shard__", "__index__", *names)
+            return [
+                dict(zip(fields, (k, self.shard, o, *row), strict=True))
+                for k, o, *row in zip(keys, ords, *cols, strict=True)
+            ]
         fields = (*names, "__key__", "__shard__", "__index__")
         return [
             dict(zip(fields, (*row, k, self.shard, o), strict=True))

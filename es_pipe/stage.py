@@ -132,17 +132,17 @@ def identity_fields(who: Identity) -> dict[str, Any]:
 
 
 def auto_columnar(source: tn.BaseNode, collate_fn: Any) -> None:
-    """Switch a Parquet or Arrow source left at ``columnar=None`` (the default) to the
-    columnar path where that cannot change what the stage emits: the stage reads the
+    """Switch a Parquet, Arrow or WebDataset tar source left at ``columnar=None`` (the
+    default) to the columnar path where that cannot change what the stage emits: the stage reads the
     source directly (or through ``tn.Prefetcher``, which passes items on unchanged) and
     batches with its default collate. Anything in between (a ``tn.Mapper`` written for
     sample dicts, a DataLoader) or a custom ``collate_fn`` keeps the dict path."""
-    from es_pipe.sources.arrow import _ColumnarSource
+    from es_pipe.sources.columnar import ColumnarOption
 
     node: Any = source
     while type(node) is tn.Prefetcher:
         node = node.source
-    if isinstance(node, _ColumnarSource) and collate_fn is default_collate:
+    if isinstance(node, ColumnarOption) and collate_fn is default_collate:
         node.prefer_columnar()
 
 
@@ -363,7 +363,8 @@ class SelectStage(tn.BaseNode):
         try:
             if self._columnar and self.collate_fn is default_collate:
                 assert who is not None
-                data = {**collate_columns(pieces), **identity_fields(who)}
+                payload, ids = collate_columns(pieces), identity_fields(who)
+                data = {**ids, **payload} if pieces[0].identity_first else {**payload, **ids}
             else:
                 if self._columnar:  # a custom collate_fn takes sample dicts
                     samples = [sample for piece in pieces for sample in piece.to_dicts()]
@@ -555,25 +556,36 @@ class SelectStage(tn.BaseNode):
 
     def _skip_rows(self, before: Any, skip: Any) -> None:
         """Restore inside a chunk: pull chunks again and skip the ``skip`` rows of them
-        that earlier meta-batches used (the source yields the same rows from its state)."""
+        that earlier meta-batches used (the source yields the same rows from its state).
+        A source on the dict path (``columnar=False``, or a checkpoint of the columnar
+        path restored where the dict path runs) yields those rows as its next ``skip``
+        samples: they are pulled and dropped, so either path resumes the other's
+        checkpoint."""
         self._drop_held()
-        if not skip:
-            return
-        self._columnar = True
-        self._before = before
+        first = True
         while skip:
-            chunk = self._next_chunk()
-            if chunk is None:
+            state = before if first else (self.source.state_dict() if self._columnar else None)
+            try:
+                item = next(self.source)
+            except StopIteration:
                 raise ConfigError(
                     f"the checkpoint says {skip} more rows of a chunk were used, but the "
                     "source has no more: the loader state does not belong to these shards; "
                     "restore the loader.state_dict() saved with this sampler state"
-                )
-            if len(chunk) > skip:
-                self._held_at = skip
-                return
-            skip -= len(chunk)
-            self._held, self._held_state = None, None
+                ) from None
+            if isinstance(item, ColumnChunk):
+                if not first and not self._columnar:
+                    raise ConfigError(_MIXED)
+                self._columnar = True
+                if len(item) > skip:
+                    self._hold(item, skip, state)
+                    return
+                skip -= len(item)
+            else:
+                if self._columnar:
+                    raise ConfigError(_MIXED)
+                skip -= 1
+            first = False
 
     def _unpruned_chunk(self, piece: ColumnChunk) -> ColumnChunk:
         """The columnar twin of :meth:`_unpruned`: one mask over the chunk's ordinals."""

@@ -549,3 +549,23 @@ def test_a_dict_path_checkpoint_resumes_on_the_default_columnar_path(parquet, tm
     tail = _trace(loader, sampler, 3 - sampler.epoch)[0]
     _compare(full, head + tail)
     assert _epochs(tmp_path / "cut") == _epochs(tmp_path / "full")
+
+
+@pytest.mark.filterwarnings("ignore:re-committing")
+@pytest.mark.parametrize("split", [1, 5, 9])  # 12-row chunks, B=16: inside chunks
+def test_a_columnar_checkpoint_resumes_on_the_dict_path(parquet, tmp_path, split):
+    """A checkpoint taken inside a chunk (the source's state before it and the rows to
+    skip) resumes on ``columnar=False``: the chunk's rows are the dict source's next
+    samples, pulled and dropped; the run is the dict path's, step for step."""
+    sampler, _, loader = _eswp(parquet, tmp_path / "full", False)
+    full = _trace(loader, sampler, 3)[0]
+    sampler, _, loader = _eswp(parquet, tmp_path / "cut", True)
+    head, saved = _trace(loader, sampler, 3, save_at=split)
+    assert "skip" in json.dumps(saved["loader"])
+    sampler, stage, loader = _eswp(parquet, tmp_path / "cut", False)
+    loader.load_state_dict(saved["loader"])
+    sampler.load_state_dict(saved["scores"])
+    tail = _trace(loader, sampler, 3 - sampler.epoch)[0]
+    assert stage._sharded is not None and stage._sharded.columnar is False
+    _compare(full, head + tail)
+    assert _epochs(tmp_path / "cut") == _epochs(tmp_path / "full")

@@ -14,7 +14,7 @@ import es_pipe.sources as sources
 from es_pipe.sources import ArrowSource, ParquetSource, ShardedSource, WebDatasetSource
 
 SOURCES = Path(sources.__file__).resolve().parent
-READERS = ("arrow.py", "webdataset.py", "dataset.py")
+READERS = ("arrow.py", "webdataset.py", "dataset.py", "columnar.py")
 
 
 def _node_members() -> set[str]:
@@ -43,8 +43,9 @@ def _is_self(node: ast.AST) -> bool:
 
 
 def _node_classes(tree: ast.Module) -> list[ast.ClassDef]:
-    """The classes of a module that derive from ShardedSource (directly or in the module)."""
-    found, names = [], {"ShardedSource"}
+    """The classes of a module that derive from ShardedSource (directly, through
+    ColumnarOption, or through a class of the module)."""
+    found, names = [], {"ShardedSource", "ColumnarOption"}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
             isinstance(b, ast.Name) and b.id in names for b in node.bases

@@ -37,7 +37,8 @@ from fsspec.implementations.local import LocalFileSystem
 from es_pipe import storage
 from es_pipe.columns import ColumnChunk, column_values
 from es_pipe.errors import ConfigError, ShardError
-from es_pipe.sources.base import ShardedSource, SourceOptions
+from es_pipe.sources.base import SourceOptions
+from es_pipe.sources.columnar import ColumnarOption
 from es_pipe.sources.shards import ShardList
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def _header_schema(f: Any) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(prefix + body))
 
 
-class _ColumnarSource(ShardedSource):
+class _ColumnarSource(ColumnarOption):
     """Shared logic of Parquet and Arrow sources: projection, schema, keys, rows."""
 
     def __init__(
@@ -126,8 +127,6 @@ class _ColumnarSource(ShardedSource):
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
-        if columnar is not None and not isinstance(columnar, bool):
-            raise ConfigError(f"columnar={columnar!r} must be True, False or None (automatic)")
         for label, value in (("batch_rows", batch_rows), ("shuffle_window", shuffle_window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{label} must be an int >= 1, got {value!r}")
@@ -147,16 +146,7 @@ class _ColumnarSource(ShardedSource):
         self.shuffle_rows = bool(shuffle_rows)
         self.shuffle_window = int(shuffle_window)
         self.batch_rows = int(batch_rows)
-        self.columnar_option = columnar
-        self.columnar = bool(columnar)  # None: the dict path until a stage prefers columns
-
-    def prefer_columnar(self) -> None:
-        """Called by the ``SelectStage`` stage that reads this source directly with its
-        default collate: under ``columnar=None`` (automatic) the source yields column
-        chunks from its next ``reset()`` on; the stage's meta-batches are the dict
-        path's, identity fields included (``tests/test_columnar.py``)."""
-        if self.columnar_option is None:
-            self.columnar = True
+        self._set_columnar(columnar)
 
     # -- schema ------------------------------------------------------------------
     def _reference_schema(self) -> pa.Schema:
@@ -266,14 +256,6 @@ class _ColumnarSource(ShardedSource):
             if not (key_only and name == self.key_column)
         }
         return ColumnChunk(url, ords, columns, None if keys is None else keys[ords])
-
-    def _from_chunk(self) -> Any:
-        """Under ``columnar=True``: the whole next chunk, counted by its rows (cut where
-        ``equalize`` ends the stream), so the cursors and counts of the state stay those
-        of the dict path."""
-        if not self.columnar:
-            return ShardedSource._from_chunk(self)
-        return self.take_block()
 
     def _read_columns(self) -> list[str] | None:
         if self.columns is None:

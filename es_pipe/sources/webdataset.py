@@ -23,15 +23,19 @@ step with safe decoders.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Generator, Iterator, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from fsspec.compression import compr
 from fsspec.utils import infer_compression
 
+from es_pipe.columns import ColumnChunk
 from es_pipe.errors import ConfigError, ShardError
-from es_pipe.sources.base import ShardedSource, SourceOptions
+from es_pipe.sources.base import SourceOptions
+from es_pipe.sources.columnar import ColumnarOption
 from es_pipe.sources.shards import ShardList
 from es_pipe.sources.tar import CHUNK, iter_tar_samples
 
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["WebDatasetSource"]
 
 
-class WebDatasetSource(ShardedSource):
+class WebDatasetSource(ColumnarOption):
     """Stream samples from WebDataset tar shards on any fsspec filesystem.
 
     Each sample is a dict: one entry per member file, named by its (lower-cased) extension,
@@ -60,6 +64,18 @@ class WebDatasetSource(ShardedSource):
             many samples, seeded from ``(seed, epoch, shard URL)``. A resumed shard replays
             the buffer from the start of the shard (re-reading its prefix) to restore the
             exact order.
+        columnar: ``True``: yield :class:`~es_pipe.columns.ColumnChunk` items, one per
+            chunk of the reader (up to 64 samples of one shard; a chunk whose samples
+            differ in their extensions is cut into runs that agree): the identity as
+            arrays (the shard once, the ordinals, the keys), the payload one list of raw
+            bytes per extension. The ``SelectStage`` stage builds meta-batches from them
+            without per-sample identity extraction or node calls; meta-batches, states and
+            resume are the dict path's (``tests/test_columnar_tar.py``). Payloads are
+            still bytes per sample: decode them in ``loss_fn`` / the training step.
+            ``False``: one dict per sample. ``None`` (the default): dicts, unless a
+            ``SelectStage`` with its default collate reads the source directly or through
+            a ``tn.Prefetcher`` (where it cannot change what the stage emits); a
+            ``tn.Mapper`` (your decoder) or a DataLoader in between keeps dicts.
         **kwargs: see :class:`~es_pipe.sources.options.SourceOptions` (``shuffle``,
             ``seed``, ``epoch``, ``rank``, ``world_size``, ``worker``, ``num_workers``,
             ``equalize``, ``on_error``, ``pruned``, ``num_samples``, ``retry``,
@@ -71,9 +87,11 @@ class WebDatasetSource(ShardedSource):
         urls: str | Sequence[str] | ShardList,
         *,
         shuffle_buffer: int = 0,
+        columnar: bool | None = None,
         **options: Unpack[SourceOptions],
     ) -> None:
         super().__init__(urls, **options)
+        self._set_columnar(columnar)
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int):
             raise ConfigError(f"shuffle_buffer={shuffle_buffer!r} must be an int")
         if shuffle_buffer < 0:
@@ -82,7 +100,21 @@ class WebDatasetSource(ShardedSource):
 
     def iter_shard(
         self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
-    ) -> Iterator[list[dict]]:
+    ) -> Iterator[list[Any]]:
+        chunks = self._dict_chunks(url, start, pruned, rng_seed)
+        if not self.columnar:
+            yield from chunks
+            return
+        try:
+            for chunk in chunks:
+                yield tar_blocks(url, chunk)
+        finally:  # the shard's file is closed when the node closes this generator
+            chunks.close()
+
+    def _dict_chunks(
+        self, url: str, start: int, pruned: np.ndarray, rng_seed: list[int]
+    ) -> Generator[list[dict], None, None]:
+        """The dict path's chunks of one shard (shuffled through the buffer if asked)."""
         if self.shuffle_buffer <= 0:
             yield from self._samples(url, start, pruned)
             return
@@ -138,6 +170,42 @@ class WebDatasetSource(ShardedSource):
                     url, n, why=" (a renamed member splits or merges samples)"
                 ),
             )
+
+
+_IDENTITY = ("__key__", "__shard__", "__index__")
+_KEY, _INDEX = itemgetter("__key__"), itemgetter("__index__")
+
+
+def tar_blocks(url: str, samples: list[dict[str, Any]]) -> list[ColumnChunk]:
+    """The samples of one chunk as column chunks: one per run of consecutive samples with
+    the same fields in the same order (one for a well-formed shard), so that the stage's
+    meta-batches batch fields exactly as ``default_collate`` batches the dicts (the first
+    sample's fields, in its order). Every step is one C-level call over the chunk
+    (``map``/``itemgetter``, ``np.fromiter``), not Python per sample."""
+    if not samples:
+        return []
+    shapes = list(map(tuple, samples))
+    if shapes.count(shapes[0]) == len(shapes):
+        bounds = [0, len(samples)]
+    else:  # extensions differ (rare): cut where they change
+        bounds = [0, *(i for i in range(1, len(shapes)) if shapes[i] != shapes[i - 1])]
+        bounds.append(len(samples))
+    blocks = []
+    for a, b in itertools.pairwise(bounds):
+        run = samples[a:b] if b - a < len(samples) else samples
+        names = [name for name in shapes[a] if name not in _IDENTITY]
+        keys = np.empty(b - a, dtype=object)
+        keys[:] = list(map(_KEY, run))
+        blocks.append(
+            ColumnChunk(
+                url,
+                np.fromiter(map(_INDEX, run), np.int64, b - a),
+                {name: list(map(itemgetter(name), run)) for name in names},
+                keys,
+                identity_first=True,
+            )
+        )
+    return blocks
 
 
 def _skip(it: Iterator[dict], n: int) -> Iterator[dict]:
