@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -19,12 +18,12 @@ import torch
 import torchdata.nodes as tn
 from torch.utils.data import default_collate as torch_collate
 
-from es_pipe.batch import MetaBatch, SubBatch, check_rows, take_list
-from es_pipe.columns import ColumnChunk, collate_columns
+from es_pipe.batch import MetaBatch, SubBatch, check_rows
+from es_pipe.columns import collate_columns
 from es_pipe.errors import ConfigError, FeedbackError
-from es_pipe.identity import ArrayIdentity, EpochRepeats, check_unique, identify
+from es_pipe.identity import ArrayIdentity, EpochRepeats, check_unique
+from es_pipe.intake import Intake
 from es_pipe.sampler import Identity, Selector
-from es_pipe.scores import ShardCodes
 from es_pipe.sources.base import ShardedSource
 
 LossFn = Callable[[Any], Any]
@@ -225,9 +224,7 @@ class SelectStage(tn.BaseNode):
             if fn is not None and not callable(fn):
                 raise ConfigError(f"{label}={fn!r} must be a function (or None)")
         self.source = source if isinstance(source, tn.BaseNode) else tn.IterableWrapper(source)
-        # an iterable wrapped in torchdata's own IterableWrapper is pulled from in bulk
-        # (_pull_wrapped)
-        self._wrapped = self.source if type(self.source) is tn.IterableWrapper else None
+        self._intake = Intake(self.source)  # what the stage reads with (es_pipe.intake)
         self._clock, self._clocked = epoch_clock(self.source)
         self.sampler = sampler
         self.loss_fn = loss_fn
@@ -235,31 +232,21 @@ class SelectStage(tn.BaseNode):
         auto_columnar(self.source, collate_fn)
         self._current: MetaBatch | None = None
         self._position: dict[str, Any] = {}  # stage state just before the current meta-batch
-        self._exhausted = False  # the source ran out; the epoch ends at the next call
         self._done = False  # the epoch has ended
         self._restored = False  # restored from a state, nothing emitted since
-        self.pruned_by_stage = 0  # pruned samples the source handed over anyway (this run)
         self._pruned_before = 0  # pruned_by_stage when the epoch started
         self._warned_pruned = False  # the lost-I/O warning is given once per stage
         self.repeats = EpochRepeats()  # samples seen again within the epoch (see identity)
         self._sharded = find_source(self.source)
         # equalize="pad" repeats samples on purpose
         self._pads = self._sharded is not None and self._sharded.equalize == "pad"
-        # the columnar path (sources with columnar=True yield ColumnChunk items): the chunk
-        # being cut into meta-batches, the rows of it already used, and the source's state
-        # just before it was pulled (a checkpoint is that state plus the rows to skip)
-        self._columnar = False
-        self._held: ColumnChunk | None = None
-        self._held_at = 0
-        self._held_state: Any = None
-        self._before: Any = None  # the source's state before the next pull, where known
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         self.sampler.start()  # the run's I/O (manifests claimed, resumed), once, here
         self._retire()
         self.repeats.clear()
-        self._drop_held()
+        self._intake.drop_held()
         self._restored = initial_state is not None
         if initial_state is None:
             self._start_epoch()
@@ -272,30 +259,29 @@ class SelectStage(tn.BaseNode):
             if self._clocked is not None:
                 for found in source_states(state["source"]):
                     self._refuse_epoch(found.get("epoch"), expected, restored=True)
-            self.source.reset(state["source"])
-            self._skip_rows(state["source"], state.get("skip", 0))
+            self._intake.restore(state["source"], state.get("skip", 0))
             self.sampler.load_state(state["sampler"])
-            self._exhausted = state["exhausted"]
+            self._intake.exhausted = state["exhausted"]
             self._done = state["done"]
             self._check_epoch(expected, restored=True)
+            ended = self._done or self._intake.exhausted
             log.info(
                 "stage restored in epoch %d at step %d%s",
                 expected,
                 self.sampler.step,
-                " (the epoch's end)" if self._done or self._exhausted else "",
+                " (the epoch's end)" if ended else "",
             )
-            if self._done or self._exhausted:  # restored at the end of an epoch
+            if ended:  # restored at the end of an epoch
                 self._next_epoch()
 
     def _start_epoch(self) -> None:
         """Start reading ``sampler.epoch`` from its beginning."""
         if self._clock is not None:  # one epoch clock: the sampler's
             self._clock.set_epoch(self.sampler.epoch)
-        self.source.reset(None)
-        self._drop_held()
+        self._intake.start()
         self.repeats.clear()
         self._pruned_before = self.pruned_by_stage
-        self._exhausted = self._done = False
+        self._done = False
         self._check_epoch(self.sampler.epoch)
 
     def _next_epoch(self) -> None:
@@ -329,31 +315,15 @@ class SelectStage(tn.BaseNode):
         self._retire()
         if self._done:
             raise StopIteration
-        if self._exhausted:
+        if self._intake.exhausted:
             self._end_epoch()
         position = self._snapshot()
-        self._before = position["source"] if self._held is None else None
-        samples: list[Any] = []
-        parts: list[Identity] = []
-        while (
-            len(samples) < self.sampler.meta_batch_size
-            and not self._exhausted
-            and not self._columnar
-        ):
-            fresh = self._pull(self.sampler.meta_batch_size - len(samples))
-            if fresh:
-                fresh, part = self._unpruned(fresh, identify(fresh))
-                samples += fresh
-                parts.append(part)
-        pieces: list[ColumnChunk] = []
-        shown_unique = False
-        if self._columnar:
-            pieces = self._pull_columns(self.sampler.meta_batch_size)
-            parts = [ArrayIdentity.of_chunks(pieces)] if pieces else []
-            shown_unique = ArrayIdentity.unique_by_ranges(pieces)
-        rows = sum(len(piece) for piece in pieces) if self._columnar else len(samples)
-        who = ArrayIdentity.concat(parts) if parts else None
-        if who is not None and not self._pads and not shown_unique:  # before scores change
+        taken = self._intake.take(
+            self.sampler.meta_batch_size, self.sampler.eswp, position["source"]
+        )
+        samples, pieces, who, rows = taken.samples, taken.pieces, taken.who, taken.rows
+        columnar = self._intake.columnar
+        if who is not None and not self._pads and not taken.unique:  # before scores change
             check_unique(who)
         if not rows:
             if self._restored:  # restored where the epoch ended exactly: as in reset()
@@ -361,12 +331,12 @@ class SelectStage(tn.BaseNode):
                 return self.next()
             self._end_epoch()
         try:
-            if self._columnar and self.collate_fn is default_collate:
+            if columnar and self.collate_fn is default_collate:
                 assert who is not None
                 payload, ids = collate_columns(pieces), identity_fields(who)
                 data = {**ids, **payload} if pieces[0].identity_first else {**payload, **ids}
             else:
-                if self._columnar:  # a custom collate_fn takes sample dicts
+                if columnar:  # a custom collate_fn takes sample dicts
                     samples = [sample for piece in pieces for sample in piece.to_dicts()]
                 if self.collate_fn is default_collate and who is not None:
                     data = collate_dicts(samples, who)
@@ -453,165 +423,23 @@ class SelectStage(tn.BaseNode):
         )
 
     def _snapshot(self) -> dict[str, Any]:
-        if self._held is not None:  # inside a chunk: the state before it, rows to skip
-            return {
-                "source": self._held_state,
-                "sampler": self.sampler.get_state(),
-                "exhausted": self._exhausted,
-                "done": self._done,
-                "skip": self._held_at,
-            }
-        return {
-            "source": self.source.state_dict(),
+        """The stage's state now: the intake's position (inside a chunk, the source's
+        state before it and the rows to skip), the sampler's, and the epoch flags."""
+        source, skip = self._intake.position()
+        state = {
+            "source": source,
             "sampler": self.sampler.get_state(),
-            "exhausted": self._exhausted,
+            "exhausted": self._intake.exhausted,
             "done": self._done,
         }
+        if skip is not None:
+            state["skip"] = skip
+        return state
 
-    def _pull(self, n: int) -> list[Any]:
-        """Up to ``n`` samples from the source; fewer when it runs out. A column chunk
-        as the first item switches the stage to the columnar path (it is held)."""
-        pulled: list[Any] = []
-        for _ in range(n):
-            try:
-                item = next(self.source)
-            except StopIteration:
-                self._exhausted = True
-                break
-            if isinstance(item, ColumnChunk):
-                if pulled or self._before is None:
-                    raise ConfigError(_MIXED)
-                self._columnar = True
-                self._hold(item, 0, self._before)
-                break
-            pulled.append(item)
-            if len(pulled) == 1 and n > 1 and _bulk(self._wrapped):
-                pulled += self._pull_wrapped(n - 1)
-                break
-        self._before = None
-        return pulled
-
-    def _pull_wrapped(self, n: int) -> list[Any]:
-        """Up to ``n`` more samples from the iterable the stage wrapped itself (a list, a
-        generator, a DataLoader), in one C-level pass rather than one node call per
-        sample; the wrapper's count of items yielded, its whole state, is kept as it
-        would be."""
-        wrapper = self._wrapped
-        assert wrapper is not None
-        # next() on the iterator itself: islice would call iter() on it first, and an
-        # iterable that is its own iterator may restart there (litdata's StreamingDataset)
-        pulled = list(map(next, repeat(wrapper._it, n)))
-        wrapper._num_yielded += len(pulled)
-        if len(pulled) < n:
-            self._exhausted = True
-        if ColumnChunk in set(map(type, pulled)):
-            raise ConfigError(_MIXED)
-        return pulled
-
-    def _hold(self, chunk: ColumnChunk, at: int, before: Any) -> None:
-        self._held, self._held_at, self._held_state = chunk, at, before
-
-    def _drop_held(self) -> None:
-        self._held, self._held_at, self._held_state, self._before = None, 0, None, None
-        self._columnar = False
-
-    def _next_chunk(self) -> ColumnChunk | None:
-        """Pull the next non-empty chunk and hold it (with the source's state before it);
-        ``None`` when the source runs out."""
-        while True:
-            before = self._before if self._before is not None else self.source.state_dict()
-            self._before = None
-            try:
-                item = next(self.source)
-            except StopIteration:
-                self._exhausted = True
-                return None
-            if not isinstance(item, ColumnChunk):
-                raise ConfigError(_MIXED)
-            if len(item):
-                self._hold(item, 0, before)
-                return item
-
-    def _pull_columns(self, n: int) -> list[ColumnChunk]:
-        """Up to ``n`` unpruned rows, as slices of the source's chunks (no copy); the
-        rest of the last chunk is held for the next meta-batch."""
-        pieces: list[ColumnChunk] = []
-        count = 0
-        while count < n:
-            held = self._held if self._held is not None else self._next_chunk()
-            if held is None:
-                break
-            at = self._held_at
-            stop = min(len(held), at + n - count)
-            piece = held if at == 0 and stop == len(held) else held.slice(at, stop)
-            if stop == len(held):
-                self._held, self._held_at, self._held_state = None, 0, None
-            else:
-                self._held_at = stop
-            piece = self._unpruned_chunk(piece)
-            if len(piece):
-                pieces.append(piece)
-                count += len(piece)
-        return pieces
-
-    def _skip_rows(self, before: Any, skip: Any) -> None:
-        """Restore inside a chunk: pull chunks again and skip the ``skip`` rows of them
-        that earlier meta-batches used (the source yields the same rows from its state).
-        A source on the dict path (``columnar=False``, or a checkpoint of the columnar
-        path restored where the dict path runs) yields those rows as its next ``skip``
-        samples: they are pulled and dropped, so either path resumes the other's
-        checkpoint."""
-        self._drop_held()
-        first = True
-        while skip:
-            state = before if first else (self.source.state_dict() if self._columnar else None)
-            try:
-                item = next(self.source)
-            except StopIteration:
-                raise ConfigError(
-                    f"the checkpoint says {skip} more rows of a chunk were used, but the "
-                    "source has no more: the loader state does not belong to these shards; "
-                    "restore the loader.state_dict() saved with this sampler state"
-                ) from None
-            if isinstance(item, ColumnChunk):
-                if not first and not self._columnar:
-                    raise ConfigError(_MIXED)
-                self._columnar = True
-                if len(item) > skip:
-                    self._hold(item, skip, state)
-                    return
-                skip -= len(item)
-            else:
-                if self._columnar:
-                    raise ConfigError(_MIXED)
-                skip -= 1
-            first = False
-
-    def _unpruned_chunk(self, piece: ColumnChunk) -> ColumnChunk:
-        """The columnar twin of :meth:`_unpruned`: one mask over the chunk's ordinals."""
-        eswp = self.sampler.eswp
-        if eswp is None or eswp.prune is None:
-            return piece
-        codes = ShardCodes([piece.shard], np.zeros(len(piece), np.int64))
-        keep = eswp.drop_pruned(codes, piece.ordinals)
-        if keep.all():
-            return piece
-        self.pruned_by_stage += int((~keep).sum())
-        return piece.filter(keep)
-
-    def _unpruned(self, samples: list[Any], who: Identity) -> tuple[list[Any], Identity]:
-        """Leave out samples the sampler prunes this epoch that the source did not skip
-        (a source without the ``pruned=sampler.pruned`` hook); counted in
-        ``pruned_by_stage``."""
-        eswp = self.sampler.eswp
-        if eswp is None or eswp.prune is None or who.ordinals is None:
-            return samples, who
-        keep = eswp.drop_pruned(who.shards, who.ordinals)
-        if keep.all():
-            return samples, who
-        self.pruned_by_stage += int((~keep).sum())
-        kept = np.flatnonzero(keep)
-        return take_list(samples, kept), who.take(kept)
+    @property
+    def pruned_by_stage(self) -> int:
+        """Pruned samples the source handed over anyway and the stage dropped (this run)."""
+        return self._intake.pruned
 
     def _end_epoch(self) -> None:
         if self.repeats.count:
@@ -661,22 +489,7 @@ class SelectStage(tn.BaseNode):
 
 
 STATE_KEYS = ("source", "sampler", "exhausted", "done")
-_MIXED = (
-    "the upstream yields both column chunks (a source with columnar=True) and single "
-    "samples: give the stage one kind, e.g. build every source with the same columnar="
-)
 _LINKS = ("source", "iterable", "dataset")  # torchdata nodes, IterableWrapper, DataLoader
-
-
-def _bulk(node: tn.IterableWrapper | None) -> bool:
-    """True where the stage may pull items of ``node`` in bulk: torchdata's
-    ``IterableWrapper`` with the iterator and the count (``_it``, ``_num_yielded``) that its
-    own ``next()`` advances, both started (after its first item)."""
-    return (
-        node is not None
-        and getattr(node, "_it", None) is not None
-        and type(getattr(node, "_num_yielded", None)) is int
-    )
 
 
 def check_state(state: Any) -> Mapping[str, Any]:

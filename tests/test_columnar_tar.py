@@ -154,7 +154,7 @@ def test_tar_columnar_meta_batches_selections_and_scores_equal_the_dict_path(
         stage = es_pipe.SelectStage(source, sampler)
         assert source.columnar is (path is not False)
         runs[path] = (_trace(tn.Loader(stage), sampler, 3)[0], sampler)
-        assert stage._columnar is (path is not False) or stage._held is None
+        assert stage._intake.columnar is (path is not False) or stage._intake.held is None
     _compare(runs[False][0], runs[columnar][0])
     for _, d, keys, *_ in runs[columnar][0]:
         assert list(d)[:3] == ["__key__", "__shard__", "__index__"]  # tar: identity first
@@ -330,7 +330,7 @@ def test_dataloader_workers_keep_dicts_unless_columnar_is_asked(tars, tmp_path, 
                 seen[-1] += meta.keys
         assert stage.pruned_by_stage == 0
         keys[path] = seen
-        kinds[path] = stage._columnar or stage._held is not None
+        kinds[path] = stage._intake.columnar or stage._intake.held is not None
     assert kinds == {False: False, columnar: columnar is True}
     for epoch, (a, b) in enumerate(zip(keys[False], keys[columnar], strict=True)):
         assert len(b) == len(set(b)), epoch  # every sample once
