@@ -7,6 +7,8 @@ column chunks, with ESWP's pruned rows left out, and the source's position befor
 
 from __future__ import annotations
 
+import logging
+import warnings
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -21,6 +23,7 @@ from es_pipe.identity import ArrayIdentity, identify
 from es_pipe.sampler import Identity
 from es_pipe.scores import ShardCodes
 
+log = logging.getLogger("es_pipe.stage")  # the stage's log: users filter by its name
 MIXED = (
     "the upstream yields both column chunks (a source with columnar=True) and single "
     "samples: give the stage one kind, e.g. build every source with the same columnar="
@@ -64,6 +67,8 @@ class Intake:
         self._wrapped = source if type(source) is tn.IterableWrapper else None
         self.exhausted = False  # the source ran out
         self.pruned = 0  # pruned samples the source handed over anyway (this run)
+        self._pruned_before = 0  # ``pruned`` when the epoch started
+        self._warned = False  # the lost-I/O warning is given once per stage
         # the columnar path: the chunk being cut into meta-batches, the rows of it already
         # used, and the source's state just before it was pulled
         self.columnar = False
@@ -77,6 +82,7 @@ class Intake:
         self.source.reset(None)
         self.drop_held()
         self.exhausted = False
+        self._pruned_before = self.pruned
 
     def restore(self, source_state: Any, skip: int) -> None:
         """Reset the source to ``source_state`` and skip the ``skip`` rows after it."""
@@ -232,6 +238,33 @@ class Intake:
                     raise ConfigError(MIXED)
                 skip -= 1
             first = False
+
+    def warn_pruned(self, epoch: int, hookable: bool) -> None:
+        """Once per stage, at an epoch's end: the source read samples that ESWP pruned (the
+        stage dropped them: training is right, the I/O saving is lost). A warning where an
+        es_pipe source could have skipped them (``hookable``; it had no hook, or persistent
+        workers without manifests); a log line for other upstreams, which have no hook."""
+        dropped = self.pruned - self._pruned_before
+        if not dropped or self._warned:
+            return
+        self._warned = True
+        if not hookable:  # a list, a webdataset pipeline: no hook to skip with
+            log.info(
+                "epoch %d: the stage dropped %d samples that ESWP pruned (an upstream "
+                "without the pruned= hook reads them; es_pipe's sources skip them unread)",
+                epoch,
+                dropped,
+            )
+            return
+        warnings.warn(
+            f"epoch {epoch}: the source read and decoded {dropped} samples that "
+            "ESWP pruned, and the stage dropped them (training is right, the reading they "
+            "cost is lost). Give the source the hook, Source(..., pruned=sampler.pruned); "
+            "behind DataLoader workers with persistent_workers=True, also give the sampler "
+            "manifests= (the workers read each epoch's decisions from them) or use "
+            "non-persistent workers. Warned once; stage.pruned_by_stage counts them all",
+            stacklevel=4,
+        )
 
     def _unpruned_chunk(self, piece: ColumnChunk, eswp: ESWP | None) -> ColumnChunk:
         """The columnar twin of :meth:`_unpruned`: one mask over the chunk's ordinals."""

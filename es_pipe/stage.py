@@ -196,12 +196,13 @@ class SelectStage(tn.BaseNode):
     consumed: a checkpoint taken before ``select`` restores to emit it again. The score
     table is checkpointed with ``sampler.state_dict()``, like an optimizer's state.
 
-    Why over 250 lines: the node's contract (``reset``/``next``/``get_state``, the epoch
-    clock and its refusals, about 200 lines) and its intake of two kinds of upstream
-    items, single samples (pulled in bulk from a wrapped iterable) and column chunks (held
-    and cut at meta-batch edges, pruned rows skipped), share the node's position: a chunk
-    half taken and the source state before it are part of the checkpoint. Moving the
-    intake to a class of its own (one per item kind) is the next step of the redesign.
+    Intake (:mod:`es_pipe.intake`): what the stage reads with, single samples or column
+    chunks, pruned rows left out; its position (the source's state, the rows of a held
+    chunk to skip) is the ``"source"`` and ``"skip"`` of the stage's state.
+
+    Why over 250 lines: about 70 of them are this docstring; the rest is one concept, the
+    node's contract (``reset``/``next``/``get_state``, the epoch clock and its refusals,
+    ``epoch_plan``), with the intake and the collation in modules of their own.
     """
 
     def __init__(
@@ -234,8 +235,6 @@ class SelectStage(tn.BaseNode):
         self._position: dict[str, Any] = {}  # stage state just before the current meta-batch
         self._done = False  # the epoch has ended
         self._restored = False  # restored from a state, nothing emitted since
-        self._pruned_before = 0  # pruned_by_stage when the epoch started
-        self._warned_pruned = False  # the lost-I/O warning is given once per stage
         self.repeats = EpochRepeats()  # samples seen again within the epoch (see identity)
         self._sharded = find_source(self.source)
         # equalize="pad" repeats samples on purpose
@@ -258,7 +257,7 @@ class SelectStage(tn.BaseNode):
             expected = state["sampler"]["epoch"] - int(state["done"])
             if self._clocked is not None:
                 for found in source_states(state["source"]):
-                    self._refuse_epoch(found.get("epoch"), expected, restored=True)
+                    refuse_epoch(found.get("epoch"), expected, restored=True)
             self._intake.restore(state["source"], state.get("skip", 0))
             self.sampler.load_state(state["sampler"])
             self._intake.exhausted = state["exhausted"]
@@ -280,7 +279,6 @@ class SelectStage(tn.BaseNode):
             self._clock.set_epoch(self.sampler.epoch)
         self._intake.start()
         self.repeats.clear()
-        self._pruned_before = self.pruned_by_stage
         self._done = False
         self._check_epoch(self.sampler.epoch)
 
@@ -400,27 +398,7 @@ class SelectStage(tn.BaseNode):
 
     def _check_epoch(self, expected: int, restored: bool = False) -> None:
         if self._clocked is not None:
-            self._refuse_epoch(self._clocked.epoch, expected, restored)
-
-    def _refuse_epoch(self, epoch: Any, expected: int, restored: bool) -> None:
-        if epoch == expected:
-            return
-        if restored:
-            raise ConfigError(
-                f"this checkpoint's source is in epoch {epoch} but its sampler in epoch "
-                f"{expected}: the loader state and the sampler state do not belong together "
-                "(saved at different times, or by es_pipe before the epoch clock was fixed, "
-                "which let a source restored at the end of an epoch fall one epoch behind). "
-                "Restore the loader.state_dict() saved with this sampler state; to continue "
-                "such a run, resume it at its last epoch boundary from manifests= without a "
-                "loader checkpoint"
-            )
-        raise ConfigError(
-            f"the source reads epoch {epoch} but the sampler is in epoch {expected}: the "
-            "stage sets the source's epoch through set_epoch(), and a node between the stage "
-            "and the source does not pass it on. Give that node a set_epoch(epoch) that "
-            "calls the source's, or place the source directly under the stage"
-        )
+            refuse_epoch(self._clocked.epoch, expected, restored)
 
     def _snapshot(self) -> dict[str, Any]:
         """The stage's state now: the intake's position (inside a chunk, the source's
@@ -444,7 +422,7 @@ class SelectStage(tn.BaseNode):
     def _end_epoch(self) -> None:
         if self.repeats.count:
             warnings.warn(self.repeats.message(self.sampler.epoch), stacklevel=3)
-        self._warn_pruned_read()
+        self._intake.warn_pruned(self.sampler.epoch, hookable=self._sharded is not None)
         log.info(
             "epoch %d ended at step %d (%d samples dropped as pruned by the stage so far)",
             self.sampler.epoch,
@@ -454,33 +432,6 @@ class SelectStage(tn.BaseNode):
         self.sampler.end_epoch()
         self._done = True
         raise StopIteration
-
-    def _warn_pruned_read(self) -> None:
-        """Once per stage: the source read samples that ESWP pruned (the stage dropped them:
-        training is right, the I/O saving is lost). A warning where an es_pipe source could
-        have skipped them (no hook, or persistent workers without manifests); a log line for
-        other upstreams, which have no hook."""
-        dropped = self.pruned_by_stage - self._pruned_before
-        if not dropped or self._warned_pruned:
-            return
-        self._warned_pruned = True
-        if self._sharded is None:  # a list, a webdataset pipeline: no hook to skip with
-            log.info(
-                "epoch %d: the stage dropped %d samples that ESWP pruned (an upstream "
-                "without the pruned= hook reads them; es_pipe's sources skip them unread)",
-                self.sampler.epoch,
-                dropped,
-            )
-            return
-        warnings.warn(
-            f"epoch {self.sampler.epoch}: the source read and decoded {dropped} samples that "
-            "ESWP pruned, and the stage dropped them (training is right, the reading they "
-            "cost is lost). Give the source the hook, Source(..., pruned=sampler.pruned); "
-            "behind DataLoader workers with persistent_workers=True, also give the sampler "
-            "manifests= (the workers read each epoch's decisions from them) or use "
-            "non-persistent workers. Warned once; stage.pruned_by_stage counts them all",
-            stacklevel=4,
-        )
 
     def _retire(self) -> None:
         if self._current is not None:
@@ -514,6 +465,30 @@ def check_state(state: Any) -> Mapping[str, Any]:
                 "checkpoint is damaged; restore another one"
             )
     return state
+
+
+def refuse_epoch(epoch: Any, expected: int, restored: bool) -> None:
+    """Nothing where the source reads the sampler's epoch (``expected``); else a
+    ``ConfigError``: for a ``restored`` checkpoint, that it does not belong together;
+    otherwise, that a node between the stage and the source does not pass the epoch on."""
+    if epoch == expected:
+        return
+    if restored:
+        raise ConfigError(
+            f"this checkpoint's source is in epoch {epoch} but its sampler in epoch "
+            f"{expected}: the loader state and the sampler state do not belong together "
+            "(saved at different times, or by es_pipe before the epoch clock was fixed, "
+            "which let a source restored at the end of an epoch fall one epoch behind). "
+            "Restore the loader.state_dict() saved with this sampler state; to continue "
+            "such a run, resume it at its last epoch boundary from manifests= without a "
+            "loader checkpoint"
+        )
+    raise ConfigError(
+        f"the source reads epoch {epoch} but the sampler is in epoch {expected}: the "
+        "stage sets the source's epoch through set_epoch(), and a node between the stage "
+        "and the source does not pass it on. Give that node a set_epoch(epoch) that "
+        "calls the source's, or place the source directly under the stage"
+    )
 
 
 def epoch_clock(node: Any) -> tuple[Any | None, ShardedSource | None]:
