@@ -20,7 +20,7 @@ es_pipe vs ``webdataset.WebDataset`` vs reading the same bytes with ``open().rea
 torch thread, the cases interleaved, medians of ``--reps`` (7 by default there).
 
     python benchmarks/bench_sources.py [--reps 5] [--shards 8] [--samples 4000]
-    python benchmarks/bench_sources.py --tar-only
+    python benchmarks/bench_sources.py --tar-only [--tarwriter]
 
 ``--pruned`` measures issue 14's Parquet goal alone (:func:`parquet_pruned_epoch`): an
 epoch (source -> stage, B = 4096 -> select) with 50% of the rows pruned at random vs a
@@ -79,8 +79,26 @@ def raw_bytes(urls: list[str]) -> int:
     return n
 
 
+def write_tarwriter_shards(tmp: str, shards: int, samples: int, blob: bytes) -> list[str]:
+    """Shards written by ``webdataset.TarWriter`` (most users' shards): a pax header
+    (``mtime`` as a float) before every member, uname/gname set, mode 0o444."""
+    import webdataset as wds
+
+    urls = []
+    for j in range(shards):
+        url = f"{tmp}/w-{j:04d}.tar"
+        with wds.TarWriter(url) as w:
+            for i in range(j * samples, (j + 1) * samples):
+                w.write({"__key__": f"{i:09d}", "bin": blob, "cls": str(i % 1000).encode()})
+        urls.append(url)
+    return urls
+
+
 def tar_only(args: argparse.Namespace) -> None:
-    """es_pipe's tar reader vs webdataset vs the bytes, interleaved, median of reps."""
+    """es_pipe's tar reader vs webdataset vs the bytes, interleaved, median of reps.
+
+    With ``--tarwriter`` the shards are written by ``webdataset.TarWriter`` (a pax header
+    before every member) instead of es_pipe's writer."""
     import torch
 
     torch.set_num_threads(1)
@@ -90,7 +108,10 @@ def tar_only(args: argparse.Namespace) -> None:
         total = args.shards * args.samples
         blob = rng.integers(0, 256, size=args.payload, dtype=np.uint8).tobytes()
         samples = ({"__key__": f"{i:09d}", "bin": blob, "cls": i % 1000} for i in range(total))
-        urls = write_shards(samples, f"{tmp}/t-%04d.tar", "tar", args.samples, index=False)
+        if args.tarwriter:
+            urls = write_tarwriter_shards(tmp, args.shards, args.samples, blob)
+        else:
+            urls = write_shards(samples, f"{tmp}/t-%04d.tar", "tar", args.samples, index=False)
         n = args.samples
         half = {u: np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int64) for u in urls}
         cases = {
@@ -112,8 +133,10 @@ def tar_only(args: argparse.Namespace) -> None:
     def ratio(a: str, b: str) -> float:  # throughput of a / throughput of b, per rep
         return statistics.median(y / x for x, y in zip(times[a], times[b], strict=True))
 
+    writer = "webdataset.TarWriter" if args.tarwriter else "es_pipe"
     print(
-        f"tar: {total} samples ({args.payload} B + a 3 B member each), {args.shards} shards, "
+        f"tar ({writer} shards): {total} samples ({args.payload} B + a 3 B member each), "
+        f"{args.shards} shards, "
         f"{reps} reps interleaved (median), 1 torch thread"
     )
     for k, v in times.items():
@@ -293,6 +316,11 @@ def main() -> None:
     ap.add_argument("--row-group", type=int, default=1000, help="Parquet row-group rows")
     ap.add_argument("--batch-rows", type=int, default=1000)
     ap.add_argument("--tar-only", action="store_true", help="only the tar reader (issue 14)")
+    ap.add_argument(
+        "--tarwriter",
+        action="store_true",
+        help="--tar-only: shards written by webdataset.TarWriter (pax headers) instead",
+    )
     ap.add_argument(
         "--pruned",
         action="store_true",

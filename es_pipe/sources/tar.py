@@ -36,7 +36,10 @@ cost); on large ones it saves the bytes.
 Speed: headers of plain regular files (type ``0``, no prefix, no link name) whose mode,
 uid, gid and device fields equal those of the last header the full parser checked take an
 inline fast path (see :func:`iter_tar_samples`); everything else goes through the full
-parser. Both accept exactly the same headers.
+parser. Both accept exactly the same headers. Pax headers whose records change nothing
+this reader uses (``webdataset.TarWriter`` writes one with a float ``mtime`` before every
+member) are stepped over inline too (:func:`_pax_ignorable`): a header of the same bytes
+as one the full parser's checks accepted, its records scanned without building them.
 """
 
 from __future__ import annotations
@@ -191,10 +194,11 @@ class _Members:
         self.ids = self.dev_tail = b"\xff"  # matches no header before the first one
         self.first = True
 
-    def next(self) -> tuple[str, bytes, int] | None:
+    def next(self, subsequent: bool = False) -> tuple[str, bytes, int] | None:
         """``(name, type, size)`` of the next member, its data next in the stream (regular
-        members), or None at the end-of-archive block."""
-        return self._member(subsequent=False)
+        members), or None at the end-of-archive block. ``subsequent``: the header follows
+        an extension header (stepped over by the caller), so it must be a valid one."""
+        return self._member(subsequent=subsequent)
 
     def _member(self, subsequent: bool) -> tuple[str, bytes, int] | None:
         s = self.s
@@ -323,6 +327,34 @@ class _EndError(Exception):
         self.at, self.what = at, what
 
 
+_PAX_TYPES = frozenset(t[0] for t in (*_PAX, tarfile.XGLTYPE))  # type bytes as ints
+_PAX_USED = frozenset((b"path", b"size", b"linkpath"))  # records not stepped over inline
+
+
+def _pax_ignorable(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the pax records in ``buf[pos:end]`` parse as :meth:`_Members._pax_records`
+    parses them without an error and set nothing but keys this reader ignores (anything
+    but ``path``, ``size``, ``linkpath`` and ``GNU.sparse.*``).
+
+    A bytes scan, no regex and no dict: for the common header of one ``mtime`` record it
+    is a few ``find`` calls. False sends the header to the full parser, which raises what
+    it raises today (a record of length 0) or applies the records."""
+    while True:  # the loop of _pax_records, with _PAX_RECORD's match done by hand
+        sp = buf.find(b" ", pos, end)
+        if sp <= pos or not buf[pos:sp].isdigit():  # (\d+) then " ": no match, the end
+            return True
+        if sp - pos > 18:  # int() of a huge length: the full parser's error, if any
+            return False
+        eq = buf.find(b"=", sp + 1, end)
+        if eq <= sp + 1:  # ([^=]+)=: no match, the end
+            return True
+        key = buf[sp + 1 : eq]
+        length = int(buf[pos:sp])
+        if not length or key in _PAX_USED or key.startswith(b"GNU.sparse."):
+            return False
+        pos += length
+
+
 def _pax_text(b: bytes) -> str:
     try:
         return b.decode("utf-8", "strict")
@@ -357,6 +389,9 @@ def iter_tar_samples(
     adler, decode = zlib.adler32, _ENC
     regular = _REGULAR
     mtime = b"\xff"  # the last mtime field found valid (matches no header at first)
+    pax_ok: dict[bytes, int] = {}  # pax headers found valid before: their size fields
+    pax_types, check = _PAX_TYPES, _check_header
+    after_pax = False  # the header just stepped over inline was an ignorable pax header
     sizes: dict[bytes, int] = {}  # size fields parsed before
     checksums: dict[bytes, tuple[int, int]] = {}  # checksum fields: (value, 1 + byte sum)
     ordinal = -1
@@ -408,10 +443,37 @@ def iter_tar_samples(
                     end = hdr.find(0, 0, 100)
                     name = hdr[: end if end >= 0 else 100].decode(decode, _ERR)
                     s.pos = pos + BLOCK
+                    after_pax = False
                 else:
                     size = -1
+            if (  # a pax header that sets nothing used here, its records in the buffer
+                size < 0
+                and len(buf) - pos >= BLOCK
+                and buf[pos + 156] in pax_types
+                and not after_pax
+            ):
+                hdr = buf[pos : pos + BLOCK]
+                psize = pax_ok.get(hdr, -1)
+                if psize < 0:
+                    try:
+                        psize = check(hdr, members.ok_static)
+                    except _Bad:
+                        psize = -1
+                    if psize >= 0:
+                        if len(pax_ok) > 4096:
+                            pax_ok.clear()
+                        pax_ok[hdr] = psize
+                end = pos + BLOCK + _padded(psize)
+                if psize >= 0 and end <= len(buf) and _pax_ignorable(buf, pos + BLOCK, end):
+                    # as the full parser: the next header belongs to this one (it must be
+                    # valid; an end block there is an error), the pax records change nothing
+                    s.pos = end
+                    members.first = False
+                    after_pax = True
+                    continue
             if size < 0:  # everything else: the full parser
-                member = members.next()
+                member = members.next(subsequent=after_pax)
+                after_pax = False
                 if member is None:
                     break
                 name, typ_b, size = member
