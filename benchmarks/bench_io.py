@@ -13,8 +13,7 @@ applies to the es_pipe figure itself (``>= 15 M/s``, ``<= 16 B``).
 
 The rows reuse the measuring code of the other benchmarks: ``bench_sources`` (tar),
 ``bench_stage`` (Parquet -> stage and its columnar prototype), ``bench_manifests`` (the
-epoch commit) and ``bench_select`` (select, store, ESWP) where that file exists; without
-it, :func:`select_rows_fallback` measures those four rows with minimal code of its own.
+epoch commit) and ``bench_select`` (select, store, ESWP).
 
 The machine is shared and noisy: compare ratios, not absolute rates, and only between
 runs on the same machine.
@@ -23,9 +22,7 @@ runs on the same machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import io
 import os
 import platform
 import re
@@ -48,17 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_manifests  # noqa: E402
+import bench_select  # noqa: E402
 import bench_sources  # noqa: E402
 import bench_stage  # noqa: E402
-
-import es_pipe  # noqa: E402
-from es_pipe.sampler import Identity  # noqa: E402
-from es_pipe.scores import ShardCodes  # noqa: E402
-
-try:  # the select/store/ESWP rows, written alongside (issue 14)
-    import bench_select  # type: ignore[import-not-found]
-except ImportError:
-    bench_select = None
 
 Row = dict[str, Any]
 B, b = 4096, 2048
@@ -260,13 +249,12 @@ def parquet_rows(folder: str, rows: int, shards: int, reps: int) -> list[Row]:
 
 
 def pruned_rows(folder: str, rows: int, reps: int) -> list[Row]:
-    """bench_sources' ``parquet_pruned_epoch`` where that tree has it (source alone, dict
-    and columnar stage), else :func:`pruned_epoch_rows` (the source alone)."""
-    shared = getattr(bench_sources, "parquet_pruned_epoch", None)
-    if shared is None:
-        return pruned_epoch_rows(folder, rows, reps)
+    """A Parquet epoch with 50% of the rows pruned at random vs a full one (source alone,
+    dict and columnar stage), by bench_sources' ``parquet_pruned_epoch``."""
     per = 10_000
-    got = shared(shards=max(1, rows // per), per_shard=per, tokens=64, reps=reps)
+    got = bench_sources.parquet_pruned_epoch(
+        shards=max(1, rows // per), per_shard=per, tokens=64, reps=reps
+    )
     out = []
     for path in ("source", "dict", "columnar"):
         if f"{path} ratio" not in got:
@@ -285,65 +273,13 @@ def pruned_rows(folder: str, rows: int, reps: int) -> list[Row]:
     return out
 
 
-def pruned_epoch_rows(folder: str, rows: int, reps: int) -> list[Row]:
-    """A Parquet epoch with 50% of the rows pruned at random vs a full epoch, on shards
-    written by ``es-pipe shard`` with its defaults (time ratio)."""
-    from es_pipe.sources import ParquetSource
-    from es_pipe.tools.cli import main as cli
-
-    rng = np.random.default_rng(0)
-    table = pa.table(
-        {
-            "tokens": pa.FixedSizeListArray.from_arrays(
-                pa.array(rng.integers(0, 50_000, rows * 64, dtype=np.int32)), 64
-            ),
-            "label": rng.integers(0, 1000, rows),
-        }
-    )
-    src = os.path.join(folder, "table.parquet")
-    pq.write_table(table, src)
-    pattern = os.path.join(folder, "shard-%06d.parquet")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        status = cli(["shard", src, pattern, "--format", "parquet"])
-    if status != 0:
-        raise SystemExit(f"es-pipe shard {src} {pattern} failed with status {status}")
-    urls = sorted(str(p) for p in Path(folder).glob("shard-*.parquet"))
-    sizes = {u: pq.ParquetFile(u).metadata.num_rows for u in urls}
-    pruned = {
-        u: np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int64) for u, n in sizes.items()
-    }
-    kept = sum(n - n // 2 for n in sizes.values())
-    counted: dict[str, int] = {}
-
-    def epoch(name: str, **kw: Any) -> Callable[[], None]:
-        return lambda: counted.__setitem__(name, bench_sources._count(ParquetSource(urls, **kw)))
-
-    t = interleave({"full": epoch("full"), "pruned": epoch("pruned", pruned=pruned)}, reps)
-    assert counted["full"] == rows and counted["pruned"] == kept, counted
-    full, half = (statistics.median(t[k]) for k in ("full", "pruned"))
-    return [
-        row(
-            f"Parquet epoch 50% pruned at random, time vs full (`es-pipe shard` defaults, "
-            f"{rows:,} rows of 64 int32)",
-            half,
-            full,
-            per_rep_ratio(t["pruned"], t["full"]),
-            "<= 0.6x",
-            "s",
-        )
-    ]
-
-
 # --------------------------------------------------------------------------- in memory
 
 
 def memory_rows(samples: int, reps: int) -> list[Row]:
-    """bench_stage's ``dict_stage_vs_batcher`` where that tree has it (issue 14's stage
-    work), else :func:`memory_stage_rows`."""
-    shared = getattr(bench_stage, "dict_stage_vs_batcher", None)
-    if shared is None:
-        return memory_stage_rows(samples, reps)
-    got = shared(B=B, batches=max(1, samples // B), reps=reps)
+    """In-memory dicts -> ``SelectStage`` vs ``Batcher(256)`` + ``default_collate``, by
+    bench_stage's ``dict_stage_vs_batcher``."""
+    got = bench_stage.dict_stage_vs_batcher(B=B, batches=max(1, samples // B), reps=reps)
     return [
         row(
             f"in-memory dict stage (B=4096) vs `Batcher(256)` + `default_collate` "
@@ -357,245 +293,13 @@ def memory_rows(samples: int, reps: int) -> list[Row]:
     ]
 
 
-def memory_stage_rows(samples: int, reps: int) -> list[Row]:
-    """In-memory dicts -> ``SelectStage`` (B=4096, select b) vs ``Batcher(256)`` +
-    ``default_collate`` without es_pipe (the same payload, no identity fields)."""
-    import torchdata.nodes as tn
-    from torch.utils.data import default_collate
-
-    shards = 16
-    per = -(-samples // shards)
-    rng = np.random.default_rng(0)
-    xs = rng.random(samples, dtype=np.float32)
-    payload = [{"x": float(xs[i]), "label": i % 10} for i in range(samples)]
-    dicts = [
-        {**p, "__key__": str(i), "__shard__": f"shard-{i // per:04d}.tar", "__index__": i % per}
-        for i, p in enumerate(payload)
-    ]
-    losses = torch.rand(B)
-
-    def stage() -> None:
-        sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
-        n = 0
-        for meta in tn.Loader(es_pipe.SelectStage(dicts, sampler)):
-            n += len(meta.select(losses[: len(meta)]))
-        assert n > 0
-
-    def batcher() -> None:
-        n = 0
-        for rows in tn.Loader(tn.Batcher(tn.IterableWrapper(payload), 256, drop_last=False)):
-            n += len(default_collate(rows)["x"])
-        assert n == samples
-
-    t = interleave({"stage": stage, "batcher": batcher}, reps)
-    es, lim = (samples / statistics.median(t[k]) for k in ("stage", "batcher"))
-    return [
-        row(
-            f"in-memory dict stage (B=4096) vs `Batcher(256)` + `default_collate` "
-            f"({samples:,} samples)",
-            es,
-            lim,
-            per_rep_ratio(t["batcher"], t["stage"]),
-            ">= 0.9x",
-            "samples/s",
-        )
-    ]
-
-
 # --------------------------------------------------------------------------- select
 
 
-def select_rows(reps: int, quick: bool) -> list[Row]:
-    """bench_select's rows where that file exists, else :func:`select_rows_fallback`."""
-    if bench_select is not None:
-        return bench_select.rows(reps)
-    return select_rows_fallback(reps, quick)
-
-
-def _identity(names: list[str], shard: np.ndarray, ordinal: np.ndarray) -> Identity:
-    used, codes = np.unique(shard, return_inverse=True)
-    codes = ShardCodes([names[i] for i in used], codes.astype(np.int64))
-    return Identity(codes, range(len(ordinal)), ordinal)
-
-
-def _thread_seconds(fn: Callable[[], Any]) -> Callable[[], float]:
-    def timed() -> float:
-        t0 = time.thread_time()
-        fn()
-        return time.thread_time() - t0
-
-    return timed
-
-
-def _medians(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
-    got: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for rep in range(reps + 1):
-        for k in names if rep % 2 else names[::-1]:
-            seconds = fns[k]()
-            if rep:
-                got[k].append(seconds)
-    return {k: statistics.median(v) for k, v in got.items()}
-
-
-def select_rows_fallback(reps: int, quick: bool) -> list[Row]:
-    """The select/store/ESWP rows with minimal code, for a tree without bench_select.py
-    (swap in ``bench_select.rows`` when it is there). CPU time of this thread.
-
-    The select limit is a flat-numpy ES step on one preallocated array per column
-    (gather, score update, weights, a top-b of exponential keys, scatter): the same work
-    without identity objects or checks, not pinned to es_pipe's picks."""
-    out: list[Row] = []
-    shards, n = 64, B * 8
-    per = n // shards
-    names = [f"shard-{i:04d}.tar" for i in range(shards)]
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(8):
-        pos = rng.permutation(n)[:B]
-        batches.append((pos // per, pos % per, _identity(names, pos // per, pos % per)))
-    losses = torch.rand(B, generator=torch.Generator().manual_seed(1))
-    sampler = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
-    score = np.zeros(n, np.float32)
-    visits = np.zeros(n, np.uint32)
-    gen = torch.Generator().manual_seed(0)
-
-    def flat(shard: np.ndarray, ordinal: np.ndarray) -> torch.Tensor:
-        slots = shard * per + ordinal
-        loss = losses.numpy()
-        prior = np.where(visits[slots] > 0, score[slots], loss)
-        w = torch.from_numpy(0.2 * prior + 0.8 * loss).double()
-        keys = torch.rand(B, generator=gen, dtype=torch.float64).log() / (w / w.max() + 1e-6)
-        picked = keys.topk(b, sorted=False).indices
-        score[slots] = 0.8 * prior + 0.2 * loss
-        visits[slots] += 1
-        return picked
-
-    for _, _, who in batches:  # every sample seen once
-        sampler.select(who, losses, B)
-    t = _medians(
-        {
-            "es": _thread_seconds(lambda: [sampler.select(w, losses, B) for *_, w in batches]),
-            "flat": _thread_seconds(lambda: [flat(s, o) for s, o, _ in batches]),
-        },
-        reps,
-    )
-    es_rate, flat_rate = 8 * B / t["es"] / 1e6, 8 * B / t["flat"] / 1e6
-    out.append(
-        row(
-            f"`Selector.select`, B={B} b={b}, vs flat numpy (fallback limit)",
-            es_rate,
-            flat_rate,
-            es_rate / flat_rate,
-            ">= 15 M/s",
-            "M samples/s",
-        )
-    )
-
-    # per-sample select time, a store of 1e7 (quick: 1e6) vs 1e5 (1e4), 1,000 shards
-    big, small = (10**6, 10**4) if quick else (10**7, 10**5)
-    runs: dict[str, Callable[[], float]] = {}
-    for label, total in (("big", big), ("small", small)):
-        each = total // 1000
-        filled = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
-        for s in range(1000):
-            filled.store.load_shard(
-                f"shard-{s:04d}",
-                {
-                    "score": rng.random(each, dtype=np.float32),
-                    "loss": rng.random(each, dtype=np.float32),
-                    "visits": np.ones(each, np.uint32),
-                    "step": np.zeros(each, np.int32),
-                },
-            )
-        whos = [
-            _identity(
-                [f"shard-{s:04d}" for s in range(1000)],
-                rng.integers(0, 1000, B),
-                rng.integers(0, each, B),
-            )
-            for _ in range(8)
-        ]
-        runs[label] = _thread_seconds(
-            lambda s=filled, ws=whos: [s.select(w, losses, B) for w in ws]
-        )
-    t = _medians(runs, reps)
-    ns_big, ns_small = (t[k] / (8 * B) * 1e9 for k in ("big", "small"))
-    out.append(
-        row(
-            f"select time per sample, store {big:.0e} vs {small:.0e} (1,000 shards)",
-            ns_big,
-            ns_small,
-            ns_big / ns_small,
-            "<= 1.1x",
-            "ns/sample",
-        )
-    )
-
-    # score store bytes per sample after an epoch end without manifests
-    total = 2 * 10**5 if quick else 10**6
-    store_names = [f"shard-{i:04d}" for i in range(100)]
-    each = total // 100
-    epoch = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
-    shard = np.repeat(np.arange(100), each)
-    ordinal = np.tile(np.arange(each), 100)
-    for start in range(0, total, B):
-        who = _identity(store_names, shard[start : start + B], ordinal[start : start + B])
-        m = len(who.ordinals)
-        epoch.select(who, torch.rand(m), m)
-    epoch.end_epoch()
-    per_sample = epoch.store.nbytes / epoch.store.held
-    out.append(
-        row(
-            f"score store bytes/sample after an epoch end, no manifests ({total:.0e})",
-            per_sample,
-            16.0,
-            per_sample / 16.0,
-            "<= 16 B",
-            "B/sample",
-        )
-    )
-
-    # ESWP select (an epoch with pruning decisions) vs plain ES, the same meta-batches
-    plain = es_pipe.Selector(es_pipe.Evolved(), B, b, seed=0)
-    eswp = es_pipe.Selector(
-        es_pipe.Evolved(),
-        B,
-        b,
-        seed=0,
-        eswp=es_pipe.ESWP(prune=es_pipe.Pruning(ratio=0.5, anneal=0)),
-    )
-    order = rng.permutation(n)
-    first = [order[i : i + B] for i in range(0, n, B)]
-    for pos in first:
-        who = _identity(names, pos // per, pos % per)
-        plain.select(who, losses, B)
-        eswp.select(who, losses + torch.rand(B), B)
-    plain.end_epoch()
-    eswp.end_epoch()
-    whos = [_identity(names, pos // per, pos % per) for pos in first[1:] + first[:1]]
-    t = _medians(
-        {
-            "plain": _thread_seconds(lambda: [plain.select(w, losses, B) for w in whos]),
-            "eswp": _thread_seconds(lambda: [eswp.select(w, losses, B) for w in whos]),
-        },
-        reps,
-    )
-    es_rate, plain_rate = (len(whos) * B / t[k] / 1e6 for k in ("eswp", "plain"))
-    out.append(
-        row(
-            f"ESWP select vs plain ES select, B={B}",
-            es_rate,
-            plain_rate,
-            es_rate / plain_rate,
-            ">= 0.9x",
-            "M samples/s",
-        )
-    )
-    return out
-
-
-# --------------------------------------------------------------------------- commit
+def select_rows(reps: int) -> list[Row]:
+    """The select, store and ESWP rows, by bench_select."""
+    rows: list[Row] = bench_select.rows(reps)
+    return rows
 
 
 def commit_rows(rows: int, shards: int, reps: int) -> list[Row]:
@@ -675,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             ("tar", lambda d: tar_rows(d, 4 if q else 8, 1000 if q else 4000, 4096, reps)),
             ("parquet", lambda d: parquet_rows(d, 2**16 if q else 2**18, 8 if q else 16, reps)),
             ("memory", lambda d: memory_rows(2**16 if q else 2**18, reps)),
-            ("select", lambda d: select_rows(reps, q)),
+            ("select", lambda d: select_rows(reps)),
             ("commit", lambda d: commit_rows(10**6, 100, reps)),
             ("pruned", lambda d: pruned_rows(d, 40_000 if q else 200_000, reps)),
         ]
@@ -696,9 +400,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs; load "
         f"average {os.getloadavg()[0]:.1f} at the end), "
         f"python {platform.python_version()}, torch {torch.__version__}, pyarrow "
-        f"{pa.__version__}; 1 torch thread; median of {reps} interleaved repetitions"
-        + ("" if bench_select is not None else "; select rows: bench_io's fallback")
-        + ".",
+        f"{pa.__version__}; 1 torch thread; median of {reps} interleaved repetitions" + ".",
         "",
     ]
     text = "\n".join(header) + table(rows) + "\n"
