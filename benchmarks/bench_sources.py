@@ -172,13 +172,9 @@ def raw_parquet_batches(urls: list[str], columns: list[str] | None, batch_rows: 
     return n
 
 
-def _write(tmp: str, shards: int, samples: int, payload: int, tokens: int, rg: int):
-    rng = np.random.default_rng(0)
-    total = shards * samples
-    blob = rng.integers(0, 256, size=payload, dtype=np.uint8).tobytes()
-    tar_samples = ({"__key__": f"{i:09d}", "bin": blob, "cls": i % 1000} for i in range(total))
-    tar_urls = write_shards(tar_samples, f"{tmp}/t-%04d.tar", "tar", samples, index=False)
-    table = pa.table(
+def _token_table(rng: np.random.Generator, total: int, tokens: int) -> pa.Table:
+    """``total`` rows of ``tokens`` random int32 token ids and an int64 label."""
+    return pa.table(
         {
             "tokens": pa.array(
                 list(rng.integers(0, 50_000, size=(total, tokens), dtype=np.int32)),
@@ -187,6 +183,15 @@ def _write(tmp: str, shards: int, samples: int, payload: int, tokens: int, rg: i
             "label": np.arange(total, dtype=np.int64) % 1000,
         }
     )
+
+
+def _write(tmp: str, shards: int, samples: int, payload: int, tokens: int, rg: int):
+    rng = np.random.default_rng(0)
+    total = shards * samples
+    blob = rng.integers(0, 256, size=payload, dtype=np.uint8).tobytes()
+    tar_samples = ({"__key__": f"{i:09d}", "bin": blob, "cls": i % 1000} for i in range(total))
+    tar_urls = write_shards(tar_samples, f"{tmp}/t-%04d.tar", "tar", samples, index=False)
+    table = _token_table(rng, total, tokens)
     pq_urls = write_shards(
         table, f"{tmp}/p-%04d.parquet", "parquet", samples, row_group_rows=rg, index=False
     )
@@ -229,15 +234,7 @@ def parquet_pruned_epoch(
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         total = shards * per_shard
-        table = pa.table(
-            {
-                "tokens": pa.array(
-                    list(rng.integers(0, 50_000, size=(total, tokens), dtype=np.int32)),
-                    type=pa.list_(pa.int32()),
-                ),
-                "label": np.arange(total, dtype=np.int64) % 1000,
-            }
-        )
+        table = _token_table(rng, total, tokens)
         urls = write_shards(
             table, f"{tmp}/p-%04d.parquet", "parquet", per_shard, row_group_rows=row_group_rows
         )
